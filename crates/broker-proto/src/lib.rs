@@ -1,0 +1,17 @@
+//! Wire types of the BT Servant message broker and the validation of what clients send.
+//!
+//! This crate knows serde and nothing else: every shape that crosses a process boundary
+//! (client requests, error bodies, the worker's chat request and SSE frames, the outcome a
+//! drainer stores for a message) is defined here, so the API, the drainer and the mock
+//! worker cannot disagree about a field name.
+
+pub mod conversation;
+pub mod error;
+pub mod outcome;
+pub mod request;
+pub mod sse;
+
+pub use conversation::{ChatType, Conversation};
+pub use error::ErrorBody;
+pub use outcome::{Failure, Outcome};
+pub use request::{validate_message, MessageRequest, ValidationError, ValidationLimits};

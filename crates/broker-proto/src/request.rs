@@ -1,0 +1,584 @@
+//! `POST /api/v1/message`: parsing and validation of the client's body, with the worker's rules.
+//!
+//! The body is read field by field from a JSON object (not through `deny_unknown_fields`) so
+//! that every problem is reported at once and each message names its field. Nothing reaches
+//! Redis unless this returns `Ok`.
+
+use serde_json::{Map, Value};
+
+use crate::conversation::{ChatType, Conversation};
+
+/// Longest decoded audio the worker accepts (`reference/worker-contract.md` §1.3).
+pub const MAX_AUDIO_BYTES: usize = 25 * 1024 * 1024;
+/// Audio formats the worker accepts, bare or as MIME type, compared case-insensitively.
+pub const AUDIO_FORMATS: &[&str] = &[
+    "ogg",
+    "mp3",
+    "wav",
+    "webm",
+    "flac",
+    "m4a",
+    "audio/ogg",
+    "audio/mpeg",
+    "audio/mp3",
+    "audio/x-wav",
+    "audio/wave",
+    "audio/x-flac",
+    "audio/mp4",
+    "audio/x-m4a",
+];
+
+/// Every field a client may send; anything else is an error that names it.
+const KNOWN_FIELDS: &[&str] = &[
+    "user_id",
+    "org",
+    "org_id",
+    "client_id",
+    "message_type",
+    "message",
+    "audio_base64",
+    "audio_format",
+    "client_message_id",
+    "callback_url",
+    "chat_type",
+    "chat_id",
+    "thread_id",
+    "speaker",
+    "addressed_to_bot",
+    "response_language_hint",
+];
+
+/// Length limits of the identifier and text fields, in characters.
+#[derive(Debug, Clone, Copy)]
+pub struct ValidationLimits {
+    pub user_id: usize,
+    pub org: usize,
+    pub client_id: usize,
+    pub chat_id: usize,
+    pub thread_id: usize,
+    pub speaker: usize,
+    pub client_message_id: usize,
+    pub message: usize,
+    pub callback_url: usize,
+}
+
+impl Default for ValidationLimits {
+    fn default() -> Self {
+        Self {
+            user_id: 256,
+            org: 64,
+            client_id: 64,
+            chat_id: 128,
+            thread_id: 128,
+            speaker: 256,
+            client_message_id: 256,
+            message: 65_536,
+            callback_url: 2048,
+        }
+    }
+}
+
+/// A request that passed validation, ready to enqueue.
+#[derive(Debug, Clone)]
+pub struct MessageRequest {
+    pub conversation: Conversation,
+    pub user_id: String,
+    pub org: String,
+    pub client_id: String,
+    pub client_message_id: Option<String>,
+    pub callback_url: Option<String>,
+    /// The body the drainer sends to the worker's `/api/v1/chat/stream`, as compact JSON:
+    /// every field the worker understands, `org_id` mapped to `org`.
+    pub worker_body: String,
+}
+
+/// Every problem found in a request, each naming its field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationError {
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.problems.join("; "))
+    }
+}
+
+impl std::error::Error for ValidationError {}
+
+impl ValidationError {
+    fn single(problem: impl Into<String>) -> Self {
+        Self {
+            problems: vec![problem.into()],
+        }
+    }
+}
+
+/// Reads the fields of one request, collecting problems as it goes.
+struct Reader<'a> {
+    body: &'a Map<String, Value>,
+    problems: Vec<String>,
+}
+
+impl<'a> Reader<'a> {
+    fn problem(&mut self, field: &str, text: &str) {
+        self.problems.push(format!("{field}: {text}"));
+    }
+
+    /// A string field; `null` counts as absent.
+    fn string(&mut self, field: &str) -> Option<&'a str> {
+        match self.body.get(field) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.as_str()),
+            Some(_) => {
+                self.problem(field, "must be a string");
+                None
+            }
+        }
+    }
+
+    /// An identifier: non-blank, bounded, no control characters.
+    fn id(&mut self, field: &str, max: usize, required: bool) -> Option<&'a str> {
+        let Some(value) = self.string(field) else {
+            if required && self.body.get(field).is_none_or(Value::is_null) {
+                self.problem(field, "is required");
+            }
+            return None;
+        };
+        if value.trim().is_empty() {
+            self.problem(field, "must not be blank");
+            None
+        } else if value.chars().count() > max {
+            self.problem(field, &format!("must be at most {max} characters"));
+            None
+        } else if value.chars().any(char::is_control) {
+            self.problem(field, "must not contain control characters");
+            None
+        } else {
+            Some(value)
+        }
+    }
+
+    fn boolean(&mut self, field: &str) -> Option<bool> {
+        match self.body.get(field) {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(_) => {
+                self.problem(field, "must be true or false");
+                None
+            }
+        }
+    }
+}
+
+/// Parses and validates a `POST /api/v1/message` body.
+///
+/// `default_org` applies when neither `org` nor `org_id` is given.
+pub fn validate_message(
+    body: &[u8],
+    default_org: &str,
+    limits: &ValidationLimits,
+) -> Result<MessageRequest, ValidationError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ValidationError::single(format!("body: is not valid JSON ({e})")))?;
+    let Value::Object(map) = value else {
+        return Err(ValidationError::single("body: must be a JSON object"));
+    };
+    let mut r = Reader {
+        body: &map,
+        problems: Vec::new(),
+    };
+
+    let mut unknown: Vec<&str> = map
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !KNOWN_FIELDS.contains(k))
+        .collect();
+    if !unknown.is_empty() {
+        unknown.sort_unstable();
+        let names = unknown
+            .iter()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        r.problems.push(format!("unknown field(s) {names}"));
+    }
+
+    let user_id = r.id("user_id", limits.user_id, true);
+    let client_id = r.id("client_id", limits.client_id, true);
+    let org_field = r.id("org", limits.org, false);
+    let org_id_field = r.id("org_id", limits.org, false);
+    let org = org_field.or(org_id_field).unwrap_or(default_org);
+
+    let message_type = match r.string("message_type") {
+        None => "text",
+        Some(t @ ("text" | "audio")) => t,
+        Some(_) => {
+            r.problem("message_type", "must be \"text\" or \"audio\"");
+            "text"
+        }
+    };
+    let message = r.string("message");
+    if let Some(text) = message {
+        if text.len() > limits.message {
+            r.problem(
+                "message",
+                &format!("must be at most {} bytes", limits.message),
+            );
+        } else if text
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+        {
+            r.problem(
+                "message",
+                "must not contain control characters other than newlines and tabs",
+            );
+        }
+    }
+    let audio_base64 = r.string("audio_base64");
+    let audio_format = r.string("audio_format");
+    if message_type == "audio" {
+        match audio_base64 {
+            None => r.problem("audio_base64", "is required when message_type is audio"),
+            Some(data) => {
+                if let Err(text) = check_base64_audio(data) {
+                    r.problem("audio_base64", &text);
+                }
+            }
+        }
+        match audio_format {
+            None => r.problem("audio_format", "is required when message_type is audio"),
+            Some(format) if !AUDIO_FORMATS.iter().any(|f| f.eq_ignore_ascii_case(format)) => {
+                let text = format!(
+                    "unsupported audio format {:?}; use one of {}",
+                    truncate(format, 40),
+                    AUDIO_FORMATS.join(", ")
+                );
+                r.problem("audio_format", &text);
+            }
+            Some(_) => {}
+        }
+    } else {
+        let wrong_type = r
+            .body
+            .get("message")
+            .is_some_and(|v| !v.is_string() && !v.is_null());
+        if !wrong_type && message.is_none_or(|m| m.trim().is_empty()) {
+            r.problem(
+                "message",
+                "is required and must not be blank when message_type is text",
+            );
+        }
+        if audio_base64.is_some() {
+            r.problem("audio_base64", "is only allowed when message_type is audio");
+        }
+        if audio_format.is_some() {
+            r.problem("audio_format", "is only allowed when message_type is audio");
+        }
+    }
+
+    let chat_type = match r.string("chat_type") {
+        None => ChatType::Private,
+        Some(t) => ChatType::parse(t).unwrap_or_else(|| {
+            r.problem(
+                "chat_type",
+                "must be \"private\", \"group\" or \"supergroup\"",
+            );
+            ChatType::Private
+        }),
+    };
+    let chat_id = r.id("chat_id", limits.chat_id, false);
+    if chat_type.is_group() && r.body.get("chat_id").is_none_or(Value::is_null) {
+        r.problem(
+            "chat_id",
+            "is required when chat_type is group or supergroup",
+        );
+    }
+    let thread_id = r.id("thread_id", limits.thread_id, false);
+    let speaker = r.id("speaker", limits.speaker, false);
+    let addressed_to_bot = r.boolean("addressed_to_bot");
+    let hint = r.string("response_language_hint");
+    if let Some(h) = hint {
+        if !(h.len() == 2 && h.bytes().all(|b| b.is_ascii_lowercase())) {
+            r.problem(
+                "response_language_hint",
+                "must be two lowercase letters (ISO 639-1), like \"en\"",
+            );
+        }
+    }
+    let client_message_id = r.id("client_message_id", limits.client_message_id, false);
+    let callback_url = r.id("callback_url", limits.callback_url, false);
+
+    if !r.problems.is_empty() {
+        return Err(ValidationError {
+            problems: r.problems,
+        });
+    }
+    // Every required field was checked above; these cannot be missing here.
+    let (Some(user_id), Some(client_id)) = (user_id, client_id) else {
+        return Err(ValidationError::single("user_id: is required"));
+    };
+
+    let conversation = Conversation::for_chat(org, chat_type, user_id, chat_id, thread_id);
+    let mut worker = Map::new();
+    worker.insert("client_id".into(), client_id.into());
+    worker.insert("user_id".into(), user_id.into());
+    worker.insert("org".into(), org.into());
+    worker.insert("message_type".into(), message_type.into());
+    let optional = [
+        ("message", message),
+        ("audio_base64", audio_base64),
+        ("audio_format", audio_format),
+        ("chat_id", chat_id),
+        ("thread_id", thread_id),
+        ("speaker", speaker),
+        ("response_language_hint", hint),
+    ];
+    if r.body.contains_key("chat_type") {
+        worker.insert("chat_type".into(), chat_type.as_str().into());
+    }
+    for (name, value) in optional {
+        if let Some(v) = value {
+            worker.insert(name.into(), v.into());
+        }
+    }
+    if let Some(b) = addressed_to_bot {
+        worker.insert("addressed_to_bot".into(), b.into());
+    }
+    let worker_body = Value::Object(worker).to_string();
+
+    Ok(MessageRequest {
+        conversation,
+        user_id: user_id.to_owned(),
+        org: org.to_owned(),
+        client_id: client_id.to_owned(),
+        client_message_id: client_message_id.map(str::to_owned),
+        callback_url: callback_url.map(str::to_owned),
+        worker_body,
+    })
+}
+
+/// Checks base64 audio the way the worker does, and its decoded size arithmetically.
+fn check_base64_audio(data: &str) -> Result<(), String> {
+    if data.is_empty() {
+        return Err("must not be empty".into());
+    }
+    let bytes = data.as_bytes();
+    let padding = bytes.iter().rev().take_while(|&&b| b == b'=').count();
+    if padding > 2 {
+        return Err("is not valid base64 (too much padding)".into());
+    }
+    let body = &bytes[..bytes.len() - padding];
+    if let Some(pos) = body
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'+' || b == b'/'))
+    {
+        return Err(format!(
+            "is not valid base64 (unexpected character at offset {pos})"
+        ));
+    }
+    if bytes.len() % 4 == 1 || (padding > 0 && bytes.len() % 4 != 0) {
+        return Err("is not valid base64 (bad length)".into());
+    }
+    let decoded = body.len() * 3 / 4;
+    if decoded > MAX_AUDIO_BYTES {
+        return Err(format!(
+            "decoded audio is {decoded} bytes; the limit is {MAX_AUDIO_BYTES} bytes (25 MB)"
+        ));
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(body: Value) -> Result<MessageRequest, ValidationError> {
+        validate_message(
+            body.to_string().as_bytes(),
+            "unfoldingWord",
+            &ValidationLimits::default(),
+        )
+    }
+
+    fn problems(body: Value) -> String {
+        check(body).expect_err("should be refused").to_string()
+    }
+
+    #[test]
+    fn a_minimal_text_message_passes_and_maps_to_the_worker_body() {
+        let req =
+            check(json!({"user_id": "alice", "client_id": "web", "message": "hi", "org_id": "uW"}))
+                .unwrap();
+        assert_eq!(req.conversation.as_str(), "user:uW:alice");
+        let worker: Value = serde_json::from_str(&req.worker_body).unwrap();
+        assert_eq!(
+            worker,
+            json!({"client_id": "web", "user_id": "alice", "org": "uW", "message_type": "text", "message": "hi"})
+        );
+    }
+
+    #[test]
+    fn org_wins_over_org_id_and_the_default_applies() {
+        let req = check(
+            json!({"user_id": "a", "client_id": "web", "message": "x", "org": "A", "org_id": "B"}),
+        )
+        .unwrap();
+        assert_eq!(req.org, "A");
+        let req = check(json!({"user_id": "a", "client_id": "web", "message": "x"})).unwrap();
+        assert_eq!(req.conversation.as_str(), "user:unfoldingWord:a");
+    }
+
+    #[test]
+    fn group_fields_pass_through_and_key_the_conversation() {
+        let req = check(json!({
+            "user_id": "7", "client_id": "telegram-gateway", "message": "x", "chat_type": "supergroup",
+            "chat_id": "-100", "thread_id": "42", "speaker": "Alice", "addressed_to_bot": false,
+            "response_language_hint": "ru"
+        }))
+        .unwrap();
+        assert_eq!(req.conversation.as_str(), "group:unfoldingWord:-100:42");
+        let worker: Value = serde_json::from_str(&req.worker_body).unwrap();
+        assert_eq!(worker["chat_type"], "supergroup");
+        assert_eq!(worker["speaker"], "Alice");
+        assert_eq!(worker["addressed_to_bot"], false);
+        assert_eq!(worker["response_language_hint"], "ru");
+    }
+
+    #[test]
+    fn every_rule_names_its_field() {
+        let cases = [
+            (
+                json!({"client_id": "web", "message": "x"}),
+                "user_id: is required",
+            ),
+            (
+                json!({"user_id": "  ", "client_id": "web", "message": "x"}),
+                "user_id: must not be blank",
+            ),
+            (
+                json!({"user_id": "a\u{7}", "client_id": "web", "message": "x"}),
+                "user_id: must not contain control characters",
+            ),
+            (
+                json!({"user_id": "a".repeat(300), "client_id": "web", "message": "x"}),
+                "user_id: must be at most 256",
+            ),
+            (
+                json!({"user_id": 5, "client_id": "web", "message": "x"}),
+                "user_id: must be a string",
+            ),
+            (
+                json!({"user_id": "a", "message": "x"}),
+                "client_id: is required",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web", "message": "   "}),
+                "message: is required and must not be blank",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web"}),
+                "message: is required",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web", "message": "x", "message_type": "video"}),
+                "message_type: must be",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web", "message_type": "audio", "audio_format": "ogg"}),
+                "audio_base64: is required",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web", "message_type": "audio", "audio_base64": "AAAA"}),
+                "audio_format: is required",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web", "message_type": "audio", "audio_base64": "AAAA", "audio_format": "aac"}),
+                "audio_format: unsupported audio format",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web", "message_type": "audio", "audio_base64": "AA*A", "audio_format": "ogg"}),
+                "audio_base64: is not valid base64",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web", "message": "x", "audio_base64": "AAAA"}),
+                "audio_base64: is only allowed",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web", "message": "x", "chat_type": "channel"}),
+                "chat_type: must be",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web", "message": "x", "chat_type": "group"}),
+                "chat_id: is required when chat_type",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web", "message": "x", "response_language_hint": "EN"}),
+                "response_language_hint: must be two lowercase letters",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web", "message": "x", "addressed_to_bot": "yes"}),
+                "addressed_to_bot: must be true or false",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web", "message": "x", "client_message_id": ""}),
+                "client_message_id: must not be blank",
+            ),
+            (
+                json!({"user_id": "a", "client_id": "web", "message": "x", "is_admin": true, "zzz": 1}),
+                "unknown field(s) `is_admin`, `zzz`",
+            ),
+        ];
+        for (body, expected) in cases {
+            let got = problems(body.clone());
+            assert!(
+                got.contains(expected),
+                "{body} gave {got:?}, expected {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let got = check(json!({"message_type": "audio", "chat_type": "x"})).unwrap_err();
+        assert!(got.problems.len() >= 4, "{got}");
+    }
+
+    #[test]
+    fn non_objects_and_bad_json_are_refused() {
+        let limits = ValidationLimits::default();
+        assert!(validate_message(b"[1]", "o", &limits)
+            .unwrap_err()
+            .to_string()
+            .contains("body: must be a JSON object"));
+        assert!(validate_message(b"{", "o", &limits)
+            .unwrap_err()
+            .to_string()
+            .contains("body: is not valid JSON"));
+    }
+
+    #[test]
+    fn audio_size_is_computed_from_the_base64_length() {
+        assert!(check_base64_audio("QUJD").is_ok());
+        assert!(check_base64_audio("QUI=").is_ok());
+        let just_over = "A".repeat((MAX_AUDIO_BYTES / 3 + 1) * 4);
+        assert!(check_base64_audio(&just_over)
+            .unwrap_err()
+            .contains("the limit is"));
+        let at_limit = "A".repeat(MAX_AUDIO_BYTES / 3 * 4);
+        assert!(check_base64_audio(&at_limit).is_ok());
+    }
+
+    #[test]
+    fn audio_formats_are_case_insensitive() {
+        let req = check(
+            json!({"user_id": "a", "client_id": "web", "message_type": "audio", "audio_base64": "QUJD", "audio_format": "Audio/OGG"}),
+        );
+        assert!(req.is_ok());
+    }
+}
