@@ -1,0 +1,54 @@
+-- enqueue: write a message, append it to its conversation, make the conversation runnable.
+--
+-- KEYS[1] msg:<id>          hash of the new message
+-- KEYS[2] q:<conversation>  list of message ids
+-- KEYS[3] conv:<conversation>
+-- KEYS[4] ready
+-- KEYS[5] dedup:<conversation>:<client-message-id> (only read/written when ARGV[6] == '1')
+-- KEYS[6] stats
+-- ARGV[1] message id   ARGV[2] conversation   ARGV[3] now (ms)   ARGV[4] max queue depth
+-- ARGV[5] dedup ttl (s)   ARGV[6] '1' when a client_message_id was given
+-- ARGV[7..] field, value pairs of the message hash
+-- Returns {'ok', position} | {'dup', original message id} | {'full', depth}
+--   position 1 means next to run (a running message is not counted).
+
+if ARGV[6] == '1' then
+  local original = redis.call('GET', KEYS[5])
+  if original then
+    redis.call('HINCRBY', KEYS[6], 'deduplicated_total', 1)
+    return {'dup', original}
+  end
+end
+
+local depth = redis.call('LLEN', KEYS[2])
+if depth >= tonumber(ARGV[4]) then
+  redis.call('HINCRBY', KEYS[6], 'rejected_full_total', 1)
+  return {'full', depth}
+end
+
+local fields = {}
+for i = 7, #ARGV do
+  fields[#fields + 1] = ARGV[i]
+end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'enqueued_at', ARGV[3], 'attempts', 0, unpack(fields))
+redis.call('RPUSH', KEYS[2], ARGV[1])
+if ARGV[6] == '1' then
+  redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[5])
+end
+
+local position
+local state = redis.call('HGET', KEYS[3], 'state')
+if not state then
+  -- idle conversation: it becomes ready, at the back of the line
+  redis.call('HSET', KEYS[3], 'state', 'ready', 'since', ARGV[3])
+  redis.call('LPUSH', KEYS[4], ARGV[2])
+  redis.call('HINCRBY', KEYS[6], 'active_queues', 1)
+  position = 1
+elseif state == 'running' then
+  position = depth
+else
+  position = depth + 1
+end
+redis.call('HINCRBY', KEYS[6], 'queued', 1)
+redis.call('HINCRBY', KEYS[6], 'enqueued_total', 1)
+return {'ok', position}

@@ -1,0 +1,49 @@
+-- finish: store the outcome of a turn (completed or failed) and release the conversation.
+-- Only the holder of the current lease can finish: a stale lease changes nothing.
+--
+-- KEYS[1] conv:<conversation>
+-- KEYS[2] q:<conversation>
+-- KEYS[3] msg:<id>
+-- KEYS[4] processing:<drainer>
+-- KEYS[5] ready
+-- KEYS[6] stats
+-- KEYS[7] dead
+-- ARGV[1] conversation   ARGV[2] message id   ARGV[3] lease token   ARGV[4] now (ms)
+-- ARGV[5] 'completed' | 'failed'   ARGV[6] outcome JSON   ARGV[7] result ttl (s)
+-- ARGV[8] dead-list entry ('' for none)   ARGV[9] dead-list cap
+-- Returns {'ok', messages still queued} | {'stale'}
+
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[3] then
+  return {'stale'}
+end
+if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[2] then
+  return {'stale'}
+end
+
+redis.call('HSET', KEYS[3], 'status', ARGV[5], 'outcome', ARGV[6], 'finished_at', ARGV[4])
+redis.call('HDEL', KEYS[3], 'body')
+redis.call('EXPIRE', KEYS[3], ARGV[7])
+redis.call('LPOP', KEYS[2])
+local reply = redis.call('HGET', KEYS[3], 'reply')
+if reply and reply ~= '' then
+  redis.call('PUBLISH', reply, ARGV[2] .. '\n' .. ARGV[6])
+end
+redis.call('LREM', KEYS[4], 0, ARGV[1])
+redis.call('HINCRBY', KEYS[6], 'processing', -1)
+redis.call('HINCRBY', KEYS[6], ARGV[5] .. '_total', 1)
+if ARGV[8] ~= '' then
+  redis.call('LPUSH', KEYS[7], ARGV[8])
+  redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[9]) - 1)
+end
+
+local left = redis.call('LLEN', KEYS[2])
+if left > 0 then
+  -- more work: back of the line, so a long queue does not hold back the others
+  redis.call('HSET', KEYS[1], 'state', 'ready', 'since', ARGV[4])
+  redis.call('HDEL', KEYS[1], 'message_id', 'drainer', 'lease')
+  redis.call('LPUSH', KEYS[5], ARGV[1])
+else
+  redis.call('DEL', KEYS[1])
+  redis.call('HINCRBY', KEYS[6], 'active_queues', -1)
+end
+return {'ok', left}

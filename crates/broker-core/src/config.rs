@@ -1,0 +1,633 @@
+//! Settings of every broker process: defaults < optional TOML file < environment.
+//!
+//! The environment keeps the names operators already use (`REDIS_URL`, `WORKER_BASE_URL`,
+//! `WORKER_API_KEY`, `BROKER_API_KEY`, `HOST`, `PORT`, `LOG_LEVEL`); every other setting has a
+//! default and a `BROKER_*`, `DRAINER_*` or `WORKER_*` name. Raw values are read first and
+//! then checked together, so a bad configuration is reported all at once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// Exit code for bad configuration (`EX_USAGE`).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+/// Names of the environment variables the settings are read from, one per setting.
+pub const ENV_NAMES: &[&str] = &[
+    "REDIS_URL",
+    "REDIS_POOL_SIZE",
+    "REDIS_TIMEOUT_MS",
+    "REDIS_CONNECT_TIMEOUT_MS",
+    "BROKER_KEY_PREFIX",
+    "BROKER_SHARD",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "HOST",
+    "PORT",
+    "BROKER_API_KEY",
+    "BROKER_API_KEYS",
+    "BROKER_INSECURE_NO_AUTH",
+    "BROKER_DEFAULT_ORG",
+    "BROKER_SYNC_TIMEOUT_SECS",
+    "BROKER_WAITER_RECHECK_SECS",
+    "BROKER_MAX_QUEUE_DEPTH",
+    "BROKER_QUEUE_FULL_RETRY_AFTER_SECS",
+    "BROKER_DEDUP_TTL_SECS",
+    "BROKER_RESULT_TTL_SECS",
+    "BROKER_MAX_BODY_BYTES",
+    "BROKER_INSTANCE_ID",
+    "BROKER_MAX_CLAIMS",
+    "BROKER_DEAD_LIST_MAX",
+    "WORKER_BASE_URL",
+    "WORKER_API_KEY",
+    "WORKER_CONNECT_TIMEOUT_MS",
+    "WORKER_IDLE_TIMEOUT_SECS",
+    "WORKER_MAX_ATTEMPTS",
+    "WORKER_RETRY_BASE_MS",
+    "WORKER_RETRY_MAX_MS",
+    "WORKER_BUSY_MAX_WAIT_SECS",
+    "DRAINER_ID",
+    "DRAINER_CONCURRENCY",
+    "DRAINER_HEARTBEAT_MS",
+    "DRAINER_DEAD_AFTER_MS",
+    "DRAINER_REAP_INTERVAL_MS",
+    "DRAINER_RECONCILE_INTERVAL_MS",
+    "DRAINER_BLOCK_MS",
+    "DRAINER_SHUTDOWN_GRACE_SECS",
+];
+
+/// The settings as read, before they are checked. Field names are the lower-cased
+/// environment names.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default)]
+struct Raw {
+    redis_url: String,
+    redis_pool_size: u64,
+    redis_timeout_ms: u64,
+    redis_connect_timeout_ms: u64,
+    broker_key_prefix: String,
+    broker_shard: String,
+    log_level: String,
+    log_format: String,
+    host: String,
+    port: Option<u64>,
+    broker_api_key: String,
+    broker_api_keys: String,
+    broker_insecure_no_auth: bool,
+    broker_default_org: String,
+    broker_sync_timeout_secs: u64,
+    broker_waiter_recheck_secs: u64,
+    broker_max_queue_depth: u64,
+    broker_queue_full_retry_after_secs: u64,
+    broker_dedup_ttl_secs: u64,
+    broker_result_ttl_secs: u64,
+    broker_max_body_bytes: u64,
+    broker_instance_id: String,
+    broker_max_claims: u64,
+    broker_dead_list_max: u64,
+    worker_base_url: String,
+    worker_api_key: String,
+    worker_connect_timeout_ms: u64,
+    worker_idle_timeout_secs: u64,
+    worker_max_attempts: u64,
+    worker_retry_base_ms: u64,
+    worker_retry_max_ms: u64,
+    worker_busy_max_wait_secs: u64,
+    drainer_id: String,
+    drainer_concurrency: u64,
+    drainer_heartbeat_ms: u64,
+    drainer_dead_after_ms: u64,
+    drainer_reap_interval_ms: u64,
+    drainer_reconcile_interval_ms: u64,
+    drainer_block_ms: u64,
+    drainer_shutdown_grace_secs: u64,
+}
+
+impl Default for Raw {
+    fn default() -> Self {
+        Self {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_pool_size: 32,
+            redis_timeout_ms: 5_000,
+            redis_connect_timeout_ms: 2_000,
+            broker_key_prefix: "bt".into(),
+            broker_shard: "0".into(),
+            log_level: "info".into(),
+            log_format: "json".into(),
+            host: "0.0.0.0".into(),
+            port: None,
+            broker_api_key: String::new(),
+            broker_api_keys: String::new(),
+            broker_insecure_no_auth: false,
+            broker_default_org: "unfoldingWord".into(),
+            broker_sync_timeout_secs: 300,
+            broker_waiter_recheck_secs: 10,
+            broker_max_queue_depth: 50,
+            broker_queue_full_retry_after_secs: 5,
+            broker_dedup_ttl_secs: 86_400,
+            broker_result_ttl_secs: 86_400,
+            broker_max_body_bytes: 36 * 1024 * 1024,
+            broker_instance_id: String::new(),
+            broker_max_claims: 5,
+            broker_dead_list_max: 10_000,
+            worker_base_url: "http://127.0.0.1:8787".into(),
+            worker_api_key: String::new(),
+            worker_connect_timeout_ms: 5_000,
+            worker_idle_timeout_secs: 120,
+            worker_max_attempts: 3,
+            worker_retry_base_ms: 500,
+            worker_retry_max_ms: 10_000,
+            worker_busy_max_wait_secs: 60,
+            drainer_id: String::new(),
+            drainer_concurrency: 256,
+            drainer_heartbeat_ms: 2_000,
+            drainer_dead_after_ms: 15_000,
+            drainer_reap_interval_ms: 5_000,
+            drainer_reconcile_interval_ms: 30_000,
+            drainer_block_ms: 2_000,
+            drainer_shutdown_grace_secs: 90,
+        }
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// One named client API key.
+#[derive(Clone)]
+pub struct ApiKey {
+    pub name: String,
+    pub key: SecretString,
+}
+
+/// Redis connection and key layout.
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// May carry a password: never log it, use [`RedisSettings::redacted_url`].
+    pub url: SecretString,
+    pub pool_size: usize,
+    pub response_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub key_prefix: String,
+    pub shard: String,
+}
+
+/// What the API needs beyond Redis.
+#[derive(Clone)]
+pub struct ApiSettings {
+    pub keys: Vec<ApiKey>,
+    pub insecure_no_auth: bool,
+    pub default_org: String,
+    pub sync_timeout: Duration,
+    pub waiter_recheck: Duration,
+    pub max_queue_depth: u64,
+    pub queue_full_retry_after: Duration,
+    pub dedup_ttl: Duration,
+    pub result_ttl: Duration,
+    pub max_body_bytes: usize,
+    pub instance_id: String,
+}
+
+/// How the drainer calls the worker.
+#[derive(Clone)]
+pub struct WorkerSettings {
+    pub base_url: String,
+    pub api_key: SecretString,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_attempts: u32,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    pub busy_max_wait: Duration,
+}
+
+/// The drainer's own behaviour.
+#[derive(Clone)]
+pub struct DrainerSettings {
+    pub id: String,
+    pub concurrency: usize,
+    pub heartbeat: Duration,
+    pub dead_after: Duration,
+    pub reap_interval: Duration,
+    pub reconcile_interval: Duration,
+    pub block: Duration,
+    pub shutdown_grace: Duration,
+    pub max_claims: u64,
+    pub dead_list_max: u64,
+    pub result_ttl: Duration,
+}
+
+/// Every setting of every process, checked.
+#[derive(Clone)]
+pub struct Settings {
+    pub redis: RedisSettings,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub host: String,
+    /// `PORT` when given; each binary has its own default.
+    pub port: Option<u16>,
+    pub api: ApiSettings,
+    pub worker: WorkerSettings,
+    pub drainer: DrainerSettings,
+}
+
+/// A configuration that cannot run, with every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl Settings {
+    /// Reads defaults, then the TOML file named by `BROKER_CONFIG_FILE` if set, then the
+    /// environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Raw::default()));
+        if let Some(path) = std::env::var_os("BROKER_CONFIG_FILE") {
+            let path = PathBuf::from(path);
+            if !path.is_file() {
+                return Err(ConfigError {
+                    problems: vec![format!("BROKER_CONFIG_FILE: no file at {}", path.display())],
+                });
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::raw().only(ENV_NAMES));
+        Self::from_figment(figment)
+    }
+
+    /// Builds settings from name/value pairs as the environment would give them, without
+    /// touching the process environment (for tests and the local runner).
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Raw::default()));
+        let mut unknown = Vec::new();
+        for (name, value) in pairs {
+            if !ENV_NAMES.contains(&name) {
+                unknown.push(format!("{name}: not a setting"));
+                continue;
+            }
+            let parsed = figment::value::Value::from_str(value).unwrap_or_else(|e| match e {});
+            figment = figment.merge(Serialized::default(&name.to_ascii_lowercase(), parsed));
+        }
+        if !unknown.is_empty() {
+            return Err(ConfigError { problems: unknown });
+        }
+        Self::from_figment(figment)
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let raw: Raw = figment.extract().map_err(|e| ConfigError {
+            problems: e.into_iter().map(|e| describe_figment_error(&e)).collect(),
+        })?;
+        raw.check()
+    }
+
+    /// The port to listen on: `PORT`, else the binary's default.
+    pub fn port_or(&self, default: u16) -> u16 {
+        self.port.unwrap_or(default)
+    }
+}
+
+fn describe_figment_error(e: &figment::Error) -> String {
+    let name = e
+        .path
+        .last()
+        .map(|p| p.to_ascii_uppercase())
+        .unwrap_or_else(|| "config".into());
+    format!("{name}: {}", e.kind)
+}
+
+impl Raw {
+    fn check(self) -> Result<Settings, ConfigError> {
+        let mut p = Vec::new();
+        let mut positive = |name: &str, value: u64| {
+            if value == 0 {
+                p.push(format!("{name}: must be greater than 0"));
+            }
+        };
+        positive("REDIS_POOL_SIZE", self.redis_pool_size);
+        positive("REDIS_TIMEOUT_MS", self.redis_timeout_ms);
+        positive("REDIS_CONNECT_TIMEOUT_MS", self.redis_connect_timeout_ms);
+        positive("BROKER_SYNC_TIMEOUT_SECS", self.broker_sync_timeout_secs);
+        positive(
+            "BROKER_WAITER_RECHECK_SECS",
+            self.broker_waiter_recheck_secs,
+        );
+        positive("BROKER_MAX_QUEUE_DEPTH", self.broker_max_queue_depth);
+        positive("BROKER_DEDUP_TTL_SECS", self.broker_dedup_ttl_secs);
+        positive("BROKER_RESULT_TTL_SECS", self.broker_result_ttl_secs);
+        positive("BROKER_MAX_BODY_BYTES", self.broker_max_body_bytes);
+        positive("BROKER_MAX_CLAIMS", self.broker_max_claims);
+        positive("BROKER_DEAD_LIST_MAX", self.broker_dead_list_max);
+        positive("WORKER_CONNECT_TIMEOUT_MS", self.worker_connect_timeout_ms);
+        positive("WORKER_IDLE_TIMEOUT_SECS", self.worker_idle_timeout_secs);
+        positive("WORKER_MAX_ATTEMPTS", self.worker_max_attempts);
+        positive("DRAINER_CONCURRENCY", self.drainer_concurrency);
+        positive("DRAINER_HEARTBEAT_MS", self.drainer_heartbeat_ms);
+        positive("DRAINER_REAP_INTERVAL_MS", self.drainer_reap_interval_ms);
+        positive(
+            "DRAINER_RECONCILE_INTERVAL_MS",
+            self.drainer_reconcile_interval_ms,
+        );
+        positive("DRAINER_BLOCK_MS", self.drainer_block_ms);
+
+        if !(self.redis_url.starts_with("redis://") || self.redis_url.starts_with("rediss://")) {
+            p.push("REDIS_URL: must start with redis:// or rediss://".into());
+        }
+        if !(self.worker_base_url.starts_with("http://")
+            || self.worker_base_url.starts_with("https://"))
+        {
+            p.push("WORKER_BASE_URL: must start with http:// or https://".into());
+        }
+        let is_key_part = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        };
+        if !is_key_part(&self.broker_key_prefix) {
+            p.push("BROKER_KEY_PREFIX: must be non-empty letters, digits, '_', '-' or '.'".into());
+        }
+        if !is_key_part(&self.broker_shard) {
+            p.push("BROKER_SHARD: must be non-empty letters, digits, '_', '-' or '.'".into());
+        }
+        for (name, id) in [
+            ("BROKER_INSTANCE_ID", &self.broker_instance_id),
+            ("DRAINER_ID", &self.drainer_id),
+        ] {
+            if !id.is_empty() && !is_key_part(id) {
+                p.push(format!("{name}: must be letters, digits, '_', '-' or '.'"));
+            }
+        }
+        let log_format = match self.log_format.as_str() {
+            "json" => LogFormat::Json,
+            "pretty" | "text" => LogFormat::Pretty,
+            _ => {
+                p.push("LOG_FORMAT: must be json or pretty".into());
+                LogFormat::Json
+            }
+        };
+        let port = match self.port {
+            None => None,
+            Some(n) => match u16::try_from(n) {
+                Ok(port) => Some(port),
+                Err(_) => {
+                    p.push("PORT: must be at most 65535".into());
+                    None
+                }
+            },
+        };
+        if self.drainer_dead_after_ms < 2 * self.drainer_heartbeat_ms {
+            p.push("DRAINER_DEAD_AFTER_MS: must be at least twice DRAINER_HEARTBEAT_MS".into());
+        }
+        if self.broker_result_ttl_secs < self.broker_dedup_ttl_secs {
+            p.push(
+                "BROKER_RESULT_TTL_SECS: must be at least BROKER_DEDUP_TTL_SECS, so a duplicate can \
+                 always be answered from the original message"
+                    .into(),
+            );
+        }
+
+        let mut keys = Vec::new();
+        if !self.broker_api_key.is_empty() {
+            keys.push(ApiKey {
+                name: "default".into(),
+                key: self.broker_api_key.clone().into(),
+            });
+        }
+        for (i, entry) in self
+            .broker_api_keys
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .enumerate()
+        {
+            match entry.split_once('=') {
+                Some((name, key)) if !name.trim().is_empty() && !key.trim().is_empty() => keys
+                    .push(ApiKey {
+                        name: name.trim().to_owned(),
+                        key: key.trim().to_owned().into(),
+                    }),
+                _ => p.push(format!(
+                    "BROKER_API_KEYS: entry {} must look like name=key",
+                    i + 1
+                )),
+            }
+        }
+
+        if !p.is_empty() {
+            return Err(ConfigError { problems: p });
+        }
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let host_part = hostname();
+        let instance_id = if self.broker_instance_id.is_empty() {
+            format!("api-{host_part}-{}", &suffix[..8])
+        } else {
+            self.broker_instance_id
+        };
+        let drainer_id = if self.drainer_id.is_empty() {
+            format!("drainer-{host_part}-{}", &suffix[8..16])
+        } else {
+            self.drainer_id
+        };
+        let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        let to_u32 = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(Settings {
+            redis: RedisSettings {
+                url: self.redis_url.into(),
+                pool_size: to_usize(self.redis_pool_size),
+                response_timeout: ms(self.redis_timeout_ms),
+                connect_timeout: ms(self.redis_connect_timeout_ms),
+                key_prefix: self.broker_key_prefix,
+                shard: self.broker_shard,
+            },
+            log_level: self.log_level,
+            log_format,
+            host: self.host,
+            port,
+            api: ApiSettings {
+                keys,
+                insecure_no_auth: self.broker_insecure_no_auth,
+                default_org: self.broker_default_org,
+                sync_timeout: secs(self.broker_sync_timeout_secs),
+                waiter_recheck: secs(self.broker_waiter_recheck_secs),
+                max_queue_depth: self.broker_max_queue_depth,
+                queue_full_retry_after: secs(self.broker_queue_full_retry_after_secs),
+                dedup_ttl: secs(self.broker_dedup_ttl_secs),
+                result_ttl: secs(self.broker_result_ttl_secs),
+                max_body_bytes: to_usize(self.broker_max_body_bytes),
+                instance_id,
+            },
+            worker: WorkerSettings {
+                base_url: self.worker_base_url.trim_end_matches('/').to_owned(),
+                api_key: self.worker_api_key.into(),
+                connect_timeout: ms(self.worker_connect_timeout_ms),
+                idle_timeout: secs(self.worker_idle_timeout_secs),
+                max_attempts: to_u32(self.worker_max_attempts),
+                retry_base: ms(self.worker_retry_base_ms),
+                retry_max: ms(self.worker_retry_max_ms),
+                busy_max_wait: secs(self.worker_busy_max_wait_secs),
+            },
+            drainer: DrainerSettings {
+                id: drainer_id,
+                concurrency: to_usize(self.drainer_concurrency),
+                heartbeat: ms(self.drainer_heartbeat_ms),
+                dead_after: ms(self.drainer_dead_after_ms),
+                reap_interval: ms(self.drainer_reap_interval_ms),
+                reconcile_interval: ms(self.drainer_reconcile_interval_ms),
+                block: ms(self.drainer_block_ms),
+                shutdown_grace: secs(self.drainer_shutdown_grace_secs),
+                max_claims: self.broker_max_claims,
+                dead_list_max: self.broker_dead_list_max,
+                result_ttl: secs(self.broker_result_ttl_secs),
+            },
+        })
+    }
+}
+
+impl RedisSettings {
+    /// The URL with any password replaced, for logs.
+    pub fn redacted_url(&self) -> String {
+        use secrecy::ExposeSecret;
+        redact_url(self.url.expose_secret())
+    }
+}
+
+/// Replaces the user-info part of a URL (`user:password@`) with `***@`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn hostname() -> String {
+    let raw = std::env::var("FLY_MACHINE_ID")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let clean: String = raw
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(32)
+        .collect();
+    if clean.is_empty() {
+        "local".into()
+    } else {
+        clean
+    }
+}
+
+/// The defaults as a table (name, value), for documentation and `--help`-like output.
+pub fn defaults_table() -> BTreeMap<String, String> {
+    let value = serde_json::to_value(Raw::default()).unwrap_or_default();
+    let mut out = BTreeMap::new();
+    if let serde_json::Value::Object(map) = value {
+        for (k, v) in map {
+            let shown = match v {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            out.insert(k.to_ascii_uppercase(), shown);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn the_seven_names_are_enough() {
+        let s = Settings::from_pairs([
+            ("REDIS_URL", "redis://:pw@10.0.0.1:6379"),
+            ("WORKER_BASE_URL", "https://worker.example/"),
+            ("WORKER_API_KEY", "wk"),
+            ("BROKER_API_KEY", "bk"),
+            ("HOST", "127.0.0.1"),
+            ("PORT", "8080"),
+            ("LOG_LEVEL", "debug"),
+        ])
+        .unwrap();
+        assert_eq!(s.port_or(1), 8080);
+        assert_eq!(s.worker.base_url, "https://worker.example");
+        assert_eq!(s.api.keys.len(), 1);
+        assert_eq!(s.api.keys[0].key.expose_secret(), "bk");
+        assert_eq!(s.redis.redacted_url(), "redis://***@10.0.0.1:6379");
+        assert_eq!(s.drainer.concurrency, 256);
+        assert_eq!(s.api.sync_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = Settings::from_pairs([
+            ("REDIS_URL", "http://x"),
+            ("DRAINER_CONCURRENCY", "0"),
+            ("PORT", "70000"),
+            ("BROKER_API_KEYS", "a=1,oops"),
+        ])
+        .err()
+        .unwrap();
+        assert_eq!(err.problems.len(), 4, "{err}");
+        let text = err.to_string();
+        for name in [
+            "REDIS_URL",
+            "DRAINER_CONCURRENCY",
+            "PORT",
+            "BROKER_API_KEYS",
+        ] {
+            assert!(text.contains(name), "{text}");
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_setting() {
+        let err = Settings::from_pairs([("DRAINER_CONCURRENCY", "many")])
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("DRAINER_CONCURRENCY"), "{err}");
+        let err = Settings::from_pairs([("NOT_A_SETTING", "1")])
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("NOT_A_SETTING: not a setting"));
+    }
+
+    #[test]
+    fn named_keys_add_to_the_single_key() {
+        let s = Settings::from_pairs([
+            ("BROKER_API_KEY", "k0"),
+            ("BROKER_API_KEYS", "web=k1, gw = k2"),
+        ])
+        .unwrap();
+        let names: Vec<_> = s.api.keys.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["default", "web", "gw"]);
+    }
+
+    #[test]
+    fn every_setting_has_an_env_name_and_a_default() {
+        let table = defaults_table();
+        assert_eq!(table.len(), ENV_NAMES.len());
+        for name in ENV_NAMES {
+            assert!(table.contains_key(*name), "{name}");
+        }
+    }
+}

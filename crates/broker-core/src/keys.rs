@@ -1,0 +1,105 @@
+//! Every Redis key name the broker uses, formatted in one place.
+//!
+//! Keys are `<prefix>:{<shard>}:<kind>[:<id>]`: the `{shard}` hash tag puts every key a
+//! script touches into one Redis Cluster slot. Reply channels are not keys and carry no tag.
+
+use broker_proto::Conversation;
+
+/// Formats key names for one prefix and shard.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    base: String,
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str, shard: &str) -> Self {
+        Self {
+            base: format!("{prefix}:{{{shard}}}"),
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Conversations with queued work and nothing in flight; `BLMOVE` takes from the right.
+    pub fn ready(&self) -> String {
+        format!("{}:ready", self.base)
+    }
+
+    /// Conversations one drainer has claimed.
+    pub fn processing(&self, drainer: &str) -> String {
+        format!("{}:processing:{drainer}", self.base)
+    }
+
+    /// Message ids of one conversation, FIFO.
+    pub fn queue(&self, conversation: &Conversation) -> String {
+        format!("{}:q:{conversation}", self.base)
+    }
+
+    /// State of one conversation: absent when idle.
+    pub fn conversation(&self, conversation: &Conversation) -> String {
+        format!("{}:conv:{conversation}", self.base)
+    }
+
+    /// One message's record.
+    pub fn message(&self, message_id: &str) -> String {
+        format!("{}:msg:{message_id}", self.base)
+    }
+
+    /// One message's SSE frames.
+    pub fn events(&self, message_id: &str) -> String {
+        format!("{}:events:{message_id}", self.base)
+    }
+
+    /// The message id a client message id was first accepted as.
+    pub fn dedup(&self, conversation: &Conversation, client_message_id: &str) -> String {
+        format!("{}:dedup:{conversation}:{client_message_id}", self.base)
+    }
+
+    /// Drainer id -> last heartbeat (ms).
+    pub fn drainers(&self) -> String {
+        format!("{}:drainers", self.base)
+    }
+
+    /// Messages and callbacks that failed for good.
+    pub fn dead(&self) -> String {
+        format!("{}:dead", self.base)
+    }
+
+    /// Counters kept by the scripts.
+    pub fn stats(&self) -> String {
+        format!("{}:stats", self.base)
+    }
+
+    /// The pub/sub channel of one API process's sync waiters.
+    pub fn reply_channel(&self, instance: &str) -> String {
+        format!("{}:reply:{instance}", self.prefix)
+    }
+
+    /// The prefix every key of this layout starts with, for `SCAN` in tests and tools.
+    pub fn pattern(&self) -> String {
+        format!("{}:*", self.base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_names_are_pinned() {
+        let k = Keys::new("bt", "0");
+        let c = Conversation::from_key("user:uW:alice");
+        assert_eq!(k.ready(), "bt:{0}:ready");
+        assert_eq!(k.processing("d1"), "bt:{0}:processing:d1");
+        assert_eq!(k.queue(&c), "bt:{0}:q:user:uW:alice");
+        assert_eq!(k.conversation(&c), "bt:{0}:conv:user:uW:alice");
+        assert_eq!(k.message("m1"), "bt:{0}:msg:m1");
+        assert_eq!(k.events("m1"), "bt:{0}:events:m1");
+        assert_eq!(k.dedup(&c, "wamid.1"), "bt:{0}:dedup:user:uW:alice:wamid.1");
+        assert_eq!(k.drainers(), "bt:{0}:drainers");
+        assert_eq!(k.dead(), "bt:{0}:dead");
+        assert_eq!(k.stats(), "bt:{0}:stats");
+        assert_eq!(k.reply_channel("api-1"), "bt:reply:api-1");
+        assert_eq!(k.pattern(), "bt:{0}:*");
+    }
+}

@@ -1,0 +1,623 @@
+//! Queue operations: the only code that changes broker state in Redis, each change one script.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use broker_proto::{Conversation, MessageRequest};
+use deadpool_redis::Pool;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncCommands, Value};
+
+use crate::clock::now_ms;
+use crate::keys::Keys;
+use crate::scripts::Scripts;
+
+/// A Redis failure: the pool could not give a connection, or a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("redis unavailable: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    #[error("redis command failed: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected reply from a script: {0}")]
+    Protocol(String),
+}
+
+/// How a client wants the result of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Sync,
+    Async,
+    Callback,
+    Stream,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sync => "sync",
+            Self::Async => "async",
+            Self::Callback => "callback",
+            Self::Stream => "stream",
+        }
+    }
+}
+
+/// What enqueue did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Accepted; position 1 means next to run.
+    Accepted { position: u64 },
+    /// The client message id was seen within the dedup window: nothing was written.
+    Duplicate { original: String },
+    /// The conversation already holds the maximum number of messages.
+    Full { depth: u64 },
+}
+
+/// A claimed turn: everything the drainer needs to run it.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub message_id: String,
+    pub attempts: u64,
+    pub body: String,
+    pub enqueued_at: u64,
+    pub started_at: u64,
+    pub reply: String,
+    pub mode: String,
+    pub user_id: String,
+    pub client_message_id: String,
+    pub callback_url: String,
+}
+
+/// What claim found.
+#[derive(Debug, Clone)]
+pub enum Claim {
+    Turn(Box<Claimed>),
+    /// Nothing was queued; the stray entry was removed from the processing list.
+    Empty,
+}
+
+/// What finish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// Stored and released; `left` messages still wait in the conversation.
+    Done { left: u64 },
+    /// The lease was no longer ours (the conversation was reaped or released): nothing changed.
+    Stale,
+}
+
+/// What release did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    Done,
+    /// Not in that processing list (already released or reaped).
+    Absent,
+    /// The lease changed: someone else holds the conversation now.
+    Stale,
+}
+
+/// The figures of `GET /health`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HealthFigures {
+    pub drainers_alive: u64,
+    pub active_queues: i64,
+    pub processing: i64,
+    pub queued: i64,
+}
+
+/// A message's record, without its request body.
+#[derive(Debug, Clone, Default)]
+pub struct MessageRecord {
+    pub message_id: String,
+    pub status: String,
+    pub conversation: String,
+    pub user_id: String,
+    pub client_message_id: Option<String>,
+    pub mode: String,
+    pub attempts: u64,
+    pub enqueued_at: Option<u64>,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub outcome: Option<String>,
+    /// For a queued message: 1 means next to run.
+    pub queue_position: Option<u64>,
+}
+
+/// One conversation's queue, as `GET /api/v1/queue` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct QueueStatus {
+    pub conversation: String,
+    pub message_ids: Vec<String>,
+    pub is_processing: bool,
+    pub current_message_id: Option<String>,
+}
+
+impl QueueStatus {
+    /// Messages waiting behind the running one (all of them when none runs).
+    pub fn queue_length(&self) -> u64 {
+        let n = self.message_ids.len() as u64;
+        if self.is_processing {
+            n.saturating_sub(1)
+        } else {
+            n
+        }
+    }
+}
+
+/// Broker state in Redis: a command pool, the key layout and the scripts.
+#[derive(Clone)]
+pub struct Queue {
+    pool: Pool,
+    keys: Keys,
+    scripts: Scripts,
+}
+
+const RECORD_FIELDS: [&str; 10] = [
+    "status",
+    "conversation",
+    "user_id",
+    "client_message_id",
+    "mode",
+    "attempts",
+    "enqueued_at",
+    "started_at",
+    "finished_at",
+    "outcome",
+];
+
+impl Queue {
+    pub fn new(pool: Pool, keys: Keys) -> Self {
+        Self {
+            pool,
+            keys,
+            scripts: Scripts::new(),
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    async fn conn(&self) -> Result<deadpool_redis::Connection, QueueError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// `PING`: is Redis reachable?
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn().await?;
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Writes a message and queues it behind its conversation's earlier messages.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn enqueue(
+        &self,
+        request: &MessageRequest,
+        message_id: &str,
+        mode: Mode,
+        reply_channel: Option<&str>,
+        max_depth: u64,
+        dedup_ttl: Duration,
+    ) -> Result<Enqueued, QueueError> {
+        let conv = &request.conversation;
+        let dedup_key = match &request.client_message_id {
+            Some(cmid) => self.keys.dedup(conv, cmid),
+            None => self.keys.message(message_id),
+        };
+        let mut invocation = self.scripts.enqueue.prepare_invoke();
+        invocation
+            .key(self.keys.message(message_id))
+            .key(self.keys.queue(conv))
+            .key(self.keys.conversation(conv))
+            .key(self.keys.ready())
+            .key(dedup_key)
+            .key(self.keys.stats())
+            .arg(message_id)
+            .arg(conv.as_str())
+            .arg(now_ms())
+            .arg(max_depth)
+            .arg(dedup_ttl.as_secs().max(1))
+            .arg(if request.client_message_id.is_some() {
+                "1"
+            } else {
+                "0"
+            })
+            .arg("conversation")
+            .arg(conv.as_str())
+            .arg("user_id")
+            .arg(&request.user_id)
+            .arg("mode")
+            .arg(mode.as_str())
+            .arg("body")
+            .arg(&request.worker_body);
+        if let Some(channel) = reply_channel {
+            invocation.arg("reply").arg(channel);
+        }
+        if let Some(cmid) = &request.client_message_id {
+            invocation.arg("client_message_id").arg(cmid);
+        }
+        if let Some(url) = &request.callback_url {
+            invocation.arg("callback_url").arg(url);
+        }
+        let mut conn = self.conn().await?;
+        let reply: (String, Value) = invocation.invoke_async(&mut conn).await?;
+        match reply.0.as_str() {
+            "ok" => Ok(Enqueued::Accepted {
+                position: as_u64(&reply.1)?,
+            }),
+            "dup" => Ok(Enqueued::Duplicate {
+                original: as_string(&reply.1)?,
+            }),
+            "full" => Ok(Enqueued::Full {
+                depth: as_u64(&reply.1)?,
+            }),
+            other => Err(QueueError::Protocol(format!("enqueue returned {other}"))),
+        }
+    }
+
+    /// Moves the oldest ready conversation into the drainer's processing list, waiting up to
+    /// `block`. Runs on a dedicated connection without a response timeout.
+    pub async fn take_ready(
+        &self,
+        conn: &mut MultiplexedConnection,
+        drainer: &str,
+        block: Duration,
+    ) -> Result<Option<String>, QueueError> {
+        let conv: Option<String> = conn
+            .blmove(
+                self.keys.ready(),
+                self.keys.processing(drainer),
+                redis::Direction::Right,
+                redis::Direction::Left,
+                block.as_secs_f64(),
+            )
+            .await?;
+        Ok(conv)
+    }
+
+    /// Starts the head message of a conversation this drainer has just taken.
+    pub async fn claim(
+        &self,
+        drainer: &str,
+        conversation: &Conversation,
+        lease: &str,
+    ) -> Result<Claim, QueueError> {
+        let mut conn = self.conn().await?;
+        let mut head: Option<String> = conn.lindex(self.keys.queue(conversation), 0).await?;
+        for _ in 0..16 {
+            let head_id = head.clone().unwrap_or_default();
+            let now = now_ms();
+            let reply: Vec<Value> = self
+                .scripts
+                .claim
+                .key(self.keys.conversation(conversation))
+                .key(self.keys.queue(conversation))
+                .key(self.keys.message(&head_id))
+                .key(self.keys.processing(drainer))
+                .key(self.keys.stats())
+                .arg(conversation.as_str())
+                .arg(&head_id)
+                .arg(drainer)
+                .arg(lease)
+                .arg(now)
+                .invoke_async(&mut conn)
+                .await?;
+            let tag = reply
+                .first()
+                .map(as_string)
+                .transpose()?
+                .unwrap_or_default();
+            match tag.as_str() {
+                "ok" => {
+                    let field = |i: usize| {
+                        reply
+                            .get(i)
+                            .map(as_string)
+                            .transpose()
+                            .map(Option::unwrap_or_default)
+                    };
+                    return Ok(Claim::Turn(Box::new(Claimed {
+                        message_id: head_id,
+                        attempts: field(1)?.parse().unwrap_or(1),
+                        body: field(2)?,
+                        enqueued_at: field(3)?.parse().unwrap_or(now),
+                        started_at: now,
+                        reply: field(4)?,
+                        mode: field(5)?,
+                        user_id: field(6)?,
+                        client_message_id: field(7)?,
+                        callback_url: field(8)?,
+                    })));
+                }
+                "moved" => head = reply.get(1).map(as_string).transpose()?,
+                "empty" => return Ok(Claim::Empty),
+                other => return Err(QueueError::Protocol(format!("claim returned {other}"))),
+            }
+        }
+        Err(QueueError::Protocol("claim: the head kept moving".into()))
+    }
+
+    /// Stores a turn's outcome and releases the conversation, if the lease is still ours.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn finish(
+        &self,
+        drainer: &str,
+        conversation: &Conversation,
+        message_id: &str,
+        lease: &str,
+        status: &str,
+        outcome_json: &str,
+        result_ttl: Duration,
+        dead_entry: Option<&str>,
+        dead_max: u64,
+    ) -> Result<Finished, QueueError> {
+        let mut conn = self.conn().await?;
+        let reply: Vec<Value> = self
+            .scripts
+            .finish
+            .key(self.keys.conversation(conversation))
+            .key(self.keys.queue(conversation))
+            .key(self.keys.message(message_id))
+            .key(self.keys.processing(drainer))
+            .key(self.keys.ready())
+            .key(self.keys.stats())
+            .key(self.keys.dead())
+            .arg(conversation.as_str())
+            .arg(message_id)
+            .arg(lease)
+            .arg(now_ms())
+            .arg(status)
+            .arg(outcome_json)
+            .arg(result_ttl.as_secs().max(1))
+            .arg(dead_entry.unwrap_or(""))
+            .arg(dead_max.max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        match reply.first().map(as_string).transpose()?.as_deref() {
+            Some("ok") => Ok(Finished::Done {
+                left: reply.get(1).map(as_u64).transpose()?.unwrap_or(0),
+            }),
+            Some("stale") => Ok(Finished::Stale),
+            other => Err(QueueError::Protocol(format!("finish returned {other:?}"))),
+        }
+    }
+
+    /// Puts a conversation from `owner`'s processing list back at the front of ready.
+    /// With a lease, only if that lease still holds; without one, whoever holds it.
+    pub async fn release(
+        &self,
+        owner: &str,
+        conversation: &Conversation,
+        lease: Option<&str>,
+    ) -> Result<Released, QueueError> {
+        let mut conn = self.conn().await?;
+        let conv_key = self.keys.conversation(conversation);
+        let mut running: String = conn
+            .hget::<_, _, Option<String>>(&conv_key, "message_id")
+            .await?
+            .unwrap_or_default();
+        for _ in 0..16 {
+            let msg_key = if running.is_empty() {
+                conv_key.clone()
+            } else {
+                self.keys.message(&running)
+            };
+            let reply: Vec<Value> = self
+                .scripts
+                .release
+                .key(&conv_key)
+                .key(self.keys.queue(conversation))
+                .key(self.keys.processing(owner))
+                .key(self.keys.ready())
+                .key(self.keys.stats())
+                .key(msg_key)
+                .arg(conversation.as_str())
+                .arg(&running)
+                .arg(lease.unwrap_or(""))
+                .arg(now_ms())
+                .invoke_async(&mut conn)
+                .await?;
+            match reply.first().map(as_string).transpose()?.as_deref() {
+                Some("ok") => return Ok(Released::Done),
+                Some("absent") => return Ok(Released::Absent),
+                Some("stale") => return Ok(Released::Stale),
+                Some("retry") => {
+                    running = reply.get(1).map(as_string).transpose()?.unwrap_or_default()
+                }
+                other => return Err(QueueError::Protocol(format!("release returned {other:?}"))),
+            }
+        }
+        Err(QueueError::Protocol(
+            "release: the running message kept changing".into(),
+        ))
+    }
+
+    /// Records a drainer's heartbeat on the Redis clock; returns that time (ms).
+    pub async fn heartbeat(&self, drainer: &str) -> Result<u64, QueueError> {
+        let mut conn = self.conn().await?;
+        Ok(self
+            .scripts
+            .heartbeat
+            .key(self.keys.drainers())
+            .arg(drainer)
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    /// Drainers silent for longer than `dead_after`.
+    pub async fn expired_drainers(&self, dead_after: Duration) -> Result<Vec<String>, QueueError> {
+        let mut conn = self.conn().await?;
+        Ok(self
+            .scripts
+            .expired
+            .key(self.keys.drainers())
+            .arg(dead_after.as_millis() as u64)
+            .arg(100)
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    /// The conversations in a drainer's processing list.
+    pub async fn processing_list(&self, drainer: &str) -> Result<Vec<String>, QueueError> {
+        let mut conn = self.conn().await?;
+        Ok(conn.lrange(self.keys.processing(drainer), 0, -1).await?)
+    }
+
+    /// Drops a dead drainer whose processing list is empty.
+    pub async fn forget(&self, drainer: &str, dead_after: Duration) -> Result<bool, QueueError> {
+        let mut conn = self.conn().await?;
+        let n: i64 = self
+            .scripts
+            .forget
+            .key(self.keys.drainers())
+            .key(self.keys.processing(drainer))
+            .arg(drainer)
+            .arg(dead_after.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Removes a drainer that stops cleanly.
+    pub async fn deregister(&self, drainer: &str) -> Result<(), QueueError> {
+        let mut conn = self.conn().await?;
+        let _: i64 = conn.zrem(self.keys.drainers(), drainer).await?;
+        Ok(())
+    }
+
+    /// Figures for `GET /health`: O(log n) in drainers, O(1) in users.
+    pub async fn health(&self, dead_after: Duration) -> Result<HealthFigures, QueueError> {
+        let mut conn = self.conn().await?;
+        let v: (u64, i64, i64, i64) = self
+            .scripts
+            .health
+            .key(self.keys.stats())
+            .key(self.keys.drainers())
+            .arg(dead_after.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(HealthFigures {
+            drainers_alive: v.0,
+            active_queues: v.1,
+            processing: v.2,
+            queued: v.3,
+        })
+    }
+
+    /// The status and outcome of a message (what a sync waiter re-reads).
+    pub async fn outcome(
+        &self,
+        message_id: &str,
+    ) -> Result<(Option<String>, Option<String>), QueueError> {
+        let mut conn = self.conn().await?;
+        Ok(redis::cmd("HMGET")
+            .arg(self.keys.message(message_id))
+            .arg("status")
+            .arg("outcome")
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// A message's record and, while it is queued, its position.
+    pub async fn message_record(
+        &self,
+        message_id: &str,
+    ) -> Result<Option<MessageRecord>, QueueError> {
+        let mut conn = self.conn().await?;
+        let values: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.keys.message(message_id))
+            .arg(&RECORD_FIELDS[..])
+            .query_async(&mut conn)
+            .await?;
+        let field = |i: usize| values.get(i).cloned().flatten();
+        let Some(status) = field(0) else {
+            return Ok(None);
+        };
+        let number = |i: usize| field(i).and_then(|v| v.parse::<u64>().ok());
+        let mut record = MessageRecord {
+            message_id: message_id.to_owned(),
+            status,
+            conversation: field(1).unwrap_or_default(),
+            user_id: field(2).unwrap_or_default(),
+            client_message_id: field(3),
+            mode: field(4).unwrap_or_default(),
+            attempts: number(5).unwrap_or(0),
+            enqueued_at: number(6),
+            started_at: number(7),
+            finished_at: number(8),
+            outcome: field(9),
+            queue_position: None,
+        };
+        if record.status == "queued" {
+            let conv = Conversation::from_key(record.conversation.clone());
+            let (index, state): (Option<u64>, Option<String>) = redis::pipe()
+                .cmd("LPOS")
+                .arg(self.keys.queue(&conv))
+                .arg(message_id)
+                .hget(self.keys.conversation(&conv), "state")
+                .query_async(&mut conn)
+                .await?;
+            record.queue_position = index.map(|i| {
+                if state.as_deref() == Some("running") {
+                    i
+                } else {
+                    i + 1
+                }
+            });
+        }
+        Ok(Some(record))
+    }
+
+    /// One conversation's queue, reading at most `limit` message ids.
+    pub async fn queue_status(
+        &self,
+        conversation: &Conversation,
+        limit: u64,
+    ) -> Result<QueueStatus, QueueError> {
+        let mut conn = self.conn().await?;
+        let stop = i64::try_from(limit).unwrap_or(i64::MAX).saturating_sub(1);
+        let (ids, conv): (Vec<String>, HashMap<String, String>) = redis::pipe()
+            .lrange(self.keys.queue(conversation), 0, stop as isize)
+            .hgetall(self.keys.conversation(conversation))
+            .query_async(&mut conn)
+            .await?;
+        let running = conv.get("state").map(String::as_str) == Some("running");
+        Ok(QueueStatus {
+            conversation: conversation.as_str().to_owned(),
+            current_message_id: if running {
+                conv.get("message_id").cloned()
+            } else {
+                None
+            },
+            is_processing: running,
+            message_ids: ids,
+        })
+    }
+}
+
+fn as_string(v: &Value) -> Result<String, QueueError> {
+    match v {
+        Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Ok(s.clone()),
+        Value::Int(n) => Ok(n.to_string()),
+        other => Err(QueueError::Protocol(format!(
+            "expected a string, got {other:?}"
+        ))),
+    }
+}
+
+fn as_u64(v: &Value) -> Result<u64, QueueError> {
+    match v {
+        Value::Int(n) => {
+            u64::try_from(*n).map_err(|_| QueueError::Protocol(format!("negative number {n}")))
+        }
+        other => as_string(other)?
+            .parse()
+            .map_err(|_| QueueError::Protocol(format!("expected a number, got {other:?}"))),
+    }
+}

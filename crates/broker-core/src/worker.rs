@@ -1,0 +1,318 @@
+//! The worker leg: one `POST {WORKER_BASE_URL}/api/v1/chat/stream` per turn, read to its
+//! terminal frame, with the failure handling of the design (§5):
+//!
+//! | what happens | what the drainer does |
+//! |---|---|
+//! | 429 `CONCURRENT_REQUEST_REJECTED` / `QUEUE_DEPTH_EXCEEDED` / `RATE_LIMIT_EXCEEDED` | wait `Retry-After` (or `retry_after_ms`), retry; not a failed attempt |
+//! | connection refused, 5xx before the stream | back off with jitter, retry up to the attempt limit, then `WORKER_UNAVAILABLE` (503) |
+//! | any other 4xx (validation, MCP limits) | fail at once with the worker's status and body |
+//! | the stream ends without `complete`/`error` | `WORKER_DISCONNECTED` (502); never resent |
+//! | no event for the idle timeout | `TIMEOUT` (504) |
+//! | an `error` frame | `WORKER_ERROR` (502) with the worker's message |
+//! | a `complete` frame that is not a `ChatResponse` | `INVALID_WORKER_RESPONSE` (502) |
+
+use std::time::Duration;
+
+use broker_proto::sse::{Frame, FrameParser};
+use broker_proto::Failure;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use secrecy::ExposeSecret;
+use serde_json::Value;
+
+use crate::config::WorkerSettings;
+
+/// 429 codes that mean "busy, come back later", as opposed to a limit the turn hit.
+pub const BUSY_CODES: &[&str] = &[
+    "CONCURRENT_REQUEST_REJECTED",
+    "QUEUE_DEPTH_EXCEEDED",
+    "RATE_LIMIT_EXCEEDED",
+];
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// How a turn ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TurnResult {
+    /// The worker's `ChatResponse`.
+    Completed(Value),
+    Failed(Failure),
+}
+
+/// Calls the worker's stream endpoint.
+#[derive(Clone)]
+pub struct WorkerClient {
+    client: HttpsClient,
+    stream_uri: Uri,
+    auth: Option<HeaderValue>,
+    settings: WorkerSettings,
+}
+
+/// The answer to one attempt before its stream is read.
+enum Opened {
+    Stream(hyper::Response<hyper::body::Incoming>),
+    Busy(Duration),
+    Retryable(String),
+    Rejected(Failure),
+}
+
+/// A failed turn with the usual error texts.
+fn fail(status: u16, error: &str, code: &str, message: impl Into<String>) -> TurnResult {
+    TurnResult::Failed(Failure::new(status, error, code, message))
+}
+
+impl WorkerClient {
+    pub fn new(settings: &WorkerSettings) -> Result<Self, String> {
+        let stream_uri: Uri = format!("{}/api/v1/chat/stream", settings.base_url)
+            .parse()
+            .map_err(|e| format!("WORKER_BASE_URL: {e}"))?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(settings.connect_timeout));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(https);
+        let key = settings.api_key.expose_secret();
+        let auth = if key.is_empty() {
+            None
+        } else {
+            let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| "WORKER_API_KEY: not a valid header value".to_owned())?;
+            value.set_sensitive(true);
+            Some(value)
+        };
+        Ok(Self {
+            client,
+            stream_uri,
+            auth,
+            settings: settings.clone(),
+        })
+    }
+
+    /// Runs one turn to its end. `on_frame` sees the data of every frame the worker sends,
+    /// in order (the events a stream client would see).
+    pub async fn run_turn(
+        &self,
+        body: &str,
+        on_frame: &mut (dyn FnMut(&str) + Send),
+    ) -> TurnResult {
+        let body = Bytes::copy_from_slice(body.as_bytes());
+        let mut failures = 0u32;
+        loop {
+            match self.open(body.clone()).await {
+                Opened::Stream(response) => return self.read_stream(response, on_frame).await,
+                Opened::Rejected(failure) => return TurnResult::Failed(failure),
+                Opened::Busy(wait) => {
+                    tracing::info!(
+                        wait_ms = wait.as_millis() as u64,
+                        "worker busy, waiting to retry"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                Opened::Retryable(reason) => {
+                    failures += 1;
+                    if failures >= self.settings.max_attempts {
+                        return fail(
+                            503,
+                            "worker unavailable",
+                            "WORKER_UNAVAILABLE",
+                            format!("the worker could not be reached after {failures} attempts"),
+                        );
+                    }
+                    let delay =
+                        backoff(self.settings.retry_base, self.settings.retry_max, failures);
+                    tracing::warn!(%reason, attempt = failures, delay_ms = delay.as_millis() as u64, "worker call failed, retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn open(&self, body: Bytes) -> Opened {
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(self.stream_uri.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "text/event-stream");
+        if let Some(auth) = &self.auth {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let Ok(request) = request.body(Full::new(body)) else {
+            return Opened::Rejected(Failure::new(
+                500,
+                "internal error",
+                "INTERNAL_ERROR",
+                "could not build the worker request",
+            ));
+        };
+        let response =
+            match tokio::time::timeout(self.settings.idle_timeout, self.client.request(request))
+                .await
+            {
+                Err(_) => {
+                    return Opened::Retryable("no response headers within the idle timeout".into())
+                }
+                Ok(Err(e)) => return Opened::Retryable(format!("request failed: {e}")),
+                Ok(Ok(response)) => response,
+            };
+        let status = response.status();
+        if status == StatusCode::OK {
+            return Opened::Stream(response);
+        }
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let bytes =
+            match tokio::time::timeout(self.settings.idle_timeout, response.into_body().collect())
+                .await
+            {
+                Ok(Ok(collected)) => collected.to_bytes(),
+                _ => Bytes::new(),
+            };
+        let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let text = |field: &str| json.get(field).and_then(Value::as_str).map(str::to_owned);
+        if status.is_server_error() {
+            return Opened::Retryable(format!("worker answered {status}"));
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            if let Some(code) = text("code").filter(|c| BUSY_CODES.contains(&c.as_str())) {
+                let hinted = json
+                    .get("retry_after_ms")
+                    .and_then(Value::as_u64)
+                    .map(Duration::from_millis)
+                    .or(retry_after)
+                    .unwrap_or(Duration::from_secs(5));
+                tracing::debug!(%code, "worker is busy");
+                return Opened::Busy(hinted.min(self.settings.busy_max_wait));
+            }
+        }
+        if status.is_client_error() {
+            let error = text("error").unwrap_or_else(|| "worker rejected the request".into());
+            let code = text("code").unwrap_or_else(|| "WORKER_REJECTED".into());
+            let message = text("message").unwrap_or_else(|| error.clone());
+            return Opened::Rejected(Failure::new(status.as_u16(), &error, &code, message));
+        }
+        Opened::Rejected(Failure::new(
+            502,
+            "invalid worker response",
+            "INVALID_WORKER_RESPONSE",
+            format!("the worker answered {status}"),
+        ))
+    }
+
+    async fn read_stream(
+        &self,
+        response: hyper::Response<hyper::body::Incoming>,
+        on_frame: &mut (dyn FnMut(&str) + Send),
+    ) -> TurnResult {
+        let mut body = response.into_body();
+        let mut parser = FrameParser::new();
+        let idle = self.settings.idle_timeout;
+        loop {
+            let next = match tokio::time::timeout(idle, body.frame()).await {
+                Err(_) => {
+                    return fail(
+                        504,
+                        "worker timeout",
+                        "TIMEOUT",
+                        format!("no event from the worker for {} s", idle.as_secs()),
+                    );
+                }
+                Ok(next) => next,
+            };
+            let chunk = match next {
+                None => {
+                    return fail(
+                        502,
+                        "worker disconnected",
+                        "WORKER_DISCONNECTED",
+                        "the worker's stream ended before the turn finished",
+                    );
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "worker stream broke");
+                    return fail(
+                        502,
+                        "worker disconnected",
+                        "WORKER_DISCONNECTED",
+                        "the worker's stream broke before the turn finished",
+                    );
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue,
+                },
+            };
+            for data in parser.push(&chunk) {
+                on_frame(&data);
+                match Frame::parse(&data) {
+                    Frame::Complete(response) => {
+                        return if response
+                            .get("responses")
+                            .and_then(Value::as_array)
+                            .is_some_and(|r| r.iter().all(Value::is_string))
+                        {
+                            TurnResult::Completed(response)
+                        } else {
+                            fail(
+                                502,
+                                "invalid worker response",
+                                "INVALID_WORKER_RESPONSE",
+                                "the worker's complete event carried no valid response",
+                            )
+                        };
+                    }
+                    Frame::Error(message) => {
+                        return fail(502, "worker error", "WORKER_ERROR", message)
+                    }
+                    Frame::Invalid => {
+                        tracing::warn!("worker sent a frame that is not a JSON object with a type")
+                    }
+                    Frame::Keepalive | Frame::Other(_) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Exponential back-off with jitter: half fixed, half random, capped.
+pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(
+        1u32.checked_shl(attempt.saturating_sub(1))
+            .unwrap_or(u32::MAX),
+    );
+    let capped = exp.min(max);
+    let half = capped / 2;
+    half + Duration::from_millis(fastrand::u64(0..=half.as_millis() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_millis(1000);
+        for _ in 0..100 {
+            let first = backoff(base, max, 1);
+            assert!(first >= Duration::from_millis(50) && first <= base);
+            let late = backoff(base, max, 30);
+            assert!(late >= Duration::from_millis(500) && late <= max);
+        }
+    }
+}
