@@ -1,1 +1,389 @@
-//! placeholder
+//! The drainer daemon: claims runnable conversations with `BLMOVE`, runs their head message
+//! at the worker, stores and publishes the outcome, and releases the conversation.
+//!
+//! Tasks of one drainer process:
+//! - the claim loop ([`Drainer::claim_loop`]): one dedicated connection, `BLMOVE ready ->
+//!   processing:<id>`, one spawned turn per conversation up to `DRAINER_CONCURRENCY`; between
+//!   two `BLMOVE`s it reconciles its processing list against the turns it really runs;
+//! - the heartbeat, on the Redis clock;
+//! - the reaper, which gives the conversations of silent drainers back to `ready`;
+//! - a `GET /health` endpoint for Fly's checks.
+//!
+//! On SIGTERM it claims nothing new, lets running turns finish within the grace period,
+//! releases what is left, and returns.
+
+mod health;
+mod turn;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use broker_core::clock::now_ms;
+use broker_core::config::Settings;
+use broker_core::queue::Queue;
+use broker_core::worker::WorkerClient;
+use broker_core::{redis_conn, Keys};
+use broker_proto::Conversation;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+/// State shared by the drainer's tasks.
+pub(crate) struct Shared {
+    pub settings: Settings,
+    pub queue: Queue,
+    pub worker: WorkerClient,
+    /// Conversations this process is running a turn for (claimed, not yet finished).
+    pub running: Mutex<HashSet<String>>,
+    /// When the heartbeat last succeeded (ms), 0 before the first.
+    pub last_heartbeat: AtomicU64,
+    /// Since when heartbeats have succeeded without a gap (ms), 0 while failing.
+    pub healthy_since: AtomicU64,
+    pub draining: AtomicBool,
+    /// Set when the grace period is over: running turns give up and release.
+    pub hard_stop: watch::Receiver<bool>,
+}
+
+impl Shared {
+    pub fn id(&self) -> &str {
+        &self.settings.drainer.id
+    }
+
+    fn running_count(&self) -> usize {
+        self.running.lock().map(|r| r.len()).unwrap_or(0)
+    }
+}
+
+/// A drainer ready to run, its health endpoint bound.
+pub struct Drainer {
+    shared: Arc<Shared>,
+    client: redis::Client,
+    listener: TcpListener,
+    hard_stop_tx: watch::Sender<bool>,
+}
+
+impl Drainer {
+    /// Connects nothing yet (Redis may be down at start): builds clients and binds `HOST:PORT`.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let pool = redis_conn::pool(&settings.redis)?;
+        let client = redis_conn::client(&settings.redis)?;
+        let keys = Keys::new(&settings.redis.key_prefix, &settings.redis.shard);
+        let worker = WorkerClient::new(&settings.worker).map_err(anyhow::Error::msg)?;
+        let addr = format!("{}:{}", settings.host, settings.port_or(8001));
+        let listener = TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("bind the health endpoint on {addr}"))?;
+        let (hard_stop_tx, hard_stop) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            queue: Queue::new(pool, keys),
+            worker,
+            settings,
+            running: Mutex::new(HashSet::new()),
+            last_heartbeat: AtomicU64::new(0),
+            healthy_since: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            hard_stop,
+        });
+        Ok(Self {
+            shared,
+            client,
+            listener,
+            hard_stop_tx,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        self.shared.id()
+    }
+
+    /// Where `GET /health` listens.
+    pub fn health_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Runs until `shutdown` resolves, then drains and returns.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let Self {
+            shared,
+            client,
+            listener,
+            hard_stop_tx,
+        } = self;
+        let d = &shared.settings.drainer;
+        tracing::info!(
+            drainer = %d.id,
+            redis = %shared.settings.redis.redacted_url(),
+            worker = %shared.settings.worker.base_url,
+            concurrency = d.concurrency,
+            "drainer starting"
+        );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut background = JoinSet::new();
+        background.spawn(health::serve(listener, shared.clone(), stop_rx.clone()));
+        background.spawn(heartbeat_loop(shared.clone(), stop_rx.clone()));
+        background.spawn(reap_loop(shared.clone(), stop_rx.clone()));
+
+        let mut turns = JoinSet::new();
+        {
+            let claim = claim_loop(shared.clone(), client, stop_rx.clone(), &mut turns);
+            tokio::pin!(claim);
+            tokio::select! {
+                () = &mut claim => {}
+                () = shutdown => {
+                    tracing::info!(drainer = %shared.id(), "shutdown requested: claiming nothing new");
+                    shared.draining.store(true, Ordering::SeqCst);
+                    let _ = stop_tx.send(true);
+                    claim.await;
+                }
+            }
+        }
+        let _ = stop_tx.send(true);
+        shared.draining.store(true, Ordering::SeqCst);
+
+        // Let running turns finish within the grace period, then make them give up.
+        let grace = shared.settings.drainer.shutdown_grace;
+        let running = shared.running_count();
+        if running > 0 {
+            tracing::info!(
+                running,
+                grace_s = grace.as_secs(),
+                "waiting for running turns"
+            );
+        }
+        if tokio::time::timeout(grace, join_all(&mut turns))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = shared.running_count(),
+                "grace period over: releasing the turns still running"
+            );
+            let _ = hard_stop_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(10), join_all(&mut turns)).await;
+        }
+        // Whatever is still in the processing list goes back to ready.
+        let clean = reconcile(&shared).await.is_ok()
+            && shared
+                .queue
+                .processing_list(shared.id())
+                .await
+                .is_ok_and(|l| l.is_empty());
+        if clean {
+            if let Err(e) = shared.queue.deregister(shared.id()).await {
+                tracing::warn!(error = %e, "could not deregister");
+            }
+        } else {
+            tracing::warn!("could not empty the processing list; another drainer will reap it");
+        }
+        background.abort_all();
+        tracing::info!(drainer = %shared.id(), "drainer stopped");
+        Ok(())
+    }
+}
+
+async fn join_all(turns: &mut JoinSet<()>) {
+    while turns.join_next().await.is_some() {}
+}
+
+/// Claims conversations until asked to stop.
+async fn claim_loop(
+    shared: Arc<Shared>,
+    client: redis::Client,
+    stop: watch::Receiver<bool>,
+    turns: &mut JoinSet<()>,
+) {
+    let d = shared.settings.drainer.clone();
+    let semaphore = Arc::new(Semaphore::new(d.concurrency));
+    let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+    let mut reconcile_at = Instant::now();
+    let mut failures = 0u32;
+    loop {
+        while turns.try_join_next().is_some() {}
+        if *stop.borrow() {
+            return;
+        }
+        let permit = {
+            let mut stop = stop.clone();
+            tokio::select! {
+                permit = semaphore.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
+                () = crate::flag_set(&mut stop) => return,
+            }
+        };
+        if Instant::now() >= reconcile_at {
+            match reconcile(&shared).await {
+                Ok(()) => reconcile_at = Instant::now() + d.reconcile_interval,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reconcile failed");
+                    reconcile_at = Instant::now();
+                }
+            }
+        }
+        if conn.is_none() {
+            match redis_conn::blocking_connection(&client, &shared.settings.redis).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "connect for BLMOVE failed");
+                    pause(failures, &stop).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        // The BLMOVE is never abandoned half-way: a command the server already runs could still
+        // move a conversation after the client stopped listening. Its own timeout bounds it.
+        let outcome = tokio::time::timeout(
+            d.block + Duration::from_secs(5),
+            shared.queue.take_ready(c, shared.id(), d.block),
+        )
+        .await;
+        match outcome {
+            Ok(Ok(Some(conv))) => {
+                failures = 0;
+                if *stop.borrow() {
+                    // Taken just as shutdown began: put it straight back.
+                    let _ = shared
+                        .queue
+                        .release(shared.id(), &Conversation::from_key(conv), None)
+                        .await;
+                    return;
+                }
+                if let Ok(mut running) = shared.running.lock() {
+                    running.insert(conv.clone());
+                }
+                turns.spawn(turn::run(
+                    shared.clone(),
+                    Conversation::from_key(conv),
+                    permit,
+                ));
+            }
+            Ok(Ok(None)) => failures = 0,
+            Ok(Err(e)) => {
+                failures += 1;
+                tracing::warn!(error = %e, "BLMOVE failed; reconnecting");
+                conn = None;
+                reconcile_at = Instant::now();
+                pause(failures, &stop).await;
+            }
+            Err(_) => {
+                failures += 1;
+                tracing::warn!("BLMOVE did not answer in time; reconnecting");
+                conn = None;
+                reconcile_at = Instant::now();
+            }
+        }
+    }
+}
+
+/// Releases every conversation in this drainer's processing list that no turn of this
+/// process runs: what a lost `BLMOVE` reply or an interrupted start left there.
+async fn reconcile(shared: &Shared) -> Result<(), broker_core::queue::QueueError> {
+    let listed = shared.queue.processing_list(shared.id()).await?;
+    let orphans: Vec<String> = {
+        let running = shared.running.lock().map(|r| r.clone()).unwrap_or_default();
+        listed
+            .into_iter()
+            .filter(|c| !running.contains(c))
+            .collect()
+    };
+    for conv in orphans {
+        let released = shared
+            .queue
+            .release(shared.id(), &Conversation::from_key(conv.clone()), None)
+            .await?;
+        tracing::info!(conversation = %conv, ?released, "reconcile: released a conversation no turn was running");
+    }
+    Ok(())
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let every = shared.settings.drainer.heartbeat;
+    loop {
+        match shared.queue.heartbeat(shared.id()).await {
+            Ok(_) => {
+                let now = now_ms();
+                shared.last_heartbeat.store(now, Ordering::SeqCst);
+                let _ = shared.healthy_since.compare_exchange(
+                    0,
+                    now,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+            }
+            Err(e) => {
+                shared.healthy_since.store(0, Ordering::SeqCst);
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = crate::flag_set(&mut stop) => return,
+        }
+    }
+}
+
+/// Gives the conversations of drainers silent for longer than `DRAINER_DEAD_AFTER_MS` back to
+/// `ready`. A drainer reaps only after its own heartbeats have succeeded for that long, so that
+/// after a Redis outage the live drainers have beaten again before anyone is judged dead.
+async fn reap_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let d = shared.settings.drainer.clone();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(d.reap_interval) => {}
+            () = crate::flag_set(&mut stop) => return,
+        }
+        let since = shared.healthy_since.load(Ordering::SeqCst);
+        if since == 0 || now_ms().saturating_sub(since) < d.dead_after.as_millis() as u64 {
+            continue;
+        }
+        if let Err(e) = reap_once(&shared).await {
+            tracing::warn!(error = %e, "reap failed");
+        }
+    }
+}
+
+async fn reap_once(shared: &Shared) -> Result<(), broker_core::queue::QueueError> {
+    let dead_after = shared.settings.drainer.dead_after;
+    for dead in shared.queue.expired_drainers(dead_after).await? {
+        if dead == shared.id() {
+            continue;
+        }
+        let conversations = shared.queue.processing_list(&dead).await?;
+        for conv in &conversations {
+            let released = shared
+                .queue
+                .release(&dead, &Conversation::from_key(conv.clone()), None)
+                .await?;
+            tracing::warn!(dead_drainer = %dead, conversation = %conv, ?released, "reaped a conversation of a silent drainer");
+        }
+        if shared.queue.forget(&dead, dead_after).await? {
+            tracing::info!(dead_drainer = %dead, reaped = conversations.len(), "forgot a dead drainer");
+        }
+    }
+    Ok(())
+}
+
+/// Waits a growing moment after a Redis failure, or until stop.
+async fn pause(failures: u32, stop: &watch::Receiver<bool>) {
+    let delay =
+        broker_core::worker::backoff(Duration::from_millis(100), Duration::from_secs(2), failures);
+    let mut stop = stop.clone();
+    tokio::select! {
+        () = tokio::time::sleep(delay) => {}
+        () = crate::flag_set(&mut stop) => {}
+    }
+}
+
+/// Resolves once a stop flag is set (or its sender is gone).
+pub(crate) async fn flag_set(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
+}

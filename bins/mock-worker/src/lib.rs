@@ -1,1 +1,580 @@
-//! placeholder
+//! A stand-in for bt-servant-worker that speaks its chat contract
+//! (`reference/worker-contract.md` §1.3–1.8): `POST /api/v1/chat/stream` with the worker's
+//! exact SSE framing, `POST /api/v1/chat`, and `GET /health`.
+//!
+//! It answers every text with `echo: <text>`, so a test can check that each message got its
+//! own reply, and it records, per conversation, how many turns run at once and the order in
+//! which turns started, so a test can prove one-in-flight and FIFO.
+//!
+//! Behaviour is set by [`MockSettings`] (latency, jitter, random 429s, 5xx and disconnects)
+//! or per message by directives in the text, `[mock:key=value,...]`:
+//! - `sleep=MS` turn length; `silent=MS` say nothing at all for MS after accepting;
+//! - `status=CODE` answer CODE before the stream (with `code=WORKER_CODE` and
+//!   `retry_after_ms=MS` for 429s); `times=N` only for the first N requests with this text;
+//! - `disconnect` end the stream after the first frame without a terminal frame;
+//! - `error` end with an `error` frame; `invalid` end with a `complete` that is no `ChatResponse`.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::http::StatusCode;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use broker_proto::{ChatType, Conversation};
+use bytes::Bytes;
+use serde_json::{json, Value};
+
+/// How the mock behaves when a message carries no directive.
+#[derive(Debug, Clone)]
+pub struct MockSettings {
+    pub host: String,
+    pub port: u16,
+    /// When set, requests must carry `Authorization: Bearer <key>` (401 missing, 403 wrong).
+    pub api_key: Option<String>,
+    pub latency: Duration,
+    pub jitter: Duration,
+    /// Probability of a 429 `CONCURRENT_REQUEST_REJECTED` before the stream.
+    pub rate_429: f64,
+    /// Probability of a 503 before the stream.
+    pub rate_5xx: f64,
+    /// Probability of a stream that ends without a terminal frame.
+    pub rate_disconnect: f64,
+}
+
+impl Default for MockSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8787,
+            api_key: None,
+            latency: Duration::from_millis(50),
+            jitter: Duration::ZERO,
+            rate_429: 0.0,
+            rate_5xx: 0.0,
+            rate_disconnect: 0.0,
+        }
+    }
+}
+
+impl MockSettings {
+    /// Reads `MOCK_HOST`, `MOCK_PORT` (else `PORT`), `MOCK_API_KEY`, `MOCK_LATENCY_MS`,
+    /// `MOCK_JITTER_MS`, `MOCK_RATE_429`, `MOCK_RATE_5XX`, `MOCK_RATE_DISCONNECT`.
+    pub fn from_env() -> Result<Self, String> {
+        let mut s = Self::default();
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let number = |name: &str, v: String| {
+            v.parse::<f64>()
+                .map_err(|_| format!("{name}: not a number: {v:?}"))
+        };
+        if let Some(v) = var("MOCK_HOST") {
+            s.host = v;
+        }
+        if let Some(v) = var("MOCK_PORT").or_else(|| var("PORT")) {
+            s.port = v
+                .parse()
+                .map_err(|_| format!("MOCK_PORT: not a port: {v:?}"))?;
+        }
+        s.api_key = var("MOCK_API_KEY");
+        if let Some(v) = var("MOCK_LATENCY_MS") {
+            s.latency = Duration::from_millis(number("MOCK_LATENCY_MS", v)? as u64);
+        }
+        if let Some(v) = var("MOCK_JITTER_MS") {
+            s.jitter = Duration::from_millis(number("MOCK_JITTER_MS", v)? as u64);
+        }
+        if let Some(v) = var("MOCK_RATE_429") {
+            s.rate_429 = number("MOCK_RATE_429", v)?;
+        }
+        if let Some(v) = var("MOCK_RATE_5XX") {
+            s.rate_5xx = number("MOCK_RATE_5XX", v)?;
+        }
+        if let Some(v) = var("MOCK_RATE_DISCONNECT") {
+            s.rate_disconnect = number("MOCK_RATE_DISCONNECT", v)?;
+        }
+        Ok(s)
+    }
+}
+
+/// What the mock has seen, for tests.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Requests received on the chat endpoints.
+    pub requests: u64,
+    /// Turns that reached their terminal frame.
+    pub completed: u64,
+    /// Turns running now, per conversation.
+    pub in_flight: HashMap<String, u32>,
+    /// The most turns ever running at once for one conversation.
+    pub max_in_flight: u32,
+    /// Conversations that ever had two turns at once.
+    pub violations: Vec<String>,
+    /// Message texts of the turns started, per conversation, in start order.
+    pub started: HashMap<String, Vec<String>>,
+    /// Requests per message text (for `times=N`).
+    per_text: HashMap<String, u64>,
+}
+
+/// The shared state of a running mock.
+#[derive(Clone, Default)]
+pub struct MockState {
+    settings: Arc<MockSettings>,
+    stats: Arc<Mutex<Stats>>,
+}
+
+impl MockState {
+    pub fn stats(&self) -> Stats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn reset(&self) {
+        if let Ok(mut s) = self.stats.lock() {
+            *s = Stats::default();
+        }
+    }
+}
+
+/// A built mock worker, bound, not yet serving.
+pub struct MockWorker {
+    port: u16,
+    server: Server,
+    state: MockState,
+}
+
+impl MockWorker {
+    pub fn build(settings: MockSettings) -> std::io::Result<Self> {
+        let listener = TcpListener::bind((settings.host.as_str(), settings.port))?;
+        let port = listener.local_addr()?.port();
+        let state = MockState {
+            settings: Arc::new(settings),
+            stats: Arc::default(),
+        };
+        let data = web::Data::new(state.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(web::PayloadConfig::new(64 * 1024 * 1024))
+                .route(
+                    "/health",
+                    web::get().to(|| async {
+                        HttpResponse::Ok().json(json!({"status": "healthy", "version": "mock"}))
+                    }),
+                )
+                .route("/api/v1/chat/stream", web::post().to(chat_stream))
+                .route("/api/v1/chat", web::post().to(chat_final))
+                .route("/mock/stats", web::get().to(stats_endpoint))
+                .route("/mock/reset", web::post().to(reset_endpoint))
+        })
+        .disable_signals()
+        .shutdown_timeout(1)
+        .workers(2)
+        .listen(listener)?
+        .run();
+        Ok(Self {
+            port,
+            server,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> MockState {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let stopper = tokio::spawn(async move {
+            shutdown.await;
+            handle.stop(false).await;
+        });
+        self.server.await?;
+        stopper.abort();
+        Ok(())
+    }
+}
+
+/// Per-message directives.
+#[derive(Debug, Default)]
+struct Directives {
+    sleep: Option<Duration>,
+    silent: Option<Duration>,
+    status: Option<u16>,
+    code: Option<String>,
+    retry_after_ms: Option<u64>,
+    times: Option<u64>,
+    disconnect: bool,
+    error: bool,
+    invalid: bool,
+}
+
+fn directives(text: &str) -> Directives {
+    let mut d = Directives::default();
+    let mut rest = text;
+    while let Some(start) = rest.find("[mock:") {
+        let after = &rest[start + 6..];
+        let Some(end) = after.find(']') else { break };
+        for part in after[..end].split(',') {
+            let (key, value) = part.split_once('=').unwrap_or((part, ""));
+            let n = value.trim().parse::<u64>().ok();
+            match key.trim() {
+                "sleep" => d.sleep = n.map(Duration::from_millis),
+                "silent" => d.silent = n.map(Duration::from_millis),
+                "status" => d.status = n.and_then(|n| u16::try_from(n).ok()),
+                "code" => d.code = Some(value.trim().to_owned()),
+                "retry_after_ms" => d.retry_after_ms = n,
+                "times" => d.times = n,
+                "disconnect" => d.disconnect = true,
+                "error" => d.error = true,
+                "invalid" => d.invalid = true,
+                _ => {}
+            }
+        }
+        rest = &after[end..];
+    }
+    d
+}
+
+/// Counts one running turn of a conversation; the count drops with it.
+struct InFlight {
+    stats: Arc<Mutex<Stats>>,
+    conversation: String,
+}
+
+impl InFlight {
+    fn start(stats: &Arc<Mutex<Stats>>, conversation: &str, text: &str) -> Self {
+        if let Ok(mut s) = stats.lock() {
+            let n = {
+                let n = s.in_flight.entry(conversation.to_owned()).or_insert(0);
+                *n += 1;
+                *n
+            };
+            s.max_in_flight = s.max_in_flight.max(n);
+            if n > 1 {
+                s.violations.push(conversation.to_owned());
+            }
+            s.started
+                .entry(conversation.to_owned())
+                .or_default()
+                .push(text.to_owned());
+        }
+        Self {
+            stats: stats.clone(),
+            conversation: conversation.to_owned(),
+        }
+    }
+
+    fn finish(self, completed: bool) {
+        if completed {
+            if let Ok(mut s) = self.stats.lock() {
+                s.completed += 1;
+            }
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.stats.lock() {
+            if let Some(n) = s.in_flight.get_mut(&self.conversation) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    s.in_flight.remove(&self.conversation);
+                }
+            }
+        }
+    }
+}
+
+fn worker_error(status: u16, body: Value) -> HttpResponse {
+    let mut response = HttpResponse::build(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    );
+    if status == 429 {
+        response.insert_header(("Retry-After", "1"));
+    }
+    response.json(body)
+}
+
+/// The checks the worker makes before a turn starts; `Err` is the answer to send.
+struct Accepted {
+    conversation: String,
+    text: String,
+    directives: Directives,
+}
+
+fn accept(req: &HttpRequest, body: &Bytes, state: &MockState) -> Result<Accepted, HttpResponse> {
+    if let Some(key) = &state.settings.api_key {
+        match req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        {
+            None => {
+                return Err(worker_error(
+                    401,
+                    json!({"error": "Authorization header with Bearer token required"}),
+                ))
+            }
+            Some(token) if token != key => {
+                return Err(worker_error(403, json!({"error": "Invalid API key"})))
+            }
+            Some(_) => {}
+        }
+    }
+    let Ok(Value::Object(request)) = serde_json::from_slice::<Value>(body) else {
+        return Err(worker_error(400, json!({"error": "Invalid JSON body"})));
+    };
+    let field = |name: &str| {
+        request
+            .get(name)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let (Some(user_id), Some(_client_id)) = (field("user_id"), field("client_id")) else {
+        return Err(worker_error(
+            400,
+            json!({"error": "user_id and client_id are required"}),
+        ));
+    };
+    for forbidden in ["progress_callback_url", "message_key", "is_admin"] {
+        if request.contains_key(forbidden) {
+            return Err(worker_error(
+                400,
+                json!({"error": format!("{forbidden} is not allowed here")}),
+            ));
+        }
+    }
+    let org = field("org").or(field("org_id")).unwrap_or("unfoldingWord");
+    let chat_type = field("chat_type")
+        .and_then(ChatType::parse)
+        .unwrap_or(ChatType::Private);
+    let conversation = Conversation::for_chat(
+        org,
+        chat_type,
+        user_id,
+        field("chat_id"),
+        field("thread_id"),
+    );
+    let text = field("message").unwrap_or("").to_owned();
+    let directives = directives(&text);
+
+    let seen = state
+        .stats
+        .lock()
+        .map(|mut s| {
+            s.requests += 1;
+            let n = s.per_text.entry(text.clone()).or_insert(0);
+            *n += 1;
+            *n
+        })
+        .unwrap_or(1);
+    let applies = directives.times.is_none_or(|times| seen <= times);
+    if let (Some(status), true) = (directives.status, applies) {
+        let code = directives.code.clone().unwrap_or_else(|| match status {
+            429 => "CONCURRENT_REQUEST_REJECTED".into(),
+            s if s >= 500 => "INTERNAL_ERROR".into(),
+            _ => "VALIDATION_ERROR".into(),
+        });
+        let mut body = json!({"error": "Injected failure", "code": code, "message": format!("mock answered {status}")});
+        if let Some(ms) = directives.retry_after_ms {
+            body["retry_after_ms"] = json!(ms);
+        }
+        return Err(worker_error(status, body));
+    }
+    let s = &state.settings;
+    if s.rate_429 > 0.0 && fastrand::f64() < s.rate_429 {
+        return Err(worker_error(
+            429,
+            json!({"error": "Request in progress", "code": "CONCURRENT_REQUEST_REJECTED", "message": "Another request for this user is currently being processed. Please retry.", "retry_after_ms": 100}),
+        ));
+    }
+    if s.rate_5xx > 0.0 && fastrand::f64() < s.rate_5xx {
+        return Err(worker_error(503, json!({"error": "Service Unavailable"})));
+    }
+    Ok(Accepted {
+        conversation: conversation.to_string(),
+        text,
+        directives,
+    })
+}
+
+fn turn_length(settings: &MockSettings, directives: &Directives) -> Duration {
+    if let Some(sleep) = directives.sleep {
+        return sleep;
+    }
+    let jitter = settings.jitter.as_millis() as u64;
+    settings.latency
+        + Duration::from_millis(if jitter > 0 {
+            fastrand::u64(0..=jitter)
+        } else {
+            0
+        })
+}
+
+fn chat_response(text: &str) -> Value {
+    json!({"responses": [format!("echo: {text}")], "response_language": "en", "voice_audio_base64": null, "voice_audio_url": null})
+}
+
+fn frame(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+async fn chat_stream(req: HttpRequest, body: Bytes, state: web::Data<MockState>) -> HttpResponse {
+    let accepted = match accept(&req, &body, &state) {
+        Ok(a) => a,
+        Err(response) => return response,
+    };
+    let guard = InFlight::start(&state.stats, &accepted.conversation, &accepted.text);
+    let length = turn_length(&state.settings, &accepted.directives);
+    let disconnect = accepted.directives.disconnect
+        || (state.settings.rate_disconnect > 0.0
+            && fastrand::f64() < state.settings.rate_disconnect);
+    let plan = Plan {
+        step: 0,
+        guard: Some(guard),
+        text: accepted.text,
+        length,
+        silent: accepted.directives.silent,
+        disconnect,
+        error: accepted.directives.error,
+        invalid: accepted.directives.invalid,
+    };
+    let stream = futures_util::stream::unfold(plan, |mut plan| async move {
+        let bytes = plan.next().await?;
+        Some((Ok::<_, actix_web::Error>(bytes), plan))
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(stream)
+}
+
+/// The frames of one streamed turn, produced one at a time.
+struct Plan {
+    step: u8,
+    guard: Option<InFlight>,
+    text: String,
+    length: Duration,
+    silent: Option<Duration>,
+    disconnect: bool,
+    error: bool,
+    invalid: bool,
+}
+
+impl Plan {
+    async fn next(&mut self) -> Option<Bytes> {
+        self.step += 1;
+        match self.step {
+            1 => {
+                if let Some(silent) = self.silent {
+                    tokio::time::sleep(silent).await;
+                }
+                Some(frame(
+                    &json!({"type": "status", "message": "Processing your request..."}),
+                ))
+            }
+            2 => {
+                if self.disconnect {
+                    // The connection ends with no terminal frame; the turn "ran".
+                    self.guard.take();
+                    return None;
+                }
+                tokio::time::sleep(self.length / 2).await;
+                Some(frame(&json!({"type": "progress", "text": "echo: "})))
+            }
+            3 => Some(frame(&json!({"type": "keepalive"}))),
+            4 => {
+                tokio::time::sleep(self.length / 2).await;
+                // The turn is over once its terminal frame is produced.
+                if let Some(guard) = self.guard.take() {
+                    guard.finish(!self.error);
+                }
+                if self.error {
+                    Some(frame(
+                        &json!({"type": "error", "error": "Injected turn failure"}),
+                    ))
+                } else if self.invalid {
+                    Some(frame(
+                        &json!({"type": "complete", "response": {"nothing": true}}),
+                    ))
+                } else {
+                    Some(frame(
+                        &json!({"type": "complete", "response": chat_response(&self.text)}),
+                    ))
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+async fn chat_final(req: HttpRequest, body: Bytes, state: web::Data<MockState>) -> HttpResponse {
+    let accepted = match accept(&req, &body, &state) {
+        Ok(a) => a,
+        Err(response) => return response,
+    };
+    let busy = state
+        .stats
+        .lock()
+        .map(|s| s.in_flight.contains_key(&accepted.conversation))
+        .unwrap_or(false);
+    if busy {
+        return worker_error(
+            429,
+            json!({"error": "Request in progress", "code": "CONCURRENT_REQUEST_REJECTED", "message": "Another request for this user is currently being processed. Please retry.", "retry_after_ms": 5000}),
+        );
+    }
+    let guard = InFlight::start(&state.stats, &accepted.conversation, &accepted.text);
+    tokio::time::sleep(turn_length(&state.settings, &accepted.directives)).await;
+    guard.finish(true);
+    let mut response = chat_response(&accepted.text);
+    response["message_id"] = json!(uuid_like());
+    HttpResponse::Ok().json(response)
+}
+
+fn uuid_like() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+async fn stats_endpoint(state: web::Data<MockState>) -> HttpResponse {
+    let s = state.stats();
+    HttpResponse::Ok().json(json!({
+        "requests": s.requests,
+        "completed": s.completed,
+        "in_flight": s.in_flight.values().sum::<u32>(),
+        "max_in_flight": s.max_in_flight,
+        "violations": s.violations,
+        "started": s.started,
+    }))
+}
+
+async fn reset_endpoint(state: web::Data<MockState>) -> HttpResponse {
+    state.reset();
+    HttpResponse::NoContent().finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directives_are_read_from_the_text() {
+        let d =
+            directives("hello [mock:status=429,code=QUEUE_DEPTH_EXCEEDED,times=2] [mock:sleep=10]");
+        assert_eq!(d.status, Some(429));
+        assert_eq!(d.code.as_deref(), Some("QUEUE_DEPTH_EXCEEDED"));
+        assert_eq!(d.times, Some(2));
+        assert_eq!(d.sleep, Some(Duration::from_millis(10)));
+        assert!(!directives("plain").disconnect);
+        assert!(directives("[mock:disconnect]").disconnect);
+    }
+}

@@ -4,6 +4,7 @@
 //! `REDIS_URL` at a managed Redis instead.
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -56,6 +57,8 @@ impl LocalRedis {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
+            // Its own process group: a Ctrl-C meant for the broker must not stop Redis first.
+            .process_group(0)
             .spawn()
             .map_err(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {

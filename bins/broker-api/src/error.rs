@@ -1,0 +1,111 @@
+//! The API's one error type, mapped once to HTTP with the broker's error body.
+
+use actix_web::http::header::{HeaderValue, RETRY_AFTER};
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use broker_proto::ErrorBody;
+
+/// Everything a handler can fail with. Client mistakes are 4xx with a clear message;
+/// internal failures are logged and answered without detail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing API key")]
+    MissingKey,
+    #[error("invalid API key")]
+    BadKey,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    NotAcceptable(String),
+    #[error("queue full")]
+    QueueFull { depth: u64, retry_after_secs: u64 },
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<broker_core::queue::QueueError> for ApiError {
+    fn from(e: broker_core::queue::QueueError) -> Self {
+        match e {
+            broker_core::queue::QueueError::Protocol(text) => Self::Internal(text),
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    fn body(&self) -> ErrorBody {
+        match self {
+            Self::MissingKey => ErrorBody::new(
+                "unauthorized",
+                "UNAUTHORIZED",
+                "an API key is required: send X-API-Key: <key> or Authorization: Bearer <key>",
+            ),
+            Self::BadKey => ErrorBody::new("forbidden", "FORBIDDEN", "the API key is not valid"),
+            Self::Invalid(text) => ErrorBody::new("invalid request", "VALIDATION_ERROR", text),
+            Self::NotFound(text) => ErrorBody::new("not found", "NOT_FOUND", text),
+            Self::TooLarge(text) => ErrorBody::new("payload too large", "PAYLOAD_TOO_LARGE", text),
+            Self::UnsupportedMediaType(text) => {
+                ErrorBody::new("unsupported media type", "UNSUPPORTED_MEDIA_TYPE", text)
+            }
+            Self::NotAcceptable(text) => ErrorBody::new("not acceptable", "NOT_ACCEPTABLE", text),
+            Self::QueueFull { depth, .. } => ErrorBody::new(
+                "queue full",
+                "QUEUE_FULL",
+                format!("this conversation already has {depth} messages waiting; retry later"),
+            ),
+            Self::Unavailable(_) => ErrorBody::new(
+                "service unavailable",
+                "REDIS_UNAVAILABLE",
+                "the queue store is unavailable; nothing was enqueued, retry later",
+            ),
+            Self::Internal(_) => ErrorBody::new(
+                "internal error",
+                "INTERNAL_ERROR",
+                "an internal error occurred",
+            ),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::MissingKey => StatusCode::UNAUTHORIZED,
+            Self::BadKey => StatusCode::FORBIDDEN,
+            Self::Invalid(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        match self {
+            Self::Unavailable(cause) => tracing::warn!(%cause, "redis unavailable"),
+            Self::Internal(cause) => tracing::error!(%cause, "internal error"),
+            _ => {}
+        }
+        let mut response = HttpResponse::build(self.status_code()).json(self.body());
+        if let Self::QueueFull {
+            retry_after_secs, ..
+        } = self
+        {
+            if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
+                response.headers_mut().insert(RETRY_AFTER, v);
+            }
+        }
+        response
+    }
+}

@@ -1,0 +1,396 @@
+//! The HTTP handlers of the client API (v1) and `GET /health`.
+
+use std::time::Duration;
+
+use actix_web::http::header::{self, HeaderMap};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use broker_core::queue::{Enqueued, MessageRecord, Mode};
+use broker_proto::{validate_message, ChatType, Conversation, Outcome};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// `POST /api/v1/message`.
+pub async fn post_message(
+    req: HttpRequest,
+    mut payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.check(&req)?;
+    let headers = req.headers();
+    let wants_stream = header_has(headers, header::ACCEPT, "text/event-stream");
+    let wants_async = header_has(
+        headers,
+        header::HeaderName::from_static("prefer"),
+        "respond-async",
+    );
+    if wants_stream {
+        return Err(ApiError::NotAcceptable(
+            "stream mode (Accept: text/event-stream) is not available in this version; use sync mode or Prefer: respond-async"
+                .into(),
+        ));
+    }
+    if let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        if !ct.to_ascii_lowercase().contains("json") {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "Content-Type must be application/json, not {ct:?}"
+            )));
+        }
+    }
+
+    // Read the body with a limit, after authentication.
+    let limit = state.api.max_body_bytes;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::Invalid(format!("body: could not be read ({e})")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge(format!(
+                "the body is larger than {limit} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+
+    let request = validate_message(&body, &state.api.default_org, &state.limits)
+        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+    if request.callback_url.is_some() {
+        return Err(ApiError::Invalid(
+            "callback_url: callback delivery is not available in this version; use sync mode or Prefer: respond-async".into(),
+        ));
+    }
+
+    let mode = if wants_async { Mode::Async } else { Mode::Sync };
+    let message_id = uuid::Uuid::new_v4().to_string();
+    // Register before enqueueing, so that a fast result cannot be published unheard.
+    let waiter = (mode == Mode::Sync).then(|| state.waiters.register(&message_id));
+    let reply = (mode == Mode::Sync).then(|| state.waiters.channel().to_owned());
+    let enqueued = state
+        .queue
+        .enqueue(
+            &request,
+            &message_id,
+            mode,
+            reply.as_deref(),
+            state.api.max_queue_depth,
+            state.api.dedup_ttl,
+        )
+        .await?;
+    let span = tracing::Span::current();
+    span.record("conversation", request.conversation.as_str());
+
+    let (message_id, position, waiter) = match enqueued {
+        Enqueued::Accepted { position } => {
+            tracing::info!(%message_id, conversation = %request.conversation, position, mode = mode.as_str(), "message accepted");
+            (message_id, Some(position), waiter)
+        }
+        Enqueued::Full { depth } => {
+            return Err(ApiError::QueueFull {
+                depth,
+                retry_after_secs: state.api.queue_full_retry_after.as_secs().max(1),
+            });
+        }
+        Enqueued::Duplicate { original } => {
+            tracing::info!(message_id = %original, "repeated client_message_id: answering for the original");
+            drop(waiter);
+            let waiter = (mode == Mode::Sync).then(|| state.waiters.register(&original));
+            (original, None, waiter)
+        }
+    };
+
+    let Some(mut waiter) = waiter else {
+        return status_response(&state, &message_id, position, StatusCode::ACCEPTED).await;
+    };
+    // A duplicate's original may have finished already, or wait on another API process.
+    let recheck = if position.is_none() {
+        Duration::from_millis(500)
+    } else {
+        state.api.waiter_recheck
+    };
+    if position.is_none() {
+        if let (_, Some(outcome)) = state.queue.outcome(&message_id).await? {
+            return Ok(outcome_response(&message_id, &outcome));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + state.api.sync_timeout;
+    let mut shutdown = state.shutdown.clone();
+    loop {
+        tokio::select! {
+            outcome = &mut waiter.outcome => {
+                if let Ok(outcome) = outcome {
+                    return Ok(outcome_response(&message_id, &outcome));
+                }
+                // The sender went away without an outcome: fall back to reading the record.
+                if let (_, Some(outcome)) = state.queue.outcome(&message_id).await? {
+                    return Ok(outcome_response(&message_id, &outcome));
+                }
+                return status_response(&state, &message_id, None, StatusCode::ACCEPTED).await;
+            }
+            () = tokio::time::sleep(recheck) => {}
+            _ = waiter.resubscribed.changed() => {}
+            () = tokio::time::sleep_until(deadline) => {
+                return status_response(&state, &message_id, None, StatusCode::ACCEPTED).await;
+            }
+            _ = shutdown.changed() => {
+                return status_response(&state, &message_id, None, StatusCode::ACCEPTED).await;
+            }
+        }
+        // Re-read the record: pub/sub may have dropped the reply.
+        if let Ok((_, Some(outcome))) = state.queue.outcome(&message_id).await {
+            return Ok(outcome_response(&message_id, &outcome));
+        }
+    }
+}
+
+/// `GET /api/v1/message/{id}`.
+pub async fn get_message(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.check(&req)?;
+    let id = path.into_inner();
+    check_message_id(&id)?;
+    let record = state.queue.message_record(&id).await?.ok_or_else(|| {
+        ApiError::NotFound(format!("no message {id} (unknown, or its result expired)"))
+    })?;
+    Ok(HttpResponse::Ok().json(record_json(&record)))
+}
+
+/// `GET /api/v1/queue/{user_id}` (query `org`, `chat_id`, `thread_id`).
+pub async fn get_queue(
+    req: HttpRequest,
+    path: web::Path<String>,
+    query: web::Query<std::collections::HashMap<String, String>>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.check(&req)?;
+    let user_id = path.into_inner();
+    let mut problems = Vec::new();
+    for (name, value) in query.iter() {
+        if !["org", "chat_id", "thread_id"].contains(&name.as_str()) {
+            problems.push(format!("unknown query parameter `{name}`"));
+        } else if value.trim().is_empty()
+            || value.chars().any(char::is_control)
+            || value.chars().count() > 256
+        {
+            problems.push(format!(
+                "{name}: must be 1 to 256 characters without control characters"
+            ));
+        }
+    }
+    if user_id.trim().is_empty()
+        || user_id.chars().any(char::is_control)
+        || user_id.chars().count() > state.limits.user_id
+    {
+        problems.push(format!(
+            "user_id: must be 1 to {} characters without control characters",
+            state.limits.user_id
+        ));
+    }
+    if query.contains_key("thread_id") && !query.contains_key("chat_id") {
+        problems.push("thread_id: only allowed together with chat_id".into());
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::Invalid(problems.join("; ")));
+    }
+    let org = query
+        .get("org")
+        .map(String::as_str)
+        .unwrap_or(&state.api.default_org);
+    let chat_type = if query.contains_key("chat_id") {
+        ChatType::Group
+    } else {
+        ChatType::Private
+    };
+    let conversation = Conversation::for_chat(
+        org,
+        chat_type,
+        &user_id,
+        query.get("chat_id").map(String::as_str),
+        query.get("thread_id").map(String::as_str),
+    );
+    let status = state
+        .queue
+        .queue_status(&conversation, state.api.max_queue_depth)
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "user_id": user_id,
+        "conversation": status.conversation,
+        "queue_length": status.queue_length(),
+        "is_processing": status.is_processing,
+        "current_message_id": status.current_message_id,
+        "message_ids": status.message_ids,
+    })))
+}
+
+/// `GET /health`: unauthenticated, O(1) in the number of users; 503 when Redis is unreachable.
+pub async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let version = env!("CARGO_PKG_VERSION");
+    match state.queue.health(state.dead_after).await {
+        Ok(figures) => {
+            let status = if figures.drainers_alive > 0 {
+                "healthy"
+            } else {
+                "degraded"
+            };
+            HttpResponse::Ok().json(json!({
+                "status": status,
+                "redis_connected": true,
+                "drainers_alive": figures.drainers_alive,
+                "active_queues": figures.active_queues,
+                "messages_processing": figures.processing,
+                "messages_queued": figures.queued,
+                "sync_waiters": state.waiters.waiting(),
+                "reply_subscription": state.waiters.is_connected(),
+                "version": version,
+            }))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "health: redis unreachable");
+            HttpResponse::ServiceUnavailable().json(json!({
+                "status": "unhealthy",
+                "redis_connected": false,
+                "drainers_alive": 0,
+                "active_queues": 0,
+                "messages_processing": 0,
+                "version": version,
+            }))
+        }
+    }
+}
+
+/// Any other route.
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|part| {
+            part.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case(token))
+        })
+}
+
+fn check_message_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(ApiError::Invalid(
+            "message_id: must be up to 64 letters, digits or '-'".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The answer for a finished message: the stored outcome, or its error with its status.
+fn outcome_response(message_id: &str, outcome: &str) -> HttpResponse {
+    match serde_json::from_str::<Outcome>(outcome) {
+        Ok(Outcome::Completed { .. }) => HttpResponse::Ok()
+            .content_type("application/json")
+            .body(outcome.to_owned()),
+        Ok(Outcome::Failed { failure, .. }) => {
+            let status =
+                StatusCode::from_u16(failure.http_status).unwrap_or(StatusCode::BAD_GATEWAY);
+            HttpResponse::build(status).json(failure.body(message_id))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, %message_id, "stored outcome is unreadable");
+            HttpResponse::InternalServerError().json(broker_proto::ErrorBody::new(
+                "internal error",
+                "INTERNAL_ERROR",
+                "an internal error occurred",
+            ))
+        }
+    }
+}
+
+/// `202` with where the message stands and where to get its result.
+async fn status_response(
+    state: &AppState,
+    message_id: &str,
+    position: Option<u64>,
+    code: StatusCode,
+) -> Result<HttpResponse, ApiError> {
+    let (status, queue_position) = match position {
+        Some(p) => ("queued".to_owned(), Some(p)),
+        None => match state.queue.message_record(message_id).await? {
+            Some(record) => {
+                if let Some(outcome) = record.outcome.as_deref() {
+                    return Ok(outcome_response(message_id, outcome));
+                }
+                (record.status, record.queue_position)
+            }
+            None => ("unknown".to_owned(), None),
+        },
+    };
+    let location = format!("/api/v1/message/{message_id}");
+    let mut body = json!({
+        "status": status,
+        "message_id": message_id,
+        "status_url": location,
+        "stream_url": format!("/api/v1/stream?message_id={message_id}"),
+    });
+    if let Some(p) = queue_position {
+        body["queue_position"] = json!(p);
+    }
+    Ok(HttpResponse::build(code)
+        .insert_header((header::LOCATION, location))
+        .json(body))
+}
+
+fn record_json(record: &MessageRecord) -> Value {
+    let mut body = json!({
+        "message_id": record.message_id,
+        "status": record.status,
+        "conversation": record.conversation,
+        "user_id": record.user_id,
+        "client_message_id": record.client_message_id,
+        "attempts": record.attempts,
+        "enqueued_at": record.enqueued_at,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+    });
+    if let Some(p) = record.queue_position {
+        body["queue_position"] = json!(p);
+    }
+    match record
+        .outcome
+        .as_deref()
+        .map(serde_json::from_str::<Outcome>)
+    {
+        Some(Ok(Outcome::Completed { .. })) => {
+            if let Ok(Value::Object(mut result)) =
+                serde_json::from_str::<Value>(record.outcome.as_deref().unwrap_or("{}"))
+            {
+                result.remove("status");
+                result.remove("message_id");
+                body["result"] = Value::Object(result);
+            }
+        }
+        Some(Ok(Outcome::Failed { failure, .. })) => {
+            body["error"] = json!({
+                "error": failure.error,
+                "code": failure.code,
+                "message": failure.message,
+                "http_status": failure.http_status,
+            });
+        }
+        Some(Err(_)) | None => {}
+    }
+    body
+}
