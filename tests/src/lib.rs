@@ -1,1 +1,462 @@
-//! placeholder
+//! Test harness: a real `redis-server` per test (or a container with the `testcontainers`
+//! feature), the API, drainers and the mock worker in-process or as the real binaries, and a
+//! small HTTP client.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use broker_core::config::Settings;
+use broker_core::local_redis::LocalRedis;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+pub const API_KEY: &str = "test-key";
+
+/// A Redis server for one test.
+pub struct TestRedis {
+    local: Option<LocalRedis>,
+    url: String,
+    _dir: TempDir,
+    #[cfg(feature = "testcontainers")]
+    _container: Option<testcontainers::ContainerAsync<testcontainers::GenericImage>>,
+}
+
+impl TestRedis {
+    /// Starts `redis-server` on a free port in a temporary directory, AOF on.
+    pub async fn start() -> Self {
+        #[cfg(feature = "testcontainers")]
+        {
+            use testcontainers::runners::AsyncRunner;
+            let container = testcontainers::GenericImage::new("redis", "7")
+                .with_exposed_port(testcontainers::core::ContainerPort::Tcp(6379))
+                .with_wait_for(testcontainers::core::WaitFor::message_on_stdout(
+                    "Ready to accept connections",
+                ))
+                .start()
+                .await
+                .expect(
+                    "start a redis container (the testcontainers feature needs a Docker engine)",
+                );
+            let port = container
+                .get_host_port_ipv4(6379)
+                .await
+                .expect("redis container port");
+            return Self {
+                local: None,
+                url: format!("redis://127.0.0.1:{port}"),
+                _dir: TempDir::new("redis"),
+                _container: Some(container),
+            };
+        }
+        #[allow(unreachable_code)]
+        {
+            let dir = TempDir::new("redis");
+            let local = LocalRedis::start(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+            Self {
+                url: local.url(),
+                local: Some(local),
+                _dir: dir,
+                #[cfg(feature = "testcontainers")]
+                _container: None,
+            }
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Kills Redis (SIGKILL; AOF with fsync always keeps what it acknowledged).
+    pub fn kill(&mut self) {
+        self.local
+            .as_mut()
+            .expect("restart needs a local redis-server")
+            .kill();
+    }
+
+    /// Starts Redis again on the same port and data.
+    pub fn restart(&mut self) {
+        self.local
+            .as_mut()
+            .expect("restart needs a local redis-server")
+            .restart()
+            .expect("restart redis");
+    }
+
+    /// A plain connection for assertions.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "broker-test-{label}-{}-{}",
+            std::process::id(),
+            fastrand_suffix()
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn fastrand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish()
+}
+
+/// Settings for a test: the given Redis and worker, short timers, then `extra`.
+pub fn settings(redis_url: &str, worker_url: &str, extra: &[(&str, &str)]) -> Settings {
+    let mut pairs: Vec<(&str, &str)> = vec![
+        ("REDIS_URL", redis_url),
+        ("WORKER_BASE_URL", worker_url),
+        ("BROKER_API_KEY", API_KEY),
+        ("HOST", "127.0.0.1"),
+        ("PORT", "0"),
+        ("LOG_LEVEL", "warn"),
+        ("DRAINER_HEARTBEAT_MS", "200"),
+        ("DRAINER_DEAD_AFTER_MS", "1500"),
+        ("DRAINER_REAP_INTERVAL_MS", "300"),
+        ("DRAINER_RECONCILE_INTERVAL_MS", "1000"),
+        ("DRAINER_BLOCK_MS", "1000"),
+        ("WORKER_RETRY_BASE_MS", "20"),
+        ("WORKER_RETRY_MAX_MS", "100"),
+        ("BROKER_WAITER_RECHECK_SECS", "1"),
+    ];
+    pairs.retain(|(name, _)| !extra.iter().any(|(n, _)| n == name));
+    pairs.extend_from_slice(extra);
+    Settings::from_pairs(pairs).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The mock worker, in-process.
+pub struct TestMock {
+    pub url: String,
+    pub state: mock_worker::MockState,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl TestMock {
+    pub fn start(latency: Duration) -> Self {
+        Self::start_with(mock_worker::MockSettings {
+            port: 0,
+            latency,
+            ..Default::default()
+        })
+    }
+
+    pub fn start_with(settings: mock_worker::MockSettings) -> Self {
+        let mock = mock_worker::MockWorker::build(settings).expect("build mock worker");
+        let url = format!("http://127.0.0.1:{}", mock.port());
+        let state = mock.state();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(mock.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        Self {
+            url,
+            state,
+            _stop: tx,
+        }
+    }
+
+    /// Panics unless every conversation had at most one turn at a time.
+    pub fn assert_one_in_flight(&self) {
+        let stats = self.state.stats();
+        assert!(
+            stats.violations.is_empty(),
+            "two turns at once in {:?}",
+            stats.violations
+        );
+        assert!(
+            stats.max_in_flight <= 1,
+            "max in flight {}",
+            stats.max_in_flight
+        );
+    }
+}
+
+/// The API, in-process.
+pub struct TestApi {
+    pub base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApi {
+    pub async fn start(settings: Settings) -> Self {
+        let app = broker_api::Application::build(settings)
+            .await
+            .expect("build api");
+        let base = format!("http://127.0.0.1:{}", app.port());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        Self {
+            base,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// A drainer, in-process.
+pub struct TestDrainer {
+    pub id: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestDrainer {
+    pub async fn start(settings: Settings) -> Self {
+        let drainer = broker_drainer::Drainer::build(settings)
+            .await
+            .expect("build drainer");
+        let id = drainer.id().to_owned();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(drainer.run(async move {
+            let _ = rx.await;
+        }));
+        Self {
+            id,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("drainer task").expect("drainer run");
+        }
+    }
+}
+
+/// A real binary of this workspace, started with `env`; killed on drop.
+pub struct Process {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Process {
+    pub fn start(name: &'static str, env: &[(&str, &str)]) -> Self {
+        let path = binary(name);
+        let mut cmd = Command::new(&path);
+        cmd.env_clear()
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", path.display()));
+        Self { child, name }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit status (up to `limit`).
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: sending a signal to our own child process.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(self.pid(), libc::SIGTERM);
+        }
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where cargo put a workspace binary (next to the test executable's `deps/`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run the suite with `cargo test --workspace` (it builds the binaries), or `cargo build --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+/// A small HTTP/1 client.
+#[derive(Clone)]
+pub struct Http {
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Http {
+    pub fn new() -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<String>,
+    ) -> Result<Answer, String> {
+        let mut req = hyper::Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| e.to_string())?;
+        let res = self.client.request(req).await.map_err(|e| e.to_string())?;
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let bytes = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(Answer {
+            status,
+            headers,
+            body,
+            text,
+        })
+    }
+
+    /// `POST /api/v1/message` with the test key and JSON.
+    pub async fn post_message(
+        &self,
+        base: &str,
+        body: &Value,
+        extra: &[(&str, &str)],
+    ) -> Result<Answer, String> {
+        let mut headers = vec![("x-api-key", API_KEY), ("content-type", "application/json")];
+        headers.extend_from_slice(extra);
+        self.send(
+            "POST",
+            &format!("{base}/api/v1/message"),
+            &headers,
+            Some(body.to_string()),
+        )
+        .await
+    }
+
+    pub async fn get(&self, url: &str) -> Result<Answer, String> {
+        self.send("GET", url, &[("x-api-key", API_KEY)], None).await
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `limit` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Polls `GET /api/v1/message/{id}` until the message is completed or failed.
+pub async fn wait_finished(http: &Http, base: &str, message_id: &str, limit: Duration) -> Value {
+    let url = format!("{base}/api/v1/message/{message_id}");
+    eventually(&format!("message {message_id} to finish"), limit, || {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let answer = http.get(&url).await.ok()?;
+            let status = answer.body.get("status")?.as_str()?.to_owned();
+            (status == "completed" || status == "failed").then_some(answer.body)
+        }
+    })
+    .await
+}
+
+/// Every key under the test prefix.
+pub async fn all_keys(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(conn)
+        .await
+        .expect("KEYS");
+    keys.sort();
+    keys
+}

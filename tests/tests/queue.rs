@@ -1,0 +1,371 @@
+//! The Lua scripts and the invariants of design §6, through the Rust functions that call them,
+//! against a real redis-server.
+
+use std::time::Duration;
+
+use broker_core::queue::{Claim, Claimed, Enqueued, Finished, Mode, Queue, Released};
+use broker_core::{redis_conn, Keys};
+use broker_proto::{validate_message, Conversation, MessageRequest, ValidationLimits};
+use broker_tests::{settings, TestRedis};
+use redis::AsyncCommands;
+use serde_json::json;
+
+struct Fixture {
+    redis: TestRedis,
+    queue: Queue,
+    keys: Keys,
+    blocking: redis::aio::MultiplexedConnection,
+}
+
+async fn fixture() -> Fixture {
+    let redis = TestRedis::start().await;
+    let s = settings(redis.url(), "http://127.0.0.1:9", &[]);
+    let keys = Keys::new("bt", "0");
+    let queue = Queue::new(redis_conn::pool(&s.redis).unwrap(), keys.clone());
+    let client = redis_conn::client(&s.redis).unwrap();
+    let blocking = redis_conn::blocking_connection(&client, &s.redis)
+        .await
+        .unwrap();
+    Fixture {
+        redis,
+        queue,
+        keys,
+        blocking,
+    }
+}
+
+fn request(user: &str, text: &str, cmid: Option<&str>) -> MessageRequest {
+    let mut body = json!({"user_id": user, "client_id": "web", "message": text});
+    if let Some(c) = cmid {
+        body["client_message_id"] = json!(c);
+    }
+    validate_message(
+        body.to_string().as_bytes(),
+        "uW",
+        &ValidationLimits::default(),
+    )
+    .unwrap()
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+async fn enqueue(f: &Fixture, req: &MessageRequest, id: &str) -> Enqueued {
+    f.queue
+        .enqueue(req, id, Mode::Async, None, 50, DAY)
+        .await
+        .unwrap()
+}
+
+async fn take(f: &mut Fixture, drainer: &str) -> Option<String> {
+    f.queue
+        .take_ready(&mut f.blocking, drainer, Duration::from_millis(100))
+        .await
+        .unwrap()
+}
+
+async fn claim(f: &Fixture, drainer: &str, conv: &Conversation, lease: &str) -> Claimed {
+    match f.queue.claim(drainer, conv, lease).await.unwrap() {
+        Claim::Turn(c) => *c,
+        Claim::Empty => panic!("nothing to claim"),
+    }
+}
+
+async fn finish(
+    f: &Fixture,
+    drainer: &str,
+    conv: &Conversation,
+    id: &str,
+    lease: &str,
+) -> Finished {
+    f.queue
+        .finish(
+            drainer,
+            conv,
+            id,
+            lease,
+            "completed",
+            r#"{"status":"completed"}"#,
+            DAY,
+            None,
+            100,
+        )
+        .await
+        .unwrap()
+}
+
+/// Design §6: a conversation is in at most one of ready or a processing list, and in one iff
+/// it has queued or running work; idle conversations have no state hash.
+async fn check_invariants(f: &Fixture, conversations: &[&Conversation], drainers: &[&str]) {
+    let mut conn = f.redis.conn().await;
+    let ready: Vec<String> = conn.lrange(f.keys.ready(), 0, -1).await.unwrap();
+    let mut processing = Vec::new();
+    for d in drainers {
+        let list: Vec<String> = conn.lrange(f.keys.processing(d), 0, -1).await.unwrap();
+        processing.extend(list);
+    }
+    for conv in conversations {
+        let places = ready
+            .iter()
+            .chain(processing.iter())
+            .filter(|c| *c == conv.as_str())
+            .count();
+        let depth: u64 = conn.llen(f.keys.queue(conv)).await.unwrap();
+        let exists: bool = conn.exists(f.keys.conversation(conv)).await.unwrap();
+        if depth > 0 {
+            assert_eq!(places, 1, "{conv} has work and must be in exactly one list");
+            assert!(exists, "{conv} has work and must have a state hash");
+        } else {
+            assert_eq!(places, 0, "{conv} is idle and must be in no list");
+            assert!(!exists, "{conv} is idle and must have no state hash");
+        }
+    }
+}
+
+#[tokio::test]
+async fn positions_claim_finish_and_the_invariants() {
+    let mut f = fixture().await;
+    let a = request("alice", "1", None);
+    let conv = a.conversation.clone();
+    assert_eq!(
+        enqueue(&f, &a, "m1").await,
+        Enqueued::Accepted { position: 1 }
+    );
+    assert_eq!(
+        enqueue(&f, &a, "m2").await,
+        Enqueued::Accepted { position: 2 }
+    );
+    check_invariants(&f, &[&conv], &["d1"]).await;
+
+    assert_eq!(take(&mut f, "d1").await.as_deref(), Some(conv.as_str()));
+    let c = claim(&f, "d1", &conv, "lease-1").await;
+    assert_eq!((c.message_id.as_str(), c.attempts), ("m1", 1));
+    assert_eq!(c.mode, "async");
+    // A running message is not counted: m3 waits behind m2 only.
+    assert_eq!(
+        enqueue(&f, &a, "m3").await,
+        Enqueued::Accepted { position: 2 }
+    );
+    check_invariants(&f, &[&conv], &["d1"]).await;
+    // Only the head can run, and nobody else can take the conversation while it runs.
+    assert_eq!(take(&mut f, "d2").await, None);
+
+    let record = f.queue.message_record("m3").await.unwrap().unwrap();
+    assert_eq!(
+        (record.status.as_str(), record.queue_position),
+        ("queued", Some(2))
+    );
+    let health = f.queue.health(Duration::from_secs(15)).await.unwrap();
+    assert_eq!(
+        (health.active_queues, health.processing, health.queued),
+        (1, 1, 2)
+    );
+
+    assert_eq!(
+        finish(&f, "d1", &conv, "m1", "lease-1").await,
+        Finished::Done { left: 2 }
+    );
+    check_invariants(&f, &[&conv], &["d1"]).await;
+    let record = f.queue.message_record("m1").await.unwrap().unwrap();
+    assert_eq!(record.status, "completed");
+    assert!(record.outcome.is_some());
+    let ttl: i64 = f
+        .redis
+        .conn()
+        .await
+        .ttl(f.keys.message("m1"))
+        .await
+        .unwrap();
+    assert!(ttl > 0, "a finished message expires");
+
+    // FIFO: m2, then m3, then the conversation goes idle.
+    for (id, left) in [("m2", 1), ("m3", 0)] {
+        assert_eq!(take(&mut f, "d1").await.as_deref(), Some(conv.as_str()));
+        let c = claim(&f, "d1", &conv, id).await;
+        assert_eq!(c.message_id, id);
+        assert_eq!(
+            finish(&f, "d1", &conv, id, id).await,
+            Finished::Done { left }
+        );
+    }
+    check_invariants(&f, &[&conv], &["d1"]).await;
+    let health = f.queue.health(Duration::from_secs(15)).await.unwrap();
+    assert_eq!(
+        (health.active_queues, health.processing, health.queued),
+        (0, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_stale_lease_changes_nothing() {
+    let mut f = fixture().await;
+    let a = request("alice", "1", None);
+    let conv = a.conversation.clone();
+    enqueue(&f, &a, "m1").await;
+    take(&mut f, "d1").await;
+    claim(&f, "d1", &conv, "good").await;
+    let before = broker_tests::all_keys(&mut f.redis.conn().await).await;
+    assert_eq!(finish(&f, "d1", &conv, "m1", "bad").await, Finished::Stale);
+    assert_eq!(
+        f.queue.release("d1", &conv, Some("bad")).await.unwrap(),
+        Released::Stale
+    );
+    assert_eq!(
+        broker_tests::all_keys(&mut f.redis.conn().await).await,
+        before
+    );
+    let record = f.queue.message_record("m1").await.unwrap().unwrap();
+    assert_eq!(record.status, "running");
+}
+
+#[tokio::test]
+async fn reaping_a_dead_drainer_requeues_at_the_front_and_fences_it() {
+    let mut f = fixture().await;
+    let a = request("alice", "a", None);
+    let b = request("bob", "b", None);
+    enqueue(&f, &a, "a1").await;
+    enqueue(&f, &a, "a2").await;
+    enqueue(&f, &b, "b1").await;
+    // d1 takes alice, then dies mid-turn.
+    assert_eq!(
+        take(&mut f, "d1").await.as_deref(),
+        Some(a.conversation.as_str())
+    );
+    claim(&f, "d1", &a.conversation, "old").await;
+    let mut conn = f.redis.conn().await;
+    let _: () = conn.zadd(f.keys.drainers(), "d1", 0).await.unwrap();
+    f.queue.heartbeat("d2").await.unwrap();
+
+    let dead = f
+        .queue
+        .expired_drainers(Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert_eq!(dead, vec!["d1".to_owned()]);
+    for conv in f.queue.processing_list("d1").await.unwrap() {
+        assert_eq!(
+            f.queue
+                .release("d1", &Conversation::from_key(conv), None)
+                .await
+                .unwrap(),
+            Released::Done
+        );
+    }
+    assert!(f.queue.forget("d1", Duration::from_secs(15)).await.unwrap());
+    check_invariants(&f, &[&a.conversation, &b.conversation], &["d1", "d2"]).await;
+    assert_eq!(
+        f.queue.message_record("a1").await.unwrap().unwrap().status,
+        "queued"
+    );
+
+    // The reaped conversation is next, ahead of bob who was already waiting.
+    assert_eq!(
+        take(&mut f, "d2").await.as_deref(),
+        Some(a.conversation.as_str())
+    );
+    let again = claim(&f, "d2", &a.conversation, "new").await;
+    assert_eq!((again.message_id.as_str(), again.attempts), ("a1", 2));
+    // The dead drainer's late finish is refused.
+    assert_eq!(
+        finish(&f, "d1", &a.conversation, "a1", "old").await,
+        Finished::Stale
+    );
+    assert_eq!(
+        finish(&f, "d2", &a.conversation, "a1", "new").await,
+        Finished::Done { left: 1 }
+    );
+    check_invariants(&f, &[&a.conversation, &b.conversation], &["d1", "d2"]).await;
+}
+
+#[tokio::test]
+async fn release_keeps_the_place_and_reconcile_cleans_strays() {
+    let mut f = fixture().await;
+    let a = request("alice", "a", None);
+    let b = request("bob", "b", None);
+    enqueue(&f, &a, "a1").await;
+    enqueue(&f, &b, "b1").await;
+    // Moved by BLMOVE but never claimed (the reply was lost): release puts it back in front.
+    assert_eq!(
+        take(&mut f, "d1").await.as_deref(),
+        Some(a.conversation.as_str())
+    );
+    assert_eq!(
+        f.queue.release("d1", &a.conversation, None).await.unwrap(),
+        Released::Done
+    );
+    assert_eq!(
+        f.queue.release("d1", &a.conversation, None).await.unwrap(),
+        Released::Absent
+    );
+    assert_eq!(
+        take(&mut f, "d1").await.as_deref(),
+        Some(a.conversation.as_str())
+    );
+    check_invariants(&f, &[&a.conversation, &b.conversation], &["d1"]).await;
+}
+
+#[tokio::test]
+async fn dedup_and_depth_limits() {
+    let f = fixture().await;
+    let a = request("alice", "x", Some("wamid.1"));
+    assert_eq!(
+        enqueue(&f, &a, "m1").await,
+        Enqueued::Accepted { position: 1 }
+    );
+    assert_eq!(
+        enqueue(&f, &a, "m2").await,
+        Enqueued::Duplicate {
+            original: "m1".into()
+        }
+    );
+    assert!(
+        f.queue.message_record("m2").await.unwrap().is_none(),
+        "a duplicate writes nothing"
+    );
+    // Another conversation may use the same client message id.
+    let b = request("bob", "x", Some("wamid.1"));
+    assert_eq!(
+        enqueue(&f, &b, "m3").await,
+        Enqueued::Accepted { position: 1 }
+    );
+
+    let c = request("carol", "x", None);
+    for i in 0..2 {
+        let r = f
+            .queue
+            .enqueue(&c, &format!("c{i}"), Mode::Async, None, 2, DAY)
+            .await
+            .unwrap();
+        assert!(matches!(r, Enqueued::Accepted { .. }));
+    }
+    let r = f
+        .queue
+        .enqueue(&c, "c2", Mode::Async, None, 2, DAY)
+        .await
+        .unwrap();
+    assert_eq!(r, Enqueued::Full { depth: 2 });
+    assert!(f.queue.message_record("c2").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn finish_publishes_to_the_reply_channel() {
+    let mut f = fixture().await;
+    let a = request("alice", "x", None);
+    f.queue
+        .enqueue(&a, "m1", Mode::Sync, Some("bt:reply:api-x"), 50, DAY)
+        .await
+        .unwrap();
+    let client = redis::Client::open(f.redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("bt:reply:api-x").await.unwrap();
+    take(&mut f, "d1").await;
+    let c = claim(&f, "d1", &a.conversation, "l").await;
+    assert_eq!(c.reply, "bt:reply:api-x");
+    finish(&f, "d1", &a.conversation, "m1", "l").await;
+    use futures_util::StreamExt;
+    let message = tokio::time::timeout(Duration::from_secs(5), pubsub.on_message().next())
+        .await
+        .expect("a reply within 5 s")
+        .expect("a message");
+    let payload: String = message.get_payload().unwrap();
+    assert_eq!(payload, "m1\n{\"status\":\"completed\"}");
+}
