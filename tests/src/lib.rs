@@ -460,3 +460,64 @@ pub async fn all_keys(conn: &mut redis::aio::MultiplexedConnection) -> Vec<Strin
     keys.sort();
     keys
 }
+
+/// The environment of a drainer process for a test (same short timers as [`settings`]).
+pub fn drainer_env(
+    redis_url: &str,
+    worker_url: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("REDIS_URL", redis_url),
+        ("WORKER_BASE_URL", worker_url),
+        ("HOST", "127.0.0.1"),
+        ("PORT", "0"),
+        ("LOG_LEVEL", "warn"),
+        ("DRAINER_HEARTBEAT_MS", "200"),
+        ("DRAINER_DEAD_AFTER_MS", "1500"),
+        ("DRAINER_REAP_INTERVAL_MS", "300"),
+        ("DRAINER_RECONCILE_INTERVAL_MS", "1000"),
+        ("DRAINER_BLOCK_MS", "1000"),
+        ("WORKER_RETRY_BASE_MS", "20"),
+        ("WORKER_RETRY_MAX_MS", "100"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    for (k, v) in extra {
+        env.retain(|(name, _)| name != k);
+        env.push(((*k).to_owned(), (*v).to_owned()));
+    }
+    env
+}
+
+/// Starts a real `broker-drainer` process.
+pub fn start_drainer_process(env: &[(String, String)]) -> Process {
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Process::start("broker-drainer", &pairs)
+}
+
+/// Checks a conversation's turn-start log against the order its messages were sent:
+/// every turn starts after its predecessor, a cut turn may run again right away, nothing is
+/// skipped or reordered, and every message ran.
+pub fn assert_fifo(conversation: &str, started: &[String], sent: &[String]) {
+    let mut expected = 0usize;
+    let mut last: Option<&String> = None;
+    for text in started {
+        if Some(text) == last {
+            continue; // the same turn again (at-least-once after a crash)
+        }
+        assert_eq!(
+            sent.get(expected),
+            Some(text),
+            "{conversation}: turn {text:?} started out of order; started {started:?}"
+        );
+        expected += 1;
+        last = Some(text);
+    }
+    assert_eq!(
+        expected,
+        sent.len(),
+        "{conversation}: not every message ran; started {started:?}"
+    );
+}

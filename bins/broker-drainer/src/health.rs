@@ -55,7 +55,7 @@ fn answer(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Ful
         "status": status,
         "drainer_id": shared.id(),
         "redis_connected": redis_connected,
-        "running_turns": shared.running.lock().map(|r| r.len()).unwrap_or(0),
+        "running_turns": shared.running.lock().map(|r| r.values().sum::<u32>()).unwrap_or(0),
         "last_heartbeat_ms_ago": if last == 0 { None } else { Some(now_ms().saturating_sub(last)) },
         "version": env!("CARGO_PKG_VERSION"),
     });

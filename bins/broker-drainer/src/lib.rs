@@ -15,7 +15,7 @@
 mod health;
 mod turn;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,8 +37,9 @@ pub(crate) struct Shared {
     pub settings: Settings,
     pub queue: Queue,
     pub worker: WorkerClient,
-    /// Conversations this process is running a turn for (claimed, not yet finished).
-    pub running: Mutex<HashSet<String>>,
+    /// Conversations this process runs a turn for (taken, not yet finished), counted: a
+    /// conversation released by one turn can be taken again before that turn's task is gone.
+    pub running: Mutex<HashMap<String, u32>>,
     /// When the heartbeat last succeeded (ms), 0 before the first.
     pub last_heartbeat: AtomicU64,
     /// Since when heartbeats have succeeded without a gap (ms), 0 while failing.
@@ -54,7 +55,10 @@ impl Shared {
     }
 
     fn running_count(&self) -> usize {
-        self.running.lock().map(|r| r.len()).unwrap_or(0)
+        self.running
+            .lock()
+            .map(|r| r.values().map(|n| *n as usize).sum())
+            .unwrap_or(0)
     }
 }
 
@@ -82,7 +86,7 @@ impl Drainer {
             queue: Queue::new(pool, keys),
             worker,
             settings,
-            running: Mutex::new(HashSet::new()),
+            running: Mutex::new(HashMap::new()),
             last_heartbeat: AtomicU64::new(0),
             healthy_since: AtomicU64::new(0),
             draining: AtomicBool::new(false),
@@ -258,7 +262,7 @@ async fn claim_loop(
                     return;
                 }
                 if let Ok(mut running) = shared.running.lock() {
-                    running.insert(conv.clone());
+                    *running.entry(conv.clone()).or_insert(0) += 1;
                 }
                 turns.spawn(turn::run(
                     shared.clone(),
@@ -292,7 +296,7 @@ async fn reconcile(shared: &Shared) -> Result<(), broker_core::queue::QueueError
         let running = shared.running.lock().map(|r| r.clone()).unwrap_or_default();
         listed
             .into_iter()
-            .filter(|c| !running.contains(c))
+            .filter(|c| !running.contains_key(c))
             .collect()
     };
     for conv in orphans {

@@ -23,7 +23,12 @@ pub(crate) async fn run(
     let span = tracing::info_span!("turn", conversation = %conversation, message_id = tracing::field::Empty);
     run_inner(&shared, &conversation).instrument(span).await;
     if let Ok(mut running) = shared.running.lock() {
-        running.remove(conversation.as_str());
+        if let Some(n) = running.get_mut(conversation.as_str()) {
+            *n -= 1;
+            if *n == 0 {
+                running.remove(conversation.as_str());
+            }
+        }
     }
     drop(permit);
 }

@@ -1,0 +1,288 @@
+//! Process-level end-to-end tests: real redis-server, the real `broker-drainer` binary, the
+//! API and the mock worker, and crashes in the middle of turns.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use broker_tests::{
+    assert_fifo, drainer_env, eventually, settings, start_drainer_process, wait_finished, Http,
+    TestApi, TestDrainer, TestMock, TestRedis,
+};
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+
+fn body(user: &str, text: &str) -> Value {
+    json!({"user_id": user, "client_id": "web", "message": text})
+}
+
+fn texts(conv: usize, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("c{conv} m{i}")).collect()
+}
+
+/// Sends a conversation's messages one after another in async mode; returns their ids.
+async fn send_async(http: &Http, base: &str, user: &str, texts: &[String]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for text in texts {
+        let a = http
+            .post_message(base, &body(user, text), &[("prefer", "respond-async")])
+            .await
+            .unwrap();
+        assert_eq!(a.status, 202, "{}", a.text);
+        ids.push(a.body["message_id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
+/// Waits for every message and checks that each got its own reply.
+async fn check_replies(http: &Http, base: &str, ids: &[String], texts: &[String], limit: Duration) {
+    for (id, text) in ids.iter().zip(texts) {
+        let done = wait_finished(http, base, id, limit).await;
+        assert_eq!(done["status"], "completed", "{text}: {done}");
+        assert_eq!(
+            done["result"]["responses"],
+            json!([format!("echo: {text}")]),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_conversations_of_twenty_messages_each_answered_once_in_order() {
+    let redis = TestRedis::start().await;
+    let mock = TestMock::start_with(mock_worker::MockSettings {
+        port: 0,
+        latency: Duration::from_millis(2),
+        jitter: Duration::from_millis(8),
+        ..Default::default()
+    });
+    let api = TestApi::start(settings(redis.url(), &mock.url, &[])).await;
+    let env = drainer_env(redis.url(), &mock.url, &[]);
+    let _d1 = start_drainer_process(&env);
+    let _d2 = start_drainer_process(&env);
+    let http = Http::new();
+
+    let mut tasks = Vec::new();
+    for conv in 0..50 {
+        let http = http.clone();
+        let base = api.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let user = format!("user{conv}");
+            let texts = texts(conv, 20);
+            if conv % 2 == 0 {
+                // Sync: each message waits for its own answer before the next is sent.
+                for text in &texts {
+                    let a = http
+                        .post_message(&base, &body(&user, text), &[])
+                        .await
+                        .unwrap();
+                    assert_eq!(a.status, 200, "{}", a.text);
+                    assert_eq!(a.body["responses"], json!([format!("echo: {text}")]));
+                }
+            } else {
+                // Async: all twenty queue up behind each other, then the results are read.
+                let ids = send_async(&http, &base, &user, &texts).await;
+                check_replies(&http, &base, &ids, &texts, Duration::from_secs(60)).await;
+            }
+            (format!("user:unfoldingWord:{user}"), texts)
+        }));
+    }
+    let mut sent = HashMap::new();
+    for t in tasks {
+        let (conv, texts) = t.await.unwrap();
+        sent.insert(conv, texts);
+    }
+    let stats = mock.state.stats();
+    assert_eq!(
+        stats.requests, 1000,
+        "each message reached the worker exactly once"
+    );
+    assert_eq!(stats.completed, 1000);
+    mock.assert_one_in_flight();
+    for (conv, texts) in &sent {
+        assert_eq!(
+            stats.started[conv], *texts,
+            "{conv}: strict FIFO, no repeats"
+        );
+    }
+    let mut conn = redis.conn().await;
+    let ready: u64 = conn.llen("bt:{0}:ready").await.unwrap();
+    assert_eq!(ready, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_one_drainer_loses_nothing_and_keeps_order() {
+    let redis = TestRedis::start().await;
+    let mock = TestMock::start(Duration::from_millis(300));
+    let api = TestApi::start(settings(redis.url(), &mock.url, &[])).await;
+    let env = drainer_env(redis.url(), &mock.url, &[]);
+    let mut victim = start_drainer_process(&env);
+    let _survivor = start_drainer_process(&env);
+    let http = Http::new();
+
+    let mut all = Vec::new();
+    for conv in 0..12 {
+        let texts = texts(conv, 8);
+        let ids = send_async(&http, &api.base, &format!("user{conv}"), &texts).await;
+        all.push((conv, ids, texts));
+    }
+    // Kill one drainer while turns are running on both.
+    eventually(
+        "turns in flight on the worker",
+        Duration::from_secs(10),
+        || async {
+            let s = mock.state.stats();
+            (s.completed >= 12 && s.in_flight.len() >= 6).then_some(())
+        },
+    )
+    .await;
+    victim.kill9();
+
+    for (_, ids, texts) in &all {
+        check_replies(&http, &api.base, ids, texts, Duration::from_secs(60)).await;
+    }
+    let stats = mock.state.stats();
+    mock.assert_one_in_flight();
+    for (conv, _, texts) in &all {
+        let key = format!("user:unfoldingWord:user{conv}");
+        assert_fifo(&key, &stats.started[&key], texts);
+    }
+    assert!(
+        stats.requests >= 96,
+        "at-least-once: {} turns for 96 messages",
+        stats.requests
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_finishes_running_turns_exits_0_and_loses_nothing() {
+    let redis = TestRedis::start().await;
+    let mock = TestMock::start(Duration::from_millis(1500));
+    let api = TestApi::start(settings(redis.url(), &mock.url, &[])).await;
+    let env = drainer_env(
+        redis.url(),
+        &mock.url,
+        &[("DRAINER_SHUTDOWN_GRACE_SECS", "30")],
+    );
+    let mut drainer = start_drainer_process(&env);
+    let http = Http::new();
+
+    let mut all = Vec::new();
+    for conv in 0..3 {
+        let texts = texts(conv, 2);
+        let ids = send_async(&http, &api.base, &format!("user{conv}"), &texts).await;
+        all.push((ids, texts));
+    }
+    eventually("three turns running", Duration::from_secs(10), || async {
+        (mock.state.stats().in_flight.len() == 3).then_some(())
+    })
+    .await;
+    let status = drainer
+        .terminate(Duration::from_secs(20))
+        .expect("the drainer exits within the grace period");
+    assert_eq!(status.code(), Some(0), "a drained stop exits 0");
+    let stats = mock.state.stats();
+    assert_eq!(
+        (stats.completed, stats.requests),
+        (3, 3),
+        "the running turns finished, nothing new was claimed"
+    );
+    for (ids, _) in &all {
+        let first = http
+            .get(&format!("{}/api/v1/message/{}", api.base, ids[0]))
+            .await
+            .unwrap();
+        assert_eq!(first.body["status"], "completed");
+        let second = http
+            .get(&format!("{}/api/v1/message/{}", api.base, ids[1]))
+            .await
+            .unwrap();
+        assert_eq!(second.body["status"], "queued");
+    }
+    let mut conn = redis.conn().await;
+    let members: Vec<String> = conn.zrange("bt:{0}:drainers", 0, -1).await.unwrap();
+    assert!(
+        members.is_empty(),
+        "a drained drainer deregisters: {members:?}"
+    );
+
+    // Another drainer picks up the rest.
+    let _next = TestDrainer::start(settings(redis.url(), &mock.url, &[])).await;
+    for (ids, texts) in &all {
+        check_replies(&http, &api.base, ids, texts, Duration::from_secs(30)).await;
+    }
+    mock.assert_one_in_flight();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_restart_mid_run_answers_503_then_loses_nothing() {
+    let mut redis = TestRedis::start().await;
+    let mock = TestMock::start(Duration::from_millis(200));
+    let api = TestApi::start(settings(redis.url(), &mock.url, &[])).await;
+    let env = drainer_env(redis.url(), &mock.url, &[]);
+    let _drainer = start_drainer_process(&env);
+    let http = Http::new();
+
+    let mut all = Vec::new();
+    for conv in 0..10 {
+        let texts = texts(conv, 4);
+        let ids = send_async(&http, &api.base, &format!("user{conv}"), &texts).await;
+        all.push((conv, ids, texts));
+    }
+    eventually("turns in flight", Duration::from_secs(10), || async {
+        (mock.state.stats().in_flight.len() >= 5).then_some(())
+    })
+    .await;
+
+    redis.kill();
+    let refused = http
+        .post_message(
+            &api.base,
+            &body("late", "while down"),
+            &[("prefer", "respond-async")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert_eq!(refused.body["code"], "REDIS_UNAVAILABLE");
+    let health = http
+        .send("GET", &format!("{}/health", api.base), &[], None)
+        .await
+        .unwrap();
+    assert_eq!(health.status, 503);
+    assert_eq!(health.body["redis_connected"], false);
+    // Let turns end while Redis is down: their outcomes wait in the drainer.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart();
+
+    for (_, ids, texts) in &all {
+        check_replies(&http, &api.base, ids, texts, Duration::from_secs(60)).await;
+    }
+    let stats = mock.state.stats();
+    mock.assert_one_in_flight();
+    for (conv, _, texts) in &all {
+        let key = format!("user:unfoldingWord:user{conv}");
+        assert_fifo(&key, &stats.started[&key], texts);
+    }
+    // Nothing was enqueued while Redis was down.
+    assert!(!stats.started.contains_key("user:unfoldingWord:late"));
+    // Every process reconnected: sync replies arrive over pub/sub again.
+    eventually(
+        "the reply subscription to come back",
+        Duration::from_secs(10),
+        || {
+            let http = http.clone();
+            let url = format!("{}/health", api.base);
+            async move {
+                (http.send("GET", &url, &[], None).await.ok()?.body["reply_subscription"] == true)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let after = http
+        .post_message(&api.base, &body("after", "back again"), &[])
+        .await
+        .unwrap();
+    assert_eq!(after.status, 200, "{}", after.text);
+    assert_eq!(after.body["responses"], json!(["echo: back again"]));
+}
