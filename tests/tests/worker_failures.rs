@@ -1,4 +1,6 @@
 //! The worker failure table of design §5, case by case, through the real API and drainer.
+// Test helpers panic on purpose: a failed step fails the test.
+#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

@@ -12,11 +12,14 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::{oneshot, watch};
 
+/// The requests waiting for one message: a token per request, and where to send the outcome.
+type Pending = HashMap<String, Vec<(u64, oneshot::Sender<String>)>>;
+
 /// Waiters of this process, keyed by message id.
 pub struct Waiters {
     channel: String,
     /// Several requests may wait for one message (a repeated `client_message_id`).
-    pending: Mutex<HashMap<String, Vec<(u64, oneshot::Sender<String>)>>>,
+    pending: Mutex<Pending>,
     next_token: std::sync::atomic::AtomicU64,
     /// Bumped on every (re)subscription: waiters re-read their record when it changes.
     generation: watch::Sender<u64>,

@@ -310,7 +310,11 @@ struct Accepted {
     directives: Directives,
 }
 
-fn accept(req: &HttpRequest, body: &Bytes, state: &MockState) -> Result<Accepted, HttpResponse> {
+fn accept(
+    req: &HttpRequest,
+    body: &Bytes,
+    state: &MockState,
+) -> Result<Accepted, Box<HttpResponse>> {
     if let Some(key) = &state.settings.api_key {
         match req
             .headers()
@@ -319,19 +323,25 @@ fn accept(req: &HttpRequest, body: &Bytes, state: &MockState) -> Result<Accepted
             .and_then(|v| v.strip_prefix("Bearer "))
         {
             None => {
-                return Err(worker_error(
+                return Err(Box::new(worker_error(
                     401,
                     json!({"error": "Authorization header with Bearer token required"}),
-                ))
+                )))
             }
             Some(token) if token != key => {
-                return Err(worker_error(403, json!({"error": "Invalid API key"})))
+                return Err(Box::new(worker_error(
+                    403,
+                    json!({"error": "Invalid API key"}),
+                )))
             }
             Some(_) => {}
         }
     }
     let Ok(Value::Object(request)) = serde_json::from_slice::<Value>(body) else {
-        return Err(worker_error(400, json!({"error": "Invalid JSON body"})));
+        return Err(Box::new(worker_error(
+            400,
+            json!({"error": "Invalid JSON body"}),
+        )));
     };
     let field = |name: &str| {
         request
@@ -340,17 +350,17 @@ fn accept(req: &HttpRequest, body: &Bytes, state: &MockState) -> Result<Accepted
             .filter(|s| !s.is_empty())
     };
     let (Some(user_id), Some(_client_id)) = (field("user_id"), field("client_id")) else {
-        return Err(worker_error(
+        return Err(Box::new(worker_error(
             400,
             json!({"error": "user_id and client_id are required"}),
-        ));
+        )));
     };
     for forbidden in ["progress_callback_url", "message_key", "is_admin"] {
         if request.contains_key(forbidden) {
-            return Err(worker_error(
+            return Err(Box::new(worker_error(
                 400,
                 json!({"error": format!("{forbidden} is not allowed here")}),
-            ));
+            )));
         }
     }
     let org = field("org").or(field("org_id")).unwrap_or("unfoldingWord");
@@ -388,17 +398,20 @@ fn accept(req: &HttpRequest, body: &Bytes, state: &MockState) -> Result<Accepted
         if let Some(ms) = directives.retry_after_ms {
             body["retry_after_ms"] = json!(ms);
         }
-        return Err(worker_error(status, body));
+        return Err(Box::new(worker_error(status, body)));
     }
     let s = &state.settings;
     if s.rate_429 > 0.0 && fastrand::f64() < s.rate_429 {
-        return Err(worker_error(
+        return Err(Box::new(worker_error(
             429,
             json!({"error": "Request in progress", "code": "CONCURRENT_REQUEST_REJECTED", "message": "Another request for this user is currently being processed. Please retry.", "retry_after_ms": 100}),
-        ));
+        )));
     }
     if s.rate_5xx > 0.0 && fastrand::f64() < s.rate_5xx {
-        return Err(worker_error(503, json!({"error": "Service Unavailable"})));
+        return Err(Box::new(worker_error(
+            503,
+            json!({"error": "Service Unavailable"}),
+        )));
     }
     Ok(Accepted {
         conversation: conversation.to_string(),
@@ -431,7 +444,7 @@ fn frame(value: &Value) -> Bytes {
 async fn chat_stream(req: HttpRequest, body: Bytes, state: web::Data<MockState>) -> HttpResponse {
     let accepted = match accept(&req, &body, &state) {
         Ok(a) => a,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let guard = InFlight::start(&state.stats, &accepted.conversation, &accepted.text);
     let length = turn_length(&state.settings, &accepted.directives);
@@ -520,7 +533,7 @@ impl Plan {
 async fn chat_final(req: HttpRequest, body: Bytes, state: web::Data<MockState>) -> HttpResponse {
     let accepted = match accept(&req, &body, &state) {
         Ok(a) => a,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let busy = state
         .stats

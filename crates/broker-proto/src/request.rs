@@ -377,7 +377,7 @@ fn check_base64_audio(data: &str) -> Result<(), String> {
             "is not valid base64 (unexpected character at offset {pos})"
         ));
     }
-    if bytes.len() % 4 == 1 || (padding > 0 && bytes.len() % 4 != 0) {
+    if bytes.len() % 4 == 1 || (padding > 0 && !bytes.len().is_multiple_of(4)) {
         return Err("is not valid base64 (bad length)".into());
     }
     let decoded = body.len() * 3 / 4;

@@ -21,10 +21,7 @@ impl FrameParser {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
         self.buffer.extend_from_slice(bytes);
         let mut frames = Vec::new();
-        loop {
-            let Some((end, sep_len)) = find_frame_end(&self.buffer) else {
-                break;
-            };
+        while let Some((end, sep_len)) = find_frame_end(&self.buffer) {
             let block: Vec<u8> = self.buffer.drain(..end + sep_len).take(end).collect();
             if let Some(data) = first_data_line(&block) {
                 frames.push(data);
