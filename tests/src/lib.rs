@@ -195,11 +195,44 @@ impl TestMock {
     }
 }
 
+/// A component running in-process until stopped.
+pub struct InProcess {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl InProcess {
+    /// Spawns `run(stop)`, where `stop` resolves when [`InProcess::stop`] is called.
+    pub fn spawn<F, Fut>(run: F) -> Self
+    where
+        F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = Box::pin(async move {
+            let _ = rx.await;
+        });
+        Self {
+            stop: Some(tx),
+            task: Some(tokio::spawn(run(stop))),
+        }
+    }
+
+    /// Asks the component to stop and waits for it; panics if it ended with an error.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("component task").expect("component run");
+        }
+    }
+}
+
 /// The API, in-process.
 pub struct TestApi {
     pub base: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub running: InProcess,
 }
 
 impl TestApi {
@@ -208,23 +241,9 @@ impl TestApi {
             .await
             .expect("build api");
         let base = format!("http://127.0.0.1:{}", app.port());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(app.run_until_stopped(async move {
-            let _ = rx.await;
-        }));
         Self {
             base,
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+            running: InProcess::spawn(|stop| app.run_until_stopped(stop)),
         }
     }
 }
@@ -232,8 +251,7 @@ impl TestApi {
 /// A drainer, in-process.
 pub struct TestDrainer {
     pub id: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub running: InProcess,
 }
 
 impl TestDrainer {
@@ -242,23 +260,9 @@ impl TestDrainer {
             .await
             .expect("build drainer");
         let id = drainer.id().to_owned();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(drainer.run(async move {
-            let _ = rx.await;
-        }));
         Self {
             id,
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.expect("drainer task").expect("drainer run");
+            running: InProcess::spawn(|stop| drainer.run(stop)),
         }
     }
 }

@@ -4,13 +4,7 @@ use broker_core::config::{Settings, EXIT_BAD_CONFIG};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let settings = match Settings::load() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("broker-api: {e}");
-            std::process::exit(EXIT_BAD_CONFIG);
-        }
-    };
+    let settings = Settings::load_or_exit("broker-api");
     broker_core::telemetry::init(&settings.log_level, settings.log_format);
     let app = match broker_api::Application::build(settings).await {
         Ok(app) => app,

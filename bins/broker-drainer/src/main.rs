@@ -1,16 +1,10 @@
 //! `broker-drainer`: reads settings, installs logging, runs the drainer until SIGTERM/SIGINT.
 
-use broker_core::config::{Settings, EXIT_BAD_CONFIG};
+use broker_core::config::Settings;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let settings = match Settings::load() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("broker-drainer: {e}");
-            std::process::exit(EXIT_BAD_CONFIG);
-        }
-    };
+    let settings = Settings::load_or_exit("broker-drainer");
     broker_core::telemetry::init(&settings.log_level, settings.log_format);
     let drainer = broker_drainer::Drainer::build(settings).await?;
     drainer

@@ -266,6 +266,15 @@ impl Settings {
         Self::from_figment(figment)
     }
 
+    /// [`Settings::load`] for a binary's `main`: on a bad configuration, prints every problem
+    /// prefixed with `binary` and exits with code 64.
+    pub fn load_or_exit(binary: &str) -> Self {
+        Self::load().unwrap_or_else(|e| {
+            eprintln!("{binary}: {e}");
+            std::process::exit(EXIT_BAD_CONFIG);
+        })
+    }
+
     /// Builds settings from name/value pairs as the environment would give them, without
     /// touching the process environment (for tests and the local runner).
     pub fn from_pairs<'a>(
