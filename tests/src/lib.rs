@@ -125,9 +125,14 @@ fn fastrand_suffix() -> u64 {
     h.finish()
 }
 
-/// Settings for a test: the given Redis and worker, short timers, then `extra`.
-pub fn settings(redis_url: &str, worker_url: &str, extra: &[(&str, &str)]) -> Settings {
-    let mut pairs: Vec<(&str, &str)> = vec![
+/// The settings of a test as environment pairs: the given Redis and worker, short timers,
+/// then `extra` (which replaces a default of the same name).
+pub fn test_env(
+    redis_url: &str,
+    worker_url: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let defaults = [
         ("REDIS_URL", redis_url),
         ("WORKER_BASE_URL", worker_url),
         ("BROKER_API_KEY", API_KEY),
@@ -143,9 +148,19 @@ pub fn settings(redis_url: &str, worker_url: &str, extra: &[(&str, &str)]) -> Se
         ("WORKER_RETRY_MAX_MS", "100"),
         ("BROKER_WAITER_RECHECK_SECS", "1"),
     ];
-    pairs.retain(|(name, _)| !extra.iter().any(|(n, _)| n == name));
-    pairs.extend_from_slice(extra);
-    Settings::from_pairs(pairs).unwrap_or_else(|e| panic!("{e}"))
+    defaults
+        .iter()
+        .filter(|(name, _)| !extra.iter().any(|(n, _)| n == name))
+        .chain(extra.iter())
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// [`test_env`] as checked settings, for components run in-process.
+pub fn settings(redis_url: &str, worker_url: &str, extra: &[(&str, &str)]) -> Settings {
+    let env = test_env(redis_url, worker_url, extra);
+    Settings::from_pairs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The mock worker, in-process.
@@ -463,36 +478,6 @@ pub async fn all_keys(conn: &mut redis::aio::MultiplexedConnection) -> Vec<Strin
         .expect("KEYS");
     keys.sort();
     keys
-}
-
-/// The environment of a drainer process for a test (same short timers as [`settings`]).
-pub fn drainer_env(
-    redis_url: &str,
-    worker_url: &str,
-    extra: &[(&str, &str)],
-) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = [
-        ("REDIS_URL", redis_url),
-        ("WORKER_BASE_URL", worker_url),
-        ("HOST", "127.0.0.1"),
-        ("PORT", "0"),
-        ("LOG_LEVEL", "warn"),
-        ("DRAINER_HEARTBEAT_MS", "200"),
-        ("DRAINER_DEAD_AFTER_MS", "1500"),
-        ("DRAINER_REAP_INTERVAL_MS", "300"),
-        ("DRAINER_RECONCILE_INTERVAL_MS", "1000"),
-        ("DRAINER_BLOCK_MS", "1000"),
-        ("WORKER_RETRY_BASE_MS", "20"),
-        ("WORKER_RETRY_MAX_MS", "100"),
-    ]
-    .iter()
-    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-    .collect();
-    for (k, v) in extra {
-        env.retain(|(name, _)| name != k);
-        env.push(((*k).to_owned(), (*v).to_owned()));
-    }
-    env
 }
 
 /// Starts a real `broker-drainer` process.

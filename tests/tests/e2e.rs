@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use broker_tests::{
-    assert_fifo, drainer_env, eventually, settings, start_drainer_process, wait_finished, Http,
+    assert_fifo, eventually, settings, start_drainer_process, test_env, wait_finished, Http,
     TestApi, TestDrainer, TestMock, TestRedis,
 };
 use redis::AsyncCommands;
@@ -78,7 +78,7 @@ async fn fifty_conversations_of_twenty_messages_each_answered_once_in_order() {
         ..Default::default()
     });
     let api = TestApi::start(settings(redis.url(), &mock.url, &[])).await;
-    let env = drainer_env(redis.url(), &mock.url, &[]);
+    let env = test_env(redis.url(), &mock.url, &[]);
     let _d1 = start_drainer_process(&env);
     let _d2 = start_drainer_process(&env);
     let http = Http::new();
@@ -136,7 +136,7 @@ async fn kill_9_of_one_drainer_loses_nothing_and_keeps_order() {
     let redis = TestRedis::start().await;
     let mock = TestMock::start(Duration::from_millis(300));
     let api = TestApi::start(settings(redis.url(), &mock.url, &[])).await;
-    let env = drainer_env(redis.url(), &mock.url, &[]);
+    let env = test_env(redis.url(), &mock.url, &[]);
     let mut victim = start_drainer_process(&env);
     let _survivor = start_drainer_process(&env);
     let http = Http::new();
@@ -172,7 +172,7 @@ async fn sigterm_finishes_running_turns_exits_0_and_loses_nothing() {
     let redis = TestRedis::start().await;
     let mock = TestMock::start(Duration::from_millis(1500));
     let api = TestApi::start(settings(redis.url(), &mock.url, &[])).await;
-    let env = drainer_env(
+    let env = test_env(
         redis.url(),
         &mock.url,
         &[("DRAINER_SHUTDOWN_GRACE_SECS", "30")],
@@ -232,7 +232,7 @@ async fn redis_restart_mid_run_answers_503_then_loses_nothing() {
     let mut redis = TestRedis::start().await;
     let mock = TestMock::start(Duration::from_millis(200));
     let api = TestApi::start(settings(redis.url(), &mock.url, &[])).await;
-    let env = drainer_env(redis.url(), &mock.url, &[]);
+    let env = test_env(redis.url(), &mock.url, &[]);
     let _drainer = start_drainer_process(&env);
     let http = Http::new();
 
