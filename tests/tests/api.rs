@@ -443,3 +443,15 @@ async fn health_is_cheap_and_counts() {
         assert!(h.body.get(field).is_some(), "{field}");
     }
 }
+
+#[tokio::test]
+async fn a_malformed_query_is_a_400_in_the_error_shape() {
+    let (s, _) = stack(false, &[]).await;
+    let answer = s
+        .http
+        .get(&format!("{}/api/v1/queue/bob?org=%ZZ", s.api.base))
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 400, "{}", answer.text);
+    assert_eq!(answer.body["code"], "VALIDATION_ERROR");
+}

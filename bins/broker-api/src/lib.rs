@@ -90,6 +90,14 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(
+                    web::QueryConfig::default()
+                        .error_handler(|e, _| ApiError::Invalid(format!("query: {e}")).into()),
+                )
+                .app_data(
+                    web::PathConfig::default()
+                        .error_handler(|e, _| ApiError::Invalid(format!("path: {e}")).into()),
+                )
                 .wrap(actix_web::middleware::from_fn(log_request))
                 .route("/health", web::get().to(routes::health))
                 .service(

@@ -166,7 +166,7 @@ async fn finish(
     .await;
     match stored {
         Some(Finished::Done { left }) => tracing::info!(status = outcome.status(), queue_wait_ms, processing_ms, left, "turn finished"),
-        Some(Finished::Stale) => tracing::warn!("turn finished but its lease was gone (reaped or released): outcome dropped, the message runs again"),
+        Some(Finished::Stale) => tracing::warn!("turn finished but its lease was gone (reaped or released, or an earlier try already stored the outcome): nothing stored"),
         None => tracing::warn!("could not store the outcome before the hard stop: the message will run again"),
     }
 }
