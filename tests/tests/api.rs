@@ -445,13 +445,15 @@ async fn health_is_cheap_and_counts() {
 }
 
 #[tokio::test]
-async fn a_malformed_query_is_a_400_in_the_error_shape() {
+async fn bad_query_values_are_a_400_in_the_error_shape() {
     let (s, _) = stack(false, &[]).await;
-    let answer = s
-        .http
-        .get(&format!("{}/api/v1/queue/bob?org=%ZZ", s.api.base))
-        .await
-        .unwrap();
-    assert_eq!(answer.status, 400, "{}", answer.text);
-    assert_eq!(answer.body["code"], "VALIDATION_ERROR");
+    for query in ["org=%01", "org=", "thread_id=7"] {
+        let answer = s
+            .http
+            .get(&format!("{}/api/v1/queue/bob?{query}", s.api.base))
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 400, "{query}: {}", answer.text);
+        assert_eq!(answer.body["code"], "VALIDATION_ERROR");
+    }
 }
