@@ -457,3 +457,197 @@ async fn bad_query_values_are_a_400_in_the_error_shape() {
         assert_eq!(answer.body["code"], "VALIDATION_ERROR");
     }
 }
+
+#[tokio::test]
+async fn cancel_removes_a_queued_message_and_refuses_a_running_one() {
+    let (s, _) = stack(false, &[]).await;
+    let base = &s.api.base;
+    let mut ids = Vec::new();
+    for i in 1..=3 {
+        let a = s
+            .http
+            .post_message(
+                base,
+                &text("gil", &format!("m{i}")),
+                &[("prefer", "respond-async")],
+            )
+            .await
+            .unwrap();
+        ids.push(a.body["message_id"].as_str().unwrap().to_owned());
+    }
+    let url = |id: &str| format!("{base}/api/v1/message/{id}");
+    let headers = [("x-api-key", API_KEY)];
+    let cancelled = s
+        .http
+        .send("DELETE", &url(&ids[1]), &headers, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (cancelled.status, cancelled.body["status"].as_str()),
+        (200, Some("cancelled")),
+        "{}",
+        cancelled.text
+    );
+    let again = s
+        .http
+        .send("DELETE", &url(&ids[1]), &headers, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.status, again.body["code"].as_str()),
+        (409, Some("NOT_CANCELLABLE"))
+    );
+    let unknown = s
+        .http
+        .send(
+            "DELETE",
+            &url("00000000-0000-0000-0000-000000000000"),
+            &headers,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(unknown.status, 404);
+    let record = s.http.get(&url(&ids[1])).await.unwrap();
+    assert_eq!(record.body["status"], "cancelled");
+    assert_eq!(record.body["error"]["code"], "CANCELLED");
+    let third = s.http.get(&url(&ids[2])).await.unwrap();
+    assert_eq!(
+        third.body["queue_position"], 2,
+        "positions close up behind a cancelled message"
+    );
+
+    // The other two run, in order; the cancelled one never reaches the worker.
+    let slow = s
+        .http
+        .post_message(
+            base,
+            &text("gil", "slow [mock:sleep=1500]"),
+            &[("prefer", "respond-async")],
+        )
+        .await
+        .unwrap();
+    let slow_id = slow.body["message_id"].as_str().unwrap().to_owned();
+    let drainer = TestDrainer::start(settings(s.redis.url(), &s.mock.url, &[])).await;
+    for id in [&ids[0], &ids[2]] {
+        wait_finished(&s.http, base, id, Duration::from_secs(10)).await;
+    }
+    broker_tests::eventually("the slow turn to run", Duration::from_secs(10), || async {
+        s.mock
+            .state
+            .stats()
+            .in_flight
+            .contains_key("user:unfoldingWord:gil")
+            .then_some(())
+    })
+    .await;
+    let running = s
+        .http
+        .send("DELETE", &url(&slow_id), &headers, None)
+        .await
+        .unwrap();
+    assert_eq!(running.status, 409, "{}", running.text);
+    assert!(running.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("running"));
+    wait_finished(&s.http, base, &slow_id, Duration::from_secs(10)).await;
+    assert_eq!(
+        s.mock.state.stats().started["user:unfoldingWord:gil"],
+        vec!["m1", "m3", "slow [mock:sleep=1500]"]
+    );
+
+    // Cancelling the only message of a waiting conversation leaves nothing behind.
+    drainer.running.stop().await;
+    let lone = s
+        .http
+        .post_message(base, &text("hal", "alone"), &[("prefer", "respond-async")])
+        .await
+        .unwrap();
+    let lone_id = lone.body["message_id"].as_str().unwrap();
+    assert_eq!(
+        s.http
+            .send("DELETE", &url(lone_id), &headers, None)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let mut conn = s.redis.conn().await;
+    let ready: Vec<String> = redis::AsyncCommands::lrange(&mut conn, "bt:{0}:ready", 0, -1)
+        .await
+        .unwrap();
+    assert!(ready.is_empty(), "{ready:?}");
+    let conv: bool = redis::AsyncCommands::exists(&mut conn, "bt:{0}:conv:user:unfoldingWord:hal")
+        .await
+        .unwrap();
+    assert!(!conv);
+
+    let metrics = s
+        .http
+        .send("GET", &format!("{base}/metrics"), &[], None)
+        .await
+        .unwrap();
+    assert_eq!(metrics.status, 200);
+    for line in [
+        "broker_redis_up 1",
+        "broker_messages_cancelled_total 2",
+        "broker_messages_completed_total 3",
+        "broker_active_queues 0",
+    ] {
+        assert!(
+            metrics.text.lines().any(|l| l == line),
+            "missing {line:?} in\n{}",
+            metrics.text
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_sync_client_whose_message_is_cancelled_gets_409() {
+    let (s, _) = stack(false, &[]).await;
+    let waiting = {
+        let http = s.http.clone();
+        let base = s.api.base.clone();
+        tokio::spawn(async move {
+            http.post_message(&base, &text("ida", "never mind"), &[])
+                .await
+                .unwrap()
+        })
+    };
+    let id = broker_tests::eventually(
+        "the sync message to be queued",
+        Duration::from_secs(5),
+        || async {
+            let q = s
+                .http
+                .get(&format!("{}/api/v1/queue/ida", s.api.base))
+                .await
+                .ok()?;
+            q.body["message_ids"].get(0)?.as_str().map(str::to_owned)
+        },
+    )
+    .await;
+    let cancelled = s
+        .http
+        .send(
+            "DELETE",
+            &format!("{}/api/v1/message/{id}", s.api.base),
+            &[("x-api-key", API_KEY)],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status, 200);
+    let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiter is answered")
+        .unwrap();
+    assert_eq!(
+        (answer.status, answer.body["code"].as_str()),
+        (409, Some("CANCELLED")),
+        "{}",
+        answer.text
+    );
+    assert_eq!(answer.body["message_id"], id.as_str());
+}

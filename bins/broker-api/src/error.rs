@@ -23,6 +23,8 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     NotAcceptable(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("queue full")]
     QueueFull { depth: u64, retry_after_secs: u64 },
     #[error("redis unavailable: {0}")]
@@ -56,6 +58,7 @@ impl ApiError {
                 ErrorBody::new("unsupported media type", "UNSUPPORTED_MEDIA_TYPE", text)
             }
             Self::NotAcceptable(text) => ErrorBody::new("not acceptable", "NOT_ACCEPTABLE", text),
+            Self::Conflict(text) => ErrorBody::new("conflict", "NOT_CANCELLABLE", text),
             Self::QueueFull { depth, .. } => ErrorBody::new(
                 "queue full",
                 "QUEUE_FULL",
@@ -85,6 +88,7 @@ impl ResponseError for ApiError {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

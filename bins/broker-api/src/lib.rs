@@ -100,10 +100,12 @@ impl Application {
                 )
                 .wrap(actix_web::middleware::from_fn(log_request))
                 .route("/health", web::get().to(routes::health))
+                .route("/metrics", web::get().to(routes::metrics))
                 .service(
                     web::scope("/api/v1")
                         .route("/message", web::post().to(routes::post_message))
                         .route("/message/{id}", web::get().to(routes::get_message))
+                        .route("/message/{id}", web::delete().to(routes::delete_message))
                         .route("/queue/{user_id}", web::get().to(routes::get_queue)),
                 )
                 .default_service(web::to(routes::not_found))

@@ -5,8 +5,8 @@ use std::time::Duration;
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use broker_core::queue::{Enqueued, MessageRecord, Mode};
-use broker_proto::{validate_message, ChatType, Conversation, Outcome};
+use broker_core::queue::{Cancelled, Enqueued, MessageRecord, Mode};
+use broker_proto::{validate_message, ChatType, Conversation, Failure, Outcome};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -161,6 +161,148 @@ pub async fn get_message(
         ApiError::NotFound(format!("no message {id} (unknown, or its result expired)"))
     })?;
     Ok(HttpResponse::Ok().json(record_json(&record)))
+}
+
+/// `DELETE /api/v1/message/{id}`: cancels a message that is still queued (409 once running).
+pub async fn delete_message(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.check(&req)?;
+    let id = path.into_inner();
+    check_message_id(&id)?;
+    let outcome = Outcome::Failed {
+        message_id: id.clone(),
+        failure: Failure::new(
+            409,
+            "cancelled",
+            "CANCELLED",
+            "the message was cancelled before it ran",
+        ),
+        queue_wait_ms: 0,
+        processing_ms: 0,
+    };
+    let json = serde_json::to_string(&outcome).map_err(|e| ApiError::Internal(e.to_string()))?;
+    match state.queue.cancel(&id, &json, state.api.result_ttl).await? {
+        Cancelled::Done => {
+            tracing::info!(message_id = %id, "message cancelled");
+            Ok(HttpResponse::Ok().json(json!({"status": "cancelled", "message_id": id})))
+        }
+        Cancelled::Absent => Err(ApiError::NotFound(format!(
+            "no message {id} (unknown, or its result expired)"
+        ))),
+        Cancelled::NotQueued { status } => Err(ApiError::Conflict(format!(
+            "message {id} is {status}; only a queued message can be cancelled"
+        ))),
+    }
+}
+
+/// `GET /metrics`: Prometheus text, from the counters the scripts keep (O(1) in users).
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: i64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    };
+    let (stats, health) = match (
+        state.queue.stats().await,
+        state.queue.health(state.dead_after).await,
+    ) {
+        (Ok(stats), Ok(health)) => (stats, health),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "metrics: redis unreachable");
+            metric(
+                "broker_redis_up",
+                "gauge",
+                "1 when Redis answered this scrape",
+                0,
+            );
+            return HttpResponse::ServiceUnavailable()
+                .content_type("text/plain; version=0.0.4")
+                .body(out);
+        }
+    };
+    let stat = |name: &str| stats.get(name).copied().unwrap_or(0);
+    metric(
+        "broker_redis_up",
+        "gauge",
+        "1 when Redis answered this scrape",
+        1,
+    );
+    metric(
+        "broker_drainers_alive",
+        "gauge",
+        "drainers with a recent heartbeat",
+        health.drainers_alive as i64,
+    );
+    metric(
+        "broker_active_queues",
+        "gauge",
+        "conversations with queued or running work",
+        health.active_queues,
+    );
+    metric(
+        "broker_messages_processing",
+        "gauge",
+        "turns running at the worker",
+        health.processing,
+    );
+    metric(
+        "broker_messages_queued",
+        "gauge",
+        "messages waiting for their turn",
+        health.queued,
+    );
+    metric(
+        "broker_sync_waiters",
+        "gauge",
+        "sync requests waiting on this API process",
+        state.waiters.waiting() as i64,
+    );
+    for (stat_name, name, help) in [
+        (
+            "enqueued_total",
+            "broker_messages_enqueued_total",
+            "messages accepted",
+        ),
+        (
+            "completed_total",
+            "broker_messages_completed_total",
+            "messages answered by the worker",
+        ),
+        (
+            "failed_total",
+            "broker_messages_failed_total",
+            "messages that failed for good",
+        ),
+        (
+            "cancelled_total",
+            "broker_messages_cancelled_total",
+            "messages cancelled while queued",
+        ),
+        (
+            "deduplicated_total",
+            "broker_requests_deduplicated_total",
+            "requests answered for an earlier message with the same client_message_id",
+        ),
+        (
+            "rejected_full_total",
+            "broker_requests_rejected_full_total",
+            "requests refused because the conversation queue was full",
+        ),
+        (
+            "released_total",
+            "broker_conversations_released_total",
+            "conversations given back to ready (shutdown, reconcile, reap)",
+        ),
+    ] {
+        metric(name, "counter", help, stat(stat_name));
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(out)
 }
 
 /// `GET /api/v1/queue/{user_id}` (query `org`, `chat_id`, `thread_id`).

@@ -96,6 +96,18 @@ pub enum Released {
     Stale,
 }
 
+/// What cancel did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancelled {
+    Done,
+    /// No such message (never existed, or its record expired).
+    Absent,
+    /// The message is running or finished: it keeps its status.
+    NotQueued {
+        status: String,
+    },
+}
+
 /// The figures of `GET /health`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HealthFigures {
@@ -435,6 +447,52 @@ impl Queue {
         Err(QueueError::Protocol(
             "release: the running message kept changing".into(),
         ))
+    }
+
+    /// Cancels a message that is still queued, storing `outcome_json` as its outcome.
+    pub async fn cancel(
+        &self,
+        message_id: &str,
+        outcome_json: &str,
+        result_ttl: Duration,
+    ) -> Result<Cancelled, QueueError> {
+        let mut conn = self.conn().await?;
+        let conversation: Option<String> = conn
+            .hget(self.keys.message(message_id), "conversation")
+            .await?;
+        let Some(conversation) = conversation else {
+            return Ok(Cancelled::Absent);
+        };
+        let conv = Conversation::from_key(conversation);
+        let reply: Vec<Value> = self
+            .scripts
+            .cancel
+            .key(self.keys.message(message_id))
+            .key(self.keys.queue(&conv))
+            .key(self.keys.conversation(&conv))
+            .key(self.keys.ready())
+            .key(self.keys.stats())
+            .arg(message_id)
+            .arg(conv.as_str())
+            .arg(now_ms())
+            .arg(outcome_json)
+            .arg(result_ttl.as_secs().max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        match reply.first().map(as_string).transpose()?.as_deref() {
+            Some("ok") => Ok(Cancelled::Done),
+            Some("absent") => Ok(Cancelled::Absent),
+            Some("not_queued") => Ok(Cancelled::NotQueued {
+                status: reply.get(1).map(as_string).transpose()?.unwrap_or_default(),
+            }),
+            other => Err(QueueError::Protocol(format!("cancel returned {other:?}"))),
+        }
+    }
+
+    /// The counters of the stats hash, for `GET /metrics`.
+    pub async fn stats(&self) -> Result<HashMap<String, i64>, QueueError> {
+        let mut conn = self.conn().await?;
+        Ok(conn.hgetall(self.keys.stats()).await?)
     }
 
     /// Records a drainer's heartbeat on the Redis clock; returns that time (ms).

@@ -13,6 +13,7 @@ pub struct Scripts {
     pub expired: Script,
     pub forget: Script,
     pub health: Script,
+    pub cancel: Script,
 }
 
 impl Scripts {
@@ -26,6 +27,7 @@ impl Scripts {
             expired: Script::new(include_str!("../lua/expired.lua")),
             forget: Script::new(include_str!("../lua/forget.lua")),
             health: Script::new(include_str!("../lua/health.lua")),
+            cancel: Script::new(include_str!("../lua/cancel.lua")),
         }
     }
 }
