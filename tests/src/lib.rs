@@ -320,6 +320,11 @@ impl Process {
         unsafe {
             libc::kill(self.pid(), libc::SIGTERM);
         }
+        self.wait(limit)
+    }
+
+    /// Waits for the process to exit (up to `limit`).
+    pub fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
         while start.elapsed() < limit {
             if let Ok(Some(status)) = self.child.try_wait() {

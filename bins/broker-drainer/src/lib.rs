@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     /// Since when heartbeats have succeeded without a gap (ms), 0 while failing.
     pub healthy_since: AtomicU64,
     pub draining: AtomicBool,
+    /// Set when the drainer ends with an empty processing list: it leaves the drainer set.
+    pub deregister_at_end: AtomicBool,
     /// Set when the grace period is over: running turns give up and release.
     pub hard_stop: watch::Receiver<bool>,
 }
@@ -90,6 +92,7 @@ impl Drainer {
             last_heartbeat: AtomicU64::new(0),
             healthy_since: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            deregister_at_end: AtomicBool::new(false),
             hard_stop,
         });
         Ok(Self {
@@ -130,11 +133,15 @@ impl Drainer {
             concurrency = d.concurrency,
             "drainer starting"
         );
+        // `stop` ends claiming; `end` ends the heartbeat, the reaper and the health endpoint,
+        // which must outlive the grace period: a draining drainer whose heartbeat stopped
+        // would be reaped while its last turns still run.
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (end_tx, end_rx) = watch::channel(false);
         let mut background = JoinSet::new();
-        background.spawn(health::serve(listener, shared.clone(), stop_rx.clone()));
-        background.spawn(heartbeat_loop(shared.clone(), stop_rx.clone()));
-        background.spawn(reap_loop(shared.clone(), stop_rx.clone()));
+        background.spawn(health::serve(listener, shared.clone(), end_rx.clone()));
+        let heartbeat = tokio::spawn(heartbeat_loop(shared.clone(), end_rx.clone()));
+        background.spawn(reap_loop(shared.clone(), end_rx));
 
         let mut turns = JoinSet::new();
         {
@@ -181,13 +188,13 @@ impl Drainer {
                 .processing_list(shared.id())
                 .await
                 .is_ok_and(|l| l.is_empty());
-        if clean {
-            if let Err(e) = shared.queue.deregister(shared.id()).await {
-                tracing::warn!(error = %e, "could not deregister");
-            }
-        } else {
+        if !clean {
             tracing::warn!("could not empty the processing list; another drainer will reap it");
         }
+        // The heartbeat loop deregisters as its last act (so no beat can follow), when clean.
+        shared.deregister_at_end.store(clean, Ordering::SeqCst);
+        let _ = end_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), heartbeat).await;
         background.abort_all();
         tracing::info!(drainer = %shared.id(), "drainer stopped");
         Ok(())
@@ -309,7 +316,7 @@ async fn reconcile(shared: &Shared) -> Result<(), broker_core::queue::QueueError
     Ok(())
 }
 
-async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn heartbeat_loop(shared: Arc<Shared>, mut end: watch::Receiver<bool>) {
     let every = shared.settings.drainer.heartbeat;
     loop {
         match shared.queue.heartbeat(shared.id()).await {
@@ -330,7 +337,15 @@ async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         tokio::select! {
             () = tokio::time::sleep(every) => {}
-            () = crate::flag_set(&mut stop) => return,
+            () = flag_set(&mut end) => break,
+        }
+    }
+    if shared.deregister_at_end.load(Ordering::SeqCst) {
+        match shared.queue.deregister(shared.id()).await {
+            Ok(()) => tracing::info!("deregistered"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not deregister; the drainer set forgets it once it is silent")
+            }
         }
     }
 }
