@@ -161,3 +161,48 @@ async fn a_duplicate_on_another_api_process_is_answered_from_the_record() {
     );
     assert_eq!(mock.state.stats().requests, 1);
 }
+
+#[tokio::test]
+async fn a_message_restarted_too_often_fails_without_reaching_the_worker() {
+    let redis = TestRedis::start().await;
+    let mock = TestMock::start(Duration::from_millis(5));
+    let s = settings(redis.url(), &mock.url, &[("BROKER_MAX_CLAIMS", "3")]);
+    let api = TestApi::start(s.clone()).await;
+    let http = Http::new();
+    let a = http
+        .post_message(
+            &api.base,
+            &json!({"user_id": "wes", "client_id": "web", "message": "poison"}),
+            &[("prefer", "respond-async")],
+        )
+        .await
+        .unwrap();
+    let id = a.body["message_id"].as_str().unwrap().to_owned();
+    // As if three drainers had died running it.
+    let mut conn = redis.conn().await;
+    let _: () = conn
+        .hset(format!("bt:{{0}}:msg:{id}"), "attempts", 3)
+        .await
+        .unwrap();
+    let _d = TestDrainer::start(s).await;
+    let done = wait_finished(&http, &api.base, &id, Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["error"]["code"], "RETRIES_EXHAUSTED");
+    assert_eq!(
+        mock.state.stats().requests,
+        0,
+        "the worker never saw it again"
+    );
+    let dead: Vec<String> = conn.lrange("bt:{0}:dead", 0, -1).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    // The conversation goes on.
+    let next = http
+        .post_message(
+            &api.base,
+            &json!({"user_id": "wes", "client_id": "web", "message": "fine"}),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(next.status, 200, "{}", next.text);
+}
