@@ -53,16 +53,19 @@ impl TestRedis {
             };
         }
         #[allow(unreachable_code)]
-        {
-            let dir = TempDir::new("redis");
-            let local = LocalRedis::start(&dir.0).unwrap_or_else(|e| panic!("{e}"));
-            Self {
-                url: local.url(),
-                local: Some(local),
-                _dir: dir,
-                #[cfg(feature = "testcontainers")]
-                _container: None,
-            }
+        Self::start_local()
+    }
+
+    /// Starts a local `redis-server` whatever the features: for tests that kill and restart it.
+    pub fn start_local() -> Self {
+        let dir = TempDir::new("redis");
+        let local = LocalRedis::start(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        Self {
+            url: local.url(),
+            local: Some(local),
+            _dir: dir,
+            #[cfg(feature = "testcontainers")]
+            _container: None,
         }
     }
 

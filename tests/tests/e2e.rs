@@ -236,7 +236,8 @@ async fn sigterm_finishes_running_turns_exits_0_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_restart_mid_run_answers_503_then_loses_nothing() {
-    let mut redis = TestRedis::start().await;
+    // Killed and restarted on the same port and data: always a local redis-server.
+    let mut redis = TestRedis::start_local();
     let mock = TestMock::start(Duration::from_millis(200));
     let api = TestApi::start(settings(redis.url(), &mock.url, &[])).await;
     let env = test_env(redis.url(), &mock.url, &[]);
