@@ -269,6 +269,8 @@ impl TestApi {
 /// A drainer, in-process.
 pub struct TestDrainer {
     pub id: String,
+    /// URL of its `GET /health`.
+    pub health: String,
     pub running: InProcess,
 }
 
@@ -278,8 +280,10 @@ impl TestDrainer {
             .await
             .expect("build drainer");
         let id = drainer.id().to_owned();
+        let health = format!("http://{}/health", drainer.health_addr());
         Self {
             id,
+            health,
             running: InProcess::spawn(|stop| drainer.run(stop)),
         }
     }

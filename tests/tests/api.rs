@@ -651,3 +651,59 @@ async fn a_sync_client_whose_message_is_cancelled_gets_409() {
     );
     assert_eq!(answer.body["message_id"], id.as_str());
 }
+
+#[tokio::test]
+async fn stopping_the_api_answers_waiting_sync_clients_with_202() {
+    let (s, _) = stack(false, &[]).await;
+    let waiting = {
+        let http = s.http.clone();
+        let base = s.api.base.clone();
+        tokio::spawn(async move {
+            http.post_message(&base, &text("jon", "waits"), &[])
+                .await
+                .unwrap()
+        })
+    };
+    broker_tests::eventually(
+        "the sync message to be queued",
+        Duration::from_secs(5),
+        || async {
+            let q = s
+                .http
+                .get(&format!("{}/api/v1/queue/jon", s.api.base))
+                .await
+                .ok()?;
+            (q.body["queue_length"] == 1).then_some(())
+        },
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), s.api.running.stop())
+        .await
+        .expect("the API stops promptly");
+    let answer = waiting.await.unwrap();
+    assert_eq!(answer.status, 202, "{}", answer.text);
+    assert_eq!(answer.body["status"], "queued");
+    assert!(answer.body["status_url"]
+        .as_str()
+        .unwrap()
+        .starts_with("/api/v1/message/"));
+}
+
+#[tokio::test]
+async fn a_drainer_serves_its_own_health() {
+    let (s, drainer) = stack(true, &[]).await;
+    let drainer = drainer.unwrap();
+    let h = broker_tests::eventually("a heartbeat", Duration::from_secs(5), || {
+        let http = s.http.clone();
+        let url = drainer.health.clone();
+        async move {
+            let a = http.send("GET", &url, &[], None).await.ok()?;
+            (a.body["redis_connected"] == true).then_some(a)
+        }
+    })
+    .await;
+    assert_eq!(h.status, 200);
+    assert_eq!(h.body["status"], "healthy");
+    assert_eq!(h.body["drainer_id"], drainer.id.as_str());
+    assert_eq!(h.body["running_turns"], 0);
+}
