@@ -1,0 +1,336 @@
+//! Randomised model test of the scripts: thousands of interleavings of enqueue, BLMOVE,
+//! claim, finish, stale finishes, drainer deaths (reap), releases and cancels against a real
+//! Redis, checking design §6's invariants and the counters against a simple model after
+//! every step. The seed is printed; `MODEL_SEED=<n>` replays a run.
+// Test helpers panic on purpose: a failed step fails the test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use broker_core::queue::{Cancelled, Claim, Enqueued, Finished, Mode, Queue, Released};
+use broker_core::{redis_conn, Keys};
+use broker_proto::{validate_message, Conversation, ValidationLimits};
+use broker_tests::{settings, TestRedis};
+use redis::AsyncCommands;
+use serde_json::json;
+
+const CONVERSATIONS: usize = 4;
+const DRAINERS: [&str; 3] = ["d0", "d1", "d2"];
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Where a conversation stands, as the model sees it.
+#[derive(Debug, Clone, PartialEq)]
+enum Hold {
+    /// Nothing taken: in ready (when it has messages) or idle.
+    Free,
+    /// Moved into a drainer's processing list, not claimed yet.
+    Taken(&'static str),
+    /// Running its head under a lease.
+    Running {
+        drainer: &'static str,
+        lease: String,
+        message: String,
+    },
+}
+
+#[tokio::test]
+async fn random_interleavings_keep_the_invariants() {
+    let seed = std::env::var("MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("MODEL_SEED={seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+
+    let redis = TestRedis::start().await;
+    let s = settings(redis.url(), "http://127.0.0.1:9", &[]);
+    let keys = Keys::new("bt", "0");
+    let queue = Queue::new(redis_conn::pool(&s.redis).unwrap(), keys.clone());
+    let client = redis_conn::client(&s.redis).unwrap();
+    let mut blocking = redis_conn::blocking_connection(&client, &s.redis)
+        .await
+        .unwrap();
+    let mut conn = redis.conn().await;
+
+    let requests: Vec<_> = (0..CONVERSATIONS)
+        .map(|i| {
+            let body = json!({"user_id": format!("u{i}"), "client_id": "web", "message": "x"});
+            validate_message(
+                body.to_string().as_bytes(),
+                "o",
+                &ValidationLimits::default(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let convs: Vec<Conversation> = requests.iter().map(|r| r.conversation.clone()).collect();
+    let mut model: Vec<VecDeque<String>> = vec![VecDeque::new(); CONVERSATIONS];
+    let mut hold: Vec<Hold> = vec![Hold::Free; CONVERSATIONS];
+    let mut stale: Vec<(usize, &'static str, String, String)> = Vec::new();
+    let mut next_id = 0u64;
+    let mut done = 0u64;
+
+    for step in 0..3000 {
+        let op = rng.u8(..8);
+        // Claim and finish act on a conversation that can take them, if there is one.
+        let eligible: Vec<usize> = (0..CONVERSATIONS)
+            .filter(|&c| match op {
+                3 => matches!(hold[c], Hold::Taken(_)),
+                4 => matches!(hold[c], Hold::Running { .. }),
+                _ => true,
+            })
+            .collect();
+        let i = if eligible.is_empty() {
+            rng.usize(..CONVERSATIONS)
+        } else {
+            eligible[rng.usize(..eligible.len())]
+        };
+        let conv = &convs[i];
+        let context = format!("seed {seed}, step {step}");
+        match op {
+            0 | 1 => {
+                next_id += 1;
+                let id = format!("m{next_id}");
+                let r = queue
+                    .enqueue(&requests[i], &id, Mode::Async, None, 50, DAY)
+                    .await
+                    .unwrap();
+                if model[i].len() >= 50 {
+                    assert_eq!(
+                        r,
+                        Enqueued::Full {
+                            depth: model[i].len() as u64
+                        },
+                        "{context}"
+                    );
+                } else {
+                    let running = matches!(hold[i], Hold::Running { .. });
+                    let expected = model[i].len() as u64 + if running { 0 } else { 1 };
+                    assert_eq!(r, Enqueued::Accepted { position: expected }, "{context}");
+                    model[i].push_back(id);
+                }
+            }
+            2 => {
+                let drainer = DRAINERS[rng.usize(..DRAINERS.len())];
+                let taken = queue
+                    .take_ready(&mut blocking, drainer, Duration::from_millis(10))
+                    .await
+                    .unwrap();
+                let waiting: Vec<usize> = (0..CONVERSATIONS)
+                    .filter(|&c| hold[c] == Hold::Free && !model[c].is_empty())
+                    .collect();
+                match taken {
+                    Some(key) => {
+                        let c = convs.iter().position(|x| x.as_str() == key).unwrap();
+                        assert!(
+                            waiting.contains(&c),
+                            "{context}: took {key}, which was not waiting"
+                        );
+                        hold[c] = Hold::Taken(drainer);
+                    }
+                    None => assert!(
+                        waiting.is_empty(),
+                        "{context}: nothing taken though {waiting:?} wait"
+                    ),
+                }
+            }
+            3 => {
+                if let Hold::Taken(drainer) = hold[i] {
+                    let lease = format!("l{step}");
+                    match queue.claim(drainer, conv, &lease).await.unwrap() {
+                        Claim::Turn(c) => {
+                            assert_eq!(
+                                Some(&c.message_id),
+                                model[i].front(),
+                                "{context}: only the head runs"
+                            );
+                            hold[i] = Hold::Running {
+                                drainer,
+                                lease,
+                                message: c.message_id,
+                            };
+                        }
+                        Claim::Empty => {
+                            assert!(model[i].is_empty(), "{context}");
+                            hold[i] = Hold::Free;
+                        }
+                    }
+                }
+            }
+            4 => {
+                if let Hold::Running {
+                    drainer,
+                    lease,
+                    message,
+                } = hold[i].clone()
+                {
+                    let r = queue
+                        .finish(
+                            drainer,
+                            conv,
+                            &message,
+                            &lease,
+                            "completed",
+                            "{}",
+                            DAY,
+                            None,
+                            10,
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(model[i].pop_front().as_ref(), Some(&message), "{context}");
+                    assert_eq!(
+                        r,
+                        Finished::Done {
+                            left: model[i].len() as u64
+                        },
+                        "{context}"
+                    );
+                    hold[i] = Hold::Free;
+                    done += 1;
+                }
+            }
+            5 => {
+                // A drainer dies: everything in its list is reaped; its leases go stale.
+                let dead = DRAINERS[rng.usize(..DRAINERS.len())];
+                for key in queue.processing_list(dead).await.unwrap() {
+                    let c = convs.iter().position(|x| x.as_str() == key).unwrap();
+                    let r = queue.release(dead, &convs[c], None).await.unwrap();
+                    assert_eq!(r, Released::Done, "{context}");
+                    if let Hold::Running {
+                        drainer,
+                        lease,
+                        message,
+                    } = hold[c].clone()
+                    {
+                        stale.push((c, drainer, lease, message));
+                    }
+                    hold[c] = Hold::Free;
+                }
+            }
+            6 => {
+                // A stale lease (from a reaped drainer, or a made-up one) changes nothing.
+                let (c, drainer, lease, message) = match (stale.pop(), &hold[i]) {
+                    (Some(old), _) => old,
+                    (
+                        None,
+                        Hold::Running {
+                            drainer, message, ..
+                        },
+                    ) => (i, *drainer, "bogus".into(), message.clone()),
+                    (None, _) => continue,
+                };
+                let r = queue
+                    .finish(
+                        drainer,
+                        &convs[c],
+                        &message,
+                        &lease,
+                        "completed",
+                        "{}",
+                        DAY,
+                        None,
+                        10,
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(r, Finished::Stale, "{context}");
+                let r = queue
+                    .release(drainer, &convs[c], Some(&lease))
+                    .await
+                    .unwrap();
+                assert!(
+                    matches!(r, Released::Stale | Released::Absent),
+                    "{context}: {r:?}"
+                );
+            }
+            _ => {
+                // Cancel a random message of the conversation: only a queued one goes.
+                let Some(pos) = (!model[i].is_empty()).then(|| rng.usize(..model[i].len())) else {
+                    continue;
+                };
+                let id = model[i][pos].clone();
+                let running = matches!(&hold[i], Hold::Running { message, .. } if *message == id);
+                match queue.cancel(&id, "{}", DAY).await.unwrap() {
+                    Cancelled::Done => {
+                        assert!(!running, "{context}: cancelled a running message");
+                        model[i].remove(pos);
+                        if model[i].is_empty() && hold[i] == Hold::Free {
+                            hold[i] = Hold::Free;
+                        }
+                    }
+                    Cancelled::NotQueued { status } => {
+                        assert!(running && status == "running", "{context}: {status}")
+                    }
+                    Cancelled::Absent => panic!("{context}: {id} vanished"),
+                }
+            }
+        }
+
+        // Invariants of design §6, and the counters against the model.
+        let ready: Vec<String> = conn.lrange(keys.ready(), 0, -1).await.unwrap();
+        let mut lists = HashMap::new();
+        for d in DRAINERS {
+            let l: Vec<String> = conn.lrange(keys.processing(d), 0, -1).await.unwrap();
+            lists.insert(d, l);
+        }
+        for (c, key) in convs.iter().enumerate() {
+            let in_ready = ready.iter().filter(|k| *k == key.as_str()).count();
+            let in_processing: usize = lists
+                .values()
+                .map(|l| l.iter().filter(|k| *k == key.as_str()).count())
+                .sum();
+            let stored: Vec<String> = conn.lrange(keys.queue(key), 0, -1).await.unwrap();
+            assert_eq!(
+                stored,
+                Vec::from(model[c].clone()),
+                "{context}: {key} holds its messages in order"
+            );
+            match &hold[c] {
+                Hold::Free if model[c].is_empty() => {
+                    assert_eq!(
+                        in_ready + in_processing,
+                        0,
+                        "{context}: idle {key} is in no list"
+                    );
+                    let exists: bool = conn.exists(keys.conversation(key)).await.unwrap();
+                    assert!(!exists, "{context}: idle {key} has no state");
+                }
+                Hold::Free => assert_eq!(
+                    (in_ready, in_processing),
+                    (1, 0),
+                    "{context}: waiting {key} is in ready once"
+                ),
+                Hold::Taken(d) | Hold::Running { drainer: d, .. } => {
+                    assert_eq!(in_ready, 0, "{context}");
+                    assert_eq!(
+                        lists[d].iter().filter(|k| *k == key.as_str()).count(),
+                        1,
+                        "{context}: {key} in {d}'s list once"
+                    );
+                    assert_eq!(in_processing, 1, "{context}");
+                }
+            }
+        }
+        let health = queue.health(Duration::from_secs(15)).await.unwrap();
+        let active = model.iter().filter(|q| !q.is_empty()).count() as i64;
+        let running = hold
+            .iter()
+            .filter(|h| matches!(h, Hold::Running { .. }))
+            .count() as i64;
+        let total: i64 = model.iter().map(|q| q.len() as i64).sum();
+        assert_eq!(health.processing, running, "{context}: processing counter");
+        assert_eq!(health.queued, total - running, "{context}: queued counter");
+        // A conversation emptied by cancel while taken keeps its state until its claim.
+        let emptied_taken = (0..CONVERSATIONS)
+            .filter(|&c| model[c].is_empty() && matches!(hold[c], Hold::Taken(_)))
+            .count() as i64;
+        assert_eq!(
+            health.active_queues,
+            active + emptied_taken,
+            "{context}: active_queues counter"
+        );
+    }
+    assert!(done > 100, "the run finished only {done} turns");
+}
