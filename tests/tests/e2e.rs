@@ -306,3 +306,71 @@ async fn redis_restart_mid_run_answers_503_then_loses_nothing() {
     assert_eq!(after.status, 200, "{}", after.text);
     assert_eq!(after.body["responses"], json!(["echo: back again"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_random_worker_failures_and_repeated_kill_9() {
+    let redis = TestRedis::start().await;
+    let mock = TestMock::start_with(mock_worker::MockSettings {
+        port: 0,
+        latency: Duration::from_millis(40),
+        jitter: Duration::from_millis(60),
+        rate_429: 0.05,
+        rate_5xx: 0.05,
+        rate_disconnect: 0.02,
+        ..Default::default()
+    });
+    let api = TestApi::start(settings(redis.url(), &mock.url, &[])).await;
+    let env = test_env(redis.url(), &mock.url, &[]);
+    let mut drainers: Vec<_> = (0..3).map(|_| start_drainer_process(&env)).collect();
+    let http = Http::new();
+
+    let mut all = Vec::new();
+    for conv in 0..20 {
+        let texts = texts(conv, 15);
+        let ids = send_async(&http, &api.base, &format!("user{conv}"), &texts).await;
+        all.push((conv, ids, texts));
+    }
+    // Four times: let some turns finish, kill a drainer mid-turn, start a fresh one.
+    for round in 0..4u64 {
+        let target = (round + 1) * 40;
+        eventually(
+            "progress before the next kill",
+            Duration::from_secs(30),
+            || async { (mock.state.stats().completed >= target).then_some(()) },
+        )
+        .await;
+        let victim = fastrand::usize(..drainers.len());
+        drainers[victim].kill9();
+        drainers[victim] = start_drainer_process(&env);
+    }
+
+    let mut failed = 0;
+    for (_, ids, texts) in &all {
+        for (id, text) in ids.iter().zip(texts) {
+            let done = wait_finished(&http, &api.base, id, Duration::from_secs(90)).await;
+            if done["status"] == "completed" {
+                assert_eq!(
+                    done["result"]["responses"],
+                    json!([format!("echo: {text}")]),
+                    "{text}"
+                );
+            } else {
+                assert!(done["error"]["code"].is_string(), "{done}");
+                failed += 1;
+            }
+        }
+    }
+    let stats = mock.state.stats();
+    mock.assert_one_in_flight();
+    for (conv, _, texts) in &all {
+        let key = format!("user:unfoldingWord:user{conv}");
+        assert_fifo(&key, &stats.started[&key], texts);
+    }
+    assert!(
+        failed < 30,
+        "{failed} of 300 failed: more than random disconnects explain"
+    );
+    let mut conn = redis.conn().await;
+    let ready: u64 = conn.llen("bt:{0}:ready").await.unwrap();
+    assert_eq!(ready, 0);
+}
