@@ -43,6 +43,11 @@ impl From<broker_core::queue::QueueError> for ApiError {
 }
 
 impl ApiError {
+    /// A message id that names no record (never existed, or its result expired).
+    pub fn no_message(id: &str) -> Self {
+        Self::NotFound(format!("no message {id} (unknown, or its result expired)"))
+    }
+
     fn body(&self) -> ErrorBody {
         match self {
             Self::MissingKey => ErrorBody::new(

@@ -157,9 +157,11 @@ pub async fn get_message(
     state.auth.check(&req)?;
     let id = path.into_inner();
     check_message_id(&id)?;
-    let record = state.queue.message_record(&id).await?.ok_or_else(|| {
-        ApiError::NotFound(format!("no message {id} (unknown, or its result expired)"))
-    })?;
+    let record = state
+        .queue
+        .message_record(&id)
+        .await?
+        .ok_or_else(|| ApiError::no_message(&id))?;
     Ok(HttpResponse::Ok().json(record_json(&record)))
 }
 
