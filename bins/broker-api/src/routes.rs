@@ -191,9 +191,7 @@ pub async fn delete_message(
             tracing::info!(message_id = %id, "message cancelled");
             Ok(HttpResponse::Ok().json(json!({"status": "cancelled", "message_id": id})))
         }
-        Cancelled::Absent => Err(ApiError::NotFound(format!(
-            "no message {id} (unknown, or its result expired)"
-        ))),
+        Cancelled::Absent => Err(ApiError::no_message(&id)),
         Cancelled::NotQueued { status } => Err(ApiError::Conflict(format!(
             "message {id} is {status}; only a queued message can be cancelled"
         ))),
