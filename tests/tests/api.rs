@@ -707,3 +707,41 @@ async fn a_drainer_serves_its_own_health() {
     assert_eq!(h.body["drainer_id"], drainer.id.as_str());
     assert_eq!(h.body["running_turns"], 0);
 }
+
+#[tokio::test]
+async fn the_worker_gets_every_field_it_understands_unchanged() {
+    let (s, _d) = stack(true, &[]).await;
+    // About 1 MB of audio.
+    let audio = "T2dnUwACAAAA".repeat(90_000);
+    let request = json!({
+        "user_id": "123456789", "org_id": "uW", "client_id": "telegram-gateway", "message_type": "audio",
+        "message": "caption", "audio_base64": audio, "audio_format": "audio/ogg", "chat_type": "supergroup",
+        "chat_id": "-100123", "thread_id": "42", "speaker": "Alice", "addressed_to_bot": true,
+        "response_language_hint": "ru", "client_message_id": "tg-1"
+    });
+    let answer = s
+        .http
+        .post_message(&s.api.base, &request, &[])
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let body = s.mock.state.stats().last_body["group:uW:-100123:42"].clone();
+    let expected = json!({
+        "user_id": "123456789", "org": "uW", "client_id": "telegram-gateway", "message_type": "audio",
+        "message": "caption", "audio_base64": audio, "audio_format": "audio/ogg", "chat_type": "supergroup",
+        "chat_id": "-100123", "thread_id": "42", "speaker": "Alice", "addressed_to_bot": true,
+        "response_language_hint": "ru"
+    });
+    assert_eq!(
+        body, expected,
+        "org_id becomes org; broker-only fields stay with the broker"
+    );
+    // The finished record no longer carries the audio.
+    let id = answer.body["message_id"].as_str().unwrap();
+    let mut conn = s.redis.conn().await;
+    let stored: Option<String> =
+        redis::AsyncCommands::hget(&mut conn, format!("bt:{{0}}:msg:{id}"), "body")
+            .await
+            .unwrap();
+    assert!(stored.is_none());
+}

@@ -113,6 +113,8 @@ pub struct Stats {
     pub started: HashMap<String, Vec<String>>,
     /// Requests per message text (for `times=N`).
     per_text: HashMap<String, u64>,
+    /// The last request body received, per conversation.
+    pub last_body: HashMap<String, Value>,
 }
 
 /// The shared state of a running mock.
@@ -376,6 +378,11 @@ fn accept(
     );
     let text = field("message").unwrap_or("").to_owned();
     let directives = directives(&text);
+    if let Ok(mut stats) = state.stats.lock() {
+        stats
+            .last_body
+            .insert(conversation.to_string(), Value::Object(request.clone()));
+    }
 
     let seen = state
         .stats
