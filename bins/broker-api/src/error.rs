@@ -29,6 +29,9 @@ pub enum ApiError {
     QueueFull { depth: u64, retry_after_secs: u64 },
     #[error("redis unavailable: {0}")]
     Unavailable(String),
+    /// Redis did not answer in time: a write may or may not have happened.
+    #[error("redis timed out: {0}")]
+    Uncertain(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -37,6 +40,9 @@ impl From<broker_core::queue::QueueError> for ApiError {
     fn from(e: broker_core::queue::QueueError) -> Self {
         match e {
             broker_core::queue::QueueError::Protocol(text) => Self::Internal(text),
+            broker_core::queue::QueueError::Redis(e) if e.is_timeout() => {
+                Self::Uncertain(e.to_string())
+            }
             other => Self::Unavailable(other.to_string()),
         }
     }
@@ -74,6 +80,12 @@ impl ApiError {
                 "REDIS_UNAVAILABLE",
                 "the queue store is unavailable; nothing was enqueued, retry later",
             ),
+            Self::Uncertain(_) => ErrorBody::new(
+                "service unavailable",
+                "REDIS_TIMEOUT",
+                "the queue store did not answer in time; the request may or may not have taken effect: \
+                 retry with the same client_message_id to be safe",
+            ),
             Self::Internal(_) => ErrorBody::new(
                 "internal error",
                 "INTERNAL_ERROR",
@@ -95,7 +107,7 @@ impl ResponseError for ApiError {
             Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Uncertain(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -103,6 +115,7 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         match self {
             Self::Unavailable(cause) => tracing::warn!(%cause, "redis unavailable"),
+            Self::Uncertain(cause) => tracing::warn!(%cause, "redis timed out"),
             Self::Internal(cause) => tracing::error!(%cause, "internal error"),
             _ => {}
         }
@@ -116,5 +129,30 @@ impl ResponseError for ApiError {
             }
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use broker_core::queue::QueueError;
+
+    #[test]
+    fn a_timeout_is_uncertain_and_a_refusal_is_not() {
+        let timeout =
+            redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "slow"));
+        assert!(timeout.is_timeout());
+        let uncertain = ApiError::from(QueueError::Redis(timeout));
+        assert_eq!(uncertain.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(uncertain.body().code, "REDIS_TIMEOUT");
+        assert!(uncertain.body().message.contains("client_message_id"));
+
+        let refused = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "down",
+        ));
+        let unavailable = ApiError::from(QueueError::Redis(refused));
+        assert_eq!(unavailable.body().code, "REDIS_UNAVAILABLE");
+        assert!(unavailable.body().message.contains("nothing was enqueued"));
     }
 }

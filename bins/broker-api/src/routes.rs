@@ -485,7 +485,6 @@ async fn status_response(
         "status": status,
         "message_id": message_id,
         "status_url": location,
-        "stream_url": format!("/api/v1/stream?message_id={message_id}"),
     });
     if let Some(p) = queue_position {
         body["queue_position"] = json!(p);
