@@ -34,6 +34,30 @@ enum Hold {
     },
 }
 
+/// Finishes a turn as completed with an empty outcome.
+async fn finish(
+    queue: &Queue,
+    drainer: &str,
+    conv: &Conversation,
+    message: &str,
+    lease: &str,
+) -> Finished {
+    queue
+        .finish(
+            drainer,
+            conv,
+            message,
+            lease,
+            "completed",
+            "{}",
+            DAY,
+            None,
+            10,
+        )
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn random_interleavings_keep_the_invariants() {
     let seed = std::env::var("MODEL_SEED")
@@ -165,20 +189,7 @@ async fn random_interleavings_keep_the_invariants() {
                     message,
                 } = hold[i].clone()
                 {
-                    let r = queue
-                        .finish(
-                            drainer,
-                            conv,
-                            &message,
-                            &lease,
-                            "completed",
-                            "{}",
-                            DAY,
-                            None,
-                            10,
-                        )
-                        .await
-                        .unwrap();
+                    let r = finish(&queue, drainer, conv, &message, &lease).await;
                     assert_eq!(model[i].pop_front().as_ref(), Some(&message), "{context}");
                     assert_eq!(
                         r,
@@ -221,20 +232,7 @@ async fn random_interleavings_keep_the_invariants() {
                     ) => (i, *drainer, "bogus".into(), message.clone()),
                     (None, _) => continue,
                 };
-                let r = queue
-                    .finish(
-                        drainer,
-                        &convs[c],
-                        &message,
-                        &lease,
-                        "completed",
-                        "{}",
-                        DAY,
-                        None,
-                        10,
-                    )
-                    .await
-                    .unwrap();
+                let r = finish(&queue, drainer, &convs[c], &message, &lease).await;
                 assert_eq!(r, Finished::Stale, "{context}");
                 let r = queue
                     .release(drainer, &convs[c], Some(&lease))

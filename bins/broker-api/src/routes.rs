@@ -154,9 +154,7 @@ pub async fn get_message(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.check(&req)?;
-    let id = path.into_inner();
-    check_message_id(&id)?;
+    let id = authorized_message_id(&req, path, &state)?;
     let record = state
         .queue
         .message_record(&id)
@@ -171,9 +169,7 @@ pub async fn delete_message(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.check(&req)?;
-    let id = path.into_inner();
-    check_message_id(&id)?;
+    let id = authorized_message_id(&req, path, &state)?;
     let outcome = Outcome::Failed {
         message_id: id.clone(),
         failure: Failure::new(
@@ -427,6 +423,18 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
                 .next()
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case(token))
         })
+}
+
+/// The prologue of the per-message routes: authenticate, then check the id's shape.
+fn authorized_message_id(
+    req: &HttpRequest,
+    path: web::Path<String>,
+    state: &AppState,
+) -> Result<String, ApiError> {
+    state.auth.check(req)?;
+    let id = path.into_inner();
+    check_message_id(&id)?;
+    Ok(id)
 }
 
 fn check_message_id(id: &str) -> Result<(), ApiError> {
