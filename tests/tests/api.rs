@@ -116,7 +116,7 @@ async fn every_validation_rule_is_a_400_that_names_the_field_and_writes_nothing(
             "progress_callback_url",
         ),
         (
-            json!({"user_id": "a", "client_id": "web", "message": "x", "callback_url": "https://x.example/cb"}),
+            json!({"user_id": "a", "client_id": "web", "message": "x", "callback_url": "http://x.example/cb"}),
             "callback_url",
         ),
         (json!(["not", "an", "object"]), "body"),

@@ -8,7 +8,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use broker_core::queue::{Cancelled, Claim, Enqueued, Finished, Mode, Queue, Released};
+use broker_core::queue::{
+    Cancelled, Claim, Enqueued, Finish, Finished, Mode, Queue, Released, Retention,
+};
 use broker_core::{redis_conn, Keys};
 use broker_proto::{validate_message, Conversation, ValidationLimits};
 use broker_tests::{settings, TestRedis};
@@ -48,11 +50,12 @@ async fn finish(
             conv,
             message,
             lease,
-            "completed",
-            "{}",
-            DAY,
-            None,
-            10,
+            &Finish::new("completed", "{}", "complete", "{}"),
+            &Retention {
+                result_ttl: DAY,
+                dead_list_max: 10,
+                events_max: 100,
+            },
         )
         .await
         .unwrap()
@@ -250,7 +253,7 @@ async fn random_interleavings_keep_the_invariants() {
                 };
                 let id = model[i][pos].clone();
                 let running = matches!(&hold[i], Hold::Running { message, .. } if *message == id);
-                match queue.cancel(&id, "{}", DAY).await.unwrap() {
+                match queue.cancel(&id, "{}", "{}", DAY).await.unwrap() {
                     Cancelled::Done => {
                         assert!(!running, "{context}: cancelled a running message");
                         model[i].remove(pos);

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use broker_core::queue::{Claim, Claimed, Enqueued, Finished, Mode, Queue, Released};
+use broker_core::queue::{
+    Claim, Claimed, Enqueued, Finish, Finished, Mode, Queue, Released, Retention,
+};
 use broker_core::{redis_conn, Keys};
 use broker_proto::{validate_message, Conversation, MessageRequest, ValidationLimits};
 use broker_tests::{settings, TestRedis};
@@ -85,11 +87,12 @@ async fn finish(
             conv,
             id,
             lease,
-            "completed",
-            r#"{"status":"completed"}"#,
-            DAY,
-            None,
-            100,
+            &Finish::new("completed", r#"{"status":"completed"}"#, "complete", "{}"),
+            &Retention {
+                result_ttl: DAY,
+                dead_list_max: 100,
+                events_max: 100,
+            },
         )
         .await
         .unwrap()

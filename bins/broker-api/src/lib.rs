@@ -5,6 +5,7 @@
 mod auth;
 mod error;
 mod routes;
+mod stream;
 mod waiters;
 
 use std::net::TcpListener;
@@ -28,6 +29,8 @@ pub struct AppState {
     pub queue: Queue,
     pub limits: ValidationLimits,
     pub dead_after: Duration,
+    /// The callback guard; `None` when callbacks are off (no signing secret).
+    callbacks: Option<broker_core::callback::Policy>,
     auth: auth::Auth,
     waiters: Arc<waiters::Waiters>,
     /// Set at shutdown: sync waiters answer 202 at once instead of holding the connection.
@@ -64,19 +67,26 @@ impl Application {
         let pool = redis_conn::pool(&settings.redis)?;
         let client = redis_conn::client(&settings.redis)?;
         let keys = Keys::new(&settings.redis.key_prefix, &settings.redis.shard);
-        let waiters = waiters::Waiters::new(keys.reply_channel(&settings.api.instance_id));
+        let waiters = waiters::Waiters::new(
+            keys.reply_channel(&settings.api.instance_id),
+            keys.events(""),
+        );
         let (stop_tx, stop_rx) = watch::channel(false);
         let waiters_task = tokio::spawn(waiters.clone().run(client, stop_rx.clone()));
 
-        let state = web::Data::new(AppState {
-            api: settings.api.clone(),
-            queue: Queue::new(pool, keys),
-            limits: ValidationLimits::default(),
-            dead_after: settings.drainer.dead_after,
-            auth: auth::Auth::new(settings.api.keys.clone(), settings.api.insecure_no_auth),
-            waiters,
-            shutdown: stop_rx,
-        });
+        let state =
+            web::Data::new(AppState {
+                api: settings.api.clone(),
+                queue: Queue::new(pool, keys),
+                limits: ValidationLimits::default(),
+                dead_after: settings.drainer.dead_after,
+                callbacks: settings.callbacks.secret.is_some().then(|| {
+                    broker_core::callback::Policy::new(settings.callbacks.allowlist.clone())
+                }),
+                auth: auth::Auth::new(settings.api.keys.clone(), settings.api.insecure_no_auth),
+                waiters,
+                shutdown: stop_rx,
+            });
         let addr = format!("{}:{}", settings.host, settings.port_or(8000));
         let listener =
             TcpListener::bind(&addr).with_context(|| format!("bind the API on {addr}"))?;
@@ -106,7 +116,8 @@ impl Application {
                         .route("/message", web::post().to(routes::post_message))
                         .route("/message/{id}", web::get().to(routes::get_message))
                         .route("/message/{id}", web::delete().to(routes::delete_message))
-                        .route("/queue/{user_id}", web::get().to(routes::get_queue)),
+                        .route("/queue/{user_id}", web::get().to(routes::get_queue))
+                        .route("/stream", web::get().to(stream::get_stream)),
                 )
                 .default_service(web::to(routes::not_found))
         })

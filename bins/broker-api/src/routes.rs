@@ -27,12 +27,6 @@ pub async fn post_message(
         header::HeaderName::from_static("prefer"),
         "respond-async",
     );
-    if wants_stream {
-        return Err(ApiError::NotAcceptable(
-            "stream mode (Accept: text/event-stream) is not available in this version; use sync mode or Prefer: respond-async"
-                .into(),
-        ));
-    }
     if let Some(ct) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -60,13 +54,28 @@ pub async fn post_message(
 
     let request = validate_message(&body, &state.api.default_org, &state.limits)
         .map_err(|e| ApiError::Invalid(e.to_string()))?;
-    if request.callback_url.is_some() {
-        return Err(ApiError::Invalid(
-            "callback_url: callback delivery is not available in this version; use sync mode or Prefer: respond-async".into(),
-        ));
-    }
-
-    let mode = if wants_async { Mode::Async } else { Mode::Sync };
+    let mode = if let Some(url) = &request.callback_url {
+        if wants_stream {
+            return Err(ApiError::Invalid(
+                "callback_url and Accept: text/event-stream ask for two delivery modes; use one"
+                    .into(),
+            ));
+        }
+        let Some(policy) = &state.callbacks else {
+            return Err(ApiError::Invalid(
+                "callback_url: callbacks are not enabled on this broker (BROKER_CALLBACK_SECRET is not set)"
+                    .into(),
+            ));
+        };
+        policy.check(url).await.map_err(ApiError::Invalid)?;
+        Mode::Callback
+    } else if wants_stream {
+        Mode::Stream
+    } else if wants_async {
+        Mode::Async
+    } else {
+        Mode::Sync
+    };
     let message_id = uuid::Uuid::new_v4().to_string();
     // Register before enqueueing, so that a fast result cannot be published unheard.
     let waiter = (mode == Mode::Sync).then(|| state.waiters.register(&message_id));
@@ -104,6 +113,9 @@ pub async fn post_message(
         }
     };
 
+    if mode == Mode::Stream {
+        return Ok(crate::stream::sse_response(state, message_id, None));
+    }
     let Some(mut waiter) = waiter else {
         return status_response(&state, &message_id, position, StatusCode::ACCEPTED).await;
     };
@@ -182,7 +194,12 @@ pub async fn delete_message(
         processing_ms: 0,
     };
     let json = serde_json::to_string(&outcome).map_err(|e| ApiError::Internal(e.to_string()))?;
-    match state.queue.cancel(&id, &json, state.api.result_ttl).await? {
+    let frame = json!({"type": "error", "error": "the message was cancelled before it ran", "code": "CANCELLED", "message_id": id}).to_string();
+    match state
+        .queue
+        .cancel(&id, &json, &frame, state.api.result_ttl)
+        .await?
+    {
         Cancelled::Done => {
             tracing::info!(message_id = %id, "message cancelled");
             Ok(HttpResponse::Ok().json(json!({"status": "cancelled", "message_id": id})))
@@ -256,6 +273,12 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         "gauge",
         "sync requests waiting on this API process",
         state.waiters.waiting() as i64,
+    );
+    metric(
+        "broker_sse_readers",
+        "gauge",
+        "SSE clients reading a message's events on this API process",
+        state.waiters.readers() as i64,
     );
     for (stat_name, name, help) in [
         (
@@ -437,7 +460,7 @@ fn authorized_message_id(
     Ok(id)
 }
 
-fn check_message_id(id: &str) -> Result<(), ApiError> {
+pub(crate) fn check_message_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
     {
         return Err(ApiError::Invalid(
@@ -516,6 +539,9 @@ fn record_json(record: &MessageRecord) -> Value {
     });
     if let Some(p) = record.queue_position {
         body["queue_position"] = json!(p);
+    }
+    if let Some(delivery) = &record.callback {
+        body["callback"] = json!({"status": delivery, "attempts": record.callback_attempts});
     }
     match record
         .outcome

@@ -1,8 +1,13 @@
-//! Sync waiters: one pub/sub subscription per API process, shared by every waiting request.
+//! One pub/sub connection per API process, shared by every waiting request.
 //!
-//! The finish script publishes `<message id>\n<outcome JSON>` on this process's reply
-//! channel. Pub/sub is at-most-once, so a waiter also re-reads its message record on a slow
-//! timer and whenever the subscription is (re)established.
+//! - Sync waiters: the finish script publishes `<message id>\n<outcome JSON>` on this
+//!   process's reply channel.
+//! - Stream readers: each message's events have a channel of the same name as their stream
+//!   key, on which the drainer publishes the id of every new frame. This process subscribes
+//!   to it while at least one of its SSE clients reads that message.
+//!
+//! Pub/sub is at-most-once, so waiters and readers also re-read Redis on a slow timer and
+//! whenever the subscription is (re)established.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,14 +15,28 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 /// The requests waiting for one message: a token per request, and where to send the outcome.
 type Pending = HashMap<String, Vec<(u64, oneshot::Sender<String>)>>;
 
+/// SSE readers of one message: a token per reader, and how to wake it.
+type Watched = HashMap<String, Vec<(u64, Arc<Notify>)>>;
+
+/// A change to the set of event channels, applied in order by the subscription task.
+enum Command {
+    Subscribe(String),
+    Unsubscribe(String),
+}
+
 /// Waiters of this process, keyed by message id.
 pub struct Waiters {
     channel: String,
+    /// Event channels are this prefix followed by the message id.
+    events_prefix: String,
+    watched: Mutex<Watched>,
+    commands: mpsc::UnboundedSender<Command>,
+    commands_rx: Mutex<Option<mpsc::UnboundedReceiver<Command>>>,
     /// Several requests may wait for one message (a repeated `client_message_id`).
     pending: Mutex<Pending>,
     next_token: std::sync::atomic::AtomicU64,
@@ -48,10 +67,42 @@ impl Drop for Waiter {
     }
 }
 
+/// An SSE reader's interest in one message's events; unsubscribes when the last one goes.
+pub struct EventWatch {
+    waiters: Arc<Waiters>,
+    message_id: String,
+    token: u64,
+    /// Woken when a new frame is announced, or once the subscription is in place.
+    pub notify: Arc<Notify>,
+    pub resubscribed: watch::Receiver<u64>,
+}
+
+impl Drop for EventWatch {
+    fn drop(&mut self) {
+        if let Ok(mut watched) = self.waiters.watched.lock() {
+            if let Some(list) = watched.get_mut(&self.message_id) {
+                list.retain(|(token, _)| *token != self.token);
+                if list.is_empty() {
+                    watched.remove(&self.message_id);
+                    let _ = self
+                        .waiters
+                        .commands
+                        .send(Command::Unsubscribe(self.message_id.clone()));
+                }
+            }
+        }
+    }
+}
+
 impl Waiters {
-    pub fn new(channel: String) -> Arc<Self> {
+    pub fn new(channel: String, events_prefix: String) -> Arc<Self> {
+        let (commands, commands_rx) = mpsc::unbounded_channel();
         Arc::new(Self {
             channel,
+            events_prefix,
+            watched: Mutex::new(HashMap::new()),
+            commands,
+            commands_rx: Mutex::new(Some(commands_rx)),
             pending: Mutex::new(HashMap::new()),
             next_token: std::sync::atomic::AtomicU64::new(0),
             generation: watch::channel(0).0,
@@ -93,6 +144,56 @@ impl Waiters {
         }
     }
 
+    /// SSE readers on this process.
+    pub fn readers(&self) -> usize {
+        self.watched
+            .lock()
+            .map(|w| w.values().map(Vec::len).sum())
+            .unwrap_or(0)
+    }
+
+    /// Registers an SSE reader of a message's events.
+    pub fn watch(self: &Arc<Self>, message_id: &str) -> EventWatch {
+        let notify = Arc::new(Notify::new());
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let first = match self.watched.lock() {
+            Ok(mut watched) => {
+                let list = watched.entry(message_id.to_owned()).or_default();
+                list.push((token, notify.clone()));
+                list.len() == 1
+            }
+            Err(_) => false,
+        };
+        if first {
+            let _ = self
+                .commands
+                .send(Command::Subscribe(message_id.to_owned()));
+        }
+        EventWatch {
+            waiters: self.clone(),
+            message_id: message_id.to_owned(),
+            token,
+            notify,
+            resubscribed: self.generation.subscribe(),
+        }
+    }
+
+    fn wake(&self, message_id: &str) {
+        if let Ok(watched) = self.watched.lock() {
+            for (_, notify) in watched.get(message_id).into_iter().flatten() {
+                notify.notify_one();
+            }
+        }
+    }
+
+    fn route(&self, channel: &str, payload: String) {
+        if channel == self.channel {
+            self.deliver(&payload);
+        } else if let Some(message_id) = channel.strip_prefix(&self.events_prefix) {
+            self.wake(message_id);
+        }
+    }
+
     fn deliver(&self, payload: &str) {
         let Some((message_id, outcome)) = payload.split_once('\n') else {
             tracing::warn!("reply without a message id");
@@ -110,12 +211,16 @@ impl Waiters {
 
     /// Keeps the subscription up, reconnecting with back-off, until `stop` is set.
     pub async fn run(self: Arc<Self>, client: redis::Client, mut stop: watch::Receiver<bool>) {
+        let Some(mut commands) = self.commands_rx.lock().ok().and_then(|mut c| c.take()) else {
+            tracing::error!("the subscription task was started twice");
+            return;
+        };
         let mut failures = 0u32;
         loop {
             if *stop.borrow() {
                 return;
             }
-            match self.subscribe_once(&client, &mut stop).await {
+            match self.subscribe_once(&client, &mut stop, &mut commands).await {
                 Ok(()) => return,
                 Err(e) => {
                     self.connected.store(false, Ordering::SeqCst);
@@ -139,27 +244,49 @@ impl Waiters {
         &self,
         client: &redis::Client,
         stop: &mut watch::Receiver<bool>,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), String> {
-        let mut pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
-        pubsub
-            .subscribe(&self.channel)
-            .await
-            .map_err(|e| e.to_string())?;
+        let pubsub = client.get_async_pubsub().await.map_err(|e| e.to_string())?;
+        let (mut sink, mut messages) = pubsub.split();
+        let mut channels = vec![self.channel.clone()];
+        if let Ok(watched) = self.watched.lock() {
+            channels.extend(watched.keys().map(|id| self.events_channel(id)));
+        }
+        sink.subscribe(&channels).await.map_err(|e| e.to_string())?;
         self.connected.store(true, Ordering::SeqCst);
         self.generation.send_modify(|g| *g += 1);
-        tracing::info!(channel = %self.channel, "subscribed for replies");
-        let mut messages = pubsub.into_on_message();
+        tracing::info!(channel = %self.channel, streams = channels.len() - 1, "subscribed for replies and events");
         loop {
             tokio::select! {
                 message = messages.next() => match message {
                     Some(message) => match message.get_payload::<String>() {
-                        Ok(payload) => self.deliver(&payload),
-                        Err(e) => tracing::warn!(error = %e, "unreadable reply"),
+                        Ok(payload) => self.route(message.get_channel_name(), payload),
+                        Err(e) => tracing::warn!(error = %e, "unreadable pub/sub message"),
                     },
                     None => return Err("connection closed".into()),
+                },
+                Some(command) = commands.recv() => match command {
+                    Command::Subscribe(id) => {
+                        let watched = self.watched.lock().is_ok_and(|w| w.contains_key(&id));
+                        if watched {
+                            sink.subscribe(self.events_channel(&id)).await.map_err(|e| e.to_string())?;
+                            // Frames may have come before the subscription: readers re-read.
+                            self.wake(&id);
+                        }
+                    }
+                    Command::Unsubscribe(id) => {
+                        let watched = self.watched.lock().is_ok_and(|w| w.contains_key(&id));
+                        if !watched {
+                            sink.unsubscribe(self.events_channel(&id)).await.map_err(|e| e.to_string())?;
+                        }
+                    }
                 },
                 _ = stop.changed() => return Ok(()),
             }
         }
+    }
+
+    fn events_channel(&self, message_id: &str) -> String {
+        format!("{}{message_id}", self.events_prefix)
     }
 }

@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub settings: Settings,
     pub queue: Queue,
     pub worker: WorkerClient,
+    pub callbacks: broker_core::callback::Sender,
+    pub retention: broker_core::queue::Retention,
     /// Conversations this process runs a turn for (taken, not yet finished), counted: a
     /// conversation released by one turn can be taken again before that turn's task is gone.
     pub running: Mutex<HashMap<String, u32>>,
@@ -83,10 +85,21 @@ impl Drainer {
         let listener = TcpListener::bind(&addr)
             .await
             .with_context(|| format!("bind the health endpoint on {addr}"))?;
+        if settings.callbacks.secret.is_none() {
+            tracing::warn!(
+                "BROKER_CALLBACK_SECRET is not set: callbacks cannot be signed, so none are sent"
+            );
+        }
         let (hard_stop_tx, hard_stop) = watch::channel(false);
         let shared = Arc::new(Shared {
             queue: Queue::new(pool, keys),
             worker,
+            callbacks: broker_core::callback::Sender::new(&settings.callbacks),
+            retention: broker_core::queue::Retention {
+                result_ttl: settings.drainer.result_ttl,
+                dead_list_max: settings.drainer.dead_list_max,
+                events_max: settings.drainer.events_max,
+            },
             settings,
             running: Mutex::new(HashMap::new()),
             last_heartbeat: AtomicU64::new(0),

@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker_core::clock::now_ms;
-use broker_core::queue::{Claim, Claimed, Finished, QueueError};
+use broker_core::queue::{Claim, Claimed, Finish, Finished, Mode, QueueError};
 use broker_core::worker::{backoff, TurnResult};
+use broker_proto::sse::Frame;
 use broker_proto::{Conversation, Failure, Outcome};
 use serde_json::Value;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::Instrument;
 
 use crate::Shared;
@@ -50,8 +51,8 @@ async fn run_inner(shared: &Shared, conversation: &Conversation) {
     tracing::debug!(attempt = claimed.attempts, "turn started");
 
     let limits = &shared.settings.drainer;
-    let result = if claimed.attempts > limits.max_claims {
-        TurnResult::Failed(Failure::new(
+    let (result, terminal) = if claimed.attempts > limits.max_claims {
+        let failure = Failure::new(
             503,
             "too many attempts",
             "RETRIES_EXHAUSTED",
@@ -59,12 +60,30 @@ async fn run_inner(shared: &Shared, conversation: &Conversation) {
                 "the message was started {} times without finishing",
                 claimed.attempts - 1
             ),
-        ))
+        );
+        (TurnResult::Failed(failure), None)
     } else {
         let mut hard_stop = shared.hard_stop.clone();
-        let mut on_frame = |_: &str| {};
+        let (frames_tx, frames_rx) = mpsc::unbounded_channel();
+        let worker_leg = async {
+            let mut on_frame = move |data: &str, frame: &Frame| {
+                let kind = match frame {
+                    Frame::Complete(_) => "complete",
+                    Frame::Error(_) => "error",
+                    Frame::Other(kind) => kind.as_str(),
+                    // Keepalives are not recorded: the API sends its own to a silent stream.
+                    // Frames the web client could not parse are not passed on.
+                    Frame::Keepalive | Frame::Invalid => return,
+                };
+                let _ = frames_tx.send((kind.to_owned(), data.to_owned()));
+            };
+            let result = shared.worker.run_turn(&claimed.body, &mut on_frame).await;
+            drop(on_frame);
+            result
+        };
+        let recorder = record_frames(shared, conversation, &claimed.message_id, &lease, frames_rx);
         tokio::select! {
-            result = shared.worker.run_turn(&claimed.body, &mut on_frame) => result,
+            (result, terminal) = async { tokio::join!(worker_leg, recorder) } => (result, terminal),
             () = crate::flag_set(&mut hard_stop) => {
                 // Grace period over: give the conversation back, keeping its place.
                 match shared.queue.release(&id, conversation, Some(&lease)).await {
@@ -75,7 +94,74 @@ async fn run_inner(shared: &Shared, conversation: &Conversation) {
             }
         }
     };
-    finish(shared, conversation, &claimed, &lease, result).await;
+    finish(shared, conversation, &claimed, &lease, result, terminal).await;
+}
+
+/// Records the worker's frames in the message's events as they come, in batches, while the
+/// lease holds. Returns the terminal frame (`complete` or `error`) the worker sent, which the
+/// finish script records together with the outcome.
+async fn record_frames(
+    shared: &Shared,
+    conversation: &Conversation,
+    message_id: &str,
+    lease: &str,
+    mut frames: mpsc::UnboundedReceiver<(String, String)>,
+) -> Option<(String, String)> {
+    let mut terminal = None;
+    let mut writing = true;
+    let events_max = shared.settings.drainer.events_max;
+    while let Some(first) = frames.recv().await {
+        let mut batch = Vec::new();
+        for (kind, data) in
+            std::iter::once(first).chain(std::iter::from_fn(|| frames.try_recv().ok()))
+        {
+            if kind == "complete" || kind == "error" {
+                terminal = Some((kind, data));
+            } else {
+                batch.push((kind, data));
+            }
+        }
+        if !writing || batch.is_empty() {
+            continue;
+        }
+        let written = until_stopped(shared, || {
+            shared
+                .queue
+                .record_events(conversation, message_id, lease, &batch, events_max)
+        })
+        .await;
+        if written != Some(true) {
+            tracing::warn!("the lease is gone: this turn's frames are no longer recorded");
+            writing = false;
+        }
+    }
+    terminal
+}
+
+/// The client-facing callback body of design §8.
+fn callback_payload(claimed: &Claimed, conversation: &Conversation, outcome: &Outcome) -> Vec<u8> {
+    let mut body = match serde_json::to_value(outcome) {
+        Ok(Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    body.insert(
+        "status".into(),
+        Value::from(match outcome {
+            Outcome::Completed { .. } => "completed",
+            Outcome::Failed { .. } => "error",
+        }),
+    );
+    body.insert("user_id".into(), Value::from(claimed.user_id.as_str()));
+    body.insert("conversation".into(), Value::from(conversation.as_str()));
+    body.insert(
+        "client_message_id".into(),
+        if claimed.client_message_id.is_empty() {
+            Value::Null
+        } else {
+            Value::from(claimed.client_message_id.as_str())
+        },
+    );
+    serde_json::to_vec(&Value::Object(body)).unwrap_or_default()
 }
 
 async fn finish(
@@ -84,12 +170,14 @@ async fn finish(
     claimed: &Claimed,
     lease: &str,
     result: TurnResult,
+    worker_terminal: Option<(String, String)>,
 ) {
     let finished_at = now_ms();
     let queue_wait_ms = claimed.started_at.saturating_sub(claimed.enqueued_at);
     let processing_ms = finished_at.saturating_sub(claimed.started_at);
     let message_id = claimed.message_id.clone();
-    let (outcome, dead) = match result {
+    let mut dead_entries = Vec::new();
+    let (outcome, terminal) = match result {
         TurnResult::Completed(response) => {
             let text = |field: &str| {
                 response
@@ -107,6 +195,11 @@ async fn finish(
                         .collect()
                 })
                 .unwrap_or_default();
+            // The worker's own complete frame passes unchanged.
+            let terminal = match worker_terminal {
+                Some((kind, data)) if kind == "complete" => data,
+                _ => serde_json::json!({"type": "complete", "response": response}).to_string(),
+            };
             let outcome = Outcome::Completed {
                 message_id: message_id.clone(),
                 responses,
@@ -120,35 +213,94 @@ async fn finish(
                 queue_wait_ms,
                 processing_ms,
             };
-            (outcome, None)
+            (outcome, ("complete", terminal))
         }
         TurnResult::Failed(failure) => {
             tracing::warn!(code = %failure.code, status = failure.http_status, "turn failed");
-            let dead = (failure.http_status >= 500).then(|| {
-                serde_json::json!({
-                    "kind": "message",
-                    "message_id": message_id,
-                    "conversation": conversation.as_str(),
+            if failure.http_status >= 500 {
+                dead_entries.push(
+                    serde_json::json!({
+                        "kind": "message",
+                        "message_id": message_id,
+                        "conversation": conversation.as_str(),
+                        "code": failure.code,
+                        "message": failure.message,
+                        "attempts": claimed.attempts,
+                        "at": finished_at,
+                    })
+                    .to_string(),
+                );
+            }
+            // The worker's error frame passes unchanged; other failures get the broker's.
+            let terminal = match worker_terminal {
+                Some((kind, data)) if kind == "error" && failure.code == "WORKER_ERROR" => data,
+                _ => serde_json::json!({
+                    "type": "error",
+                    "error": failure.message,
                     "code": failure.code,
-                    "message": failure.message,
-                    "attempts": claimed.attempts,
-                    "at": finished_at,
+                    "message_id": message_id,
                 })
-                .to_string()
-            });
-            (
-                Outcome::Failed {
-                    message_id: message_id.clone(),
-                    failure,
-                    queue_wait_ms,
-                    processing_ms,
-                },
-                dead,
-            )
+                .to_string(),
+            };
+            let outcome = Outcome::Failed {
+                message_id: message_id.clone(),
+                failure,
+                queue_wait_ms,
+                processing_ms,
+            };
+            (outcome, ("error", terminal))
         }
     };
     let json = serde_json::to_string(&outcome).unwrap_or_default();
-    let d = &shared.settings.drainer;
+    let mut finish = Finish::new(outcome.status(), &json, terminal.0, &terminal.1);
+
+    if claimed.mode == Mode::Callback.as_str() && !claimed.callback_url.is_empty() {
+        let payload = callback_payload(claimed, conversation, &outcome);
+        let mut hard_stop = shared.hard_stop.clone();
+        let delivery = shared
+            .callbacks
+            .deliver(
+                &claimed.callback_url,
+                &message_id,
+                &payload,
+                crate::flag_set(&mut hard_stop),
+            )
+            .await;
+        finish.fields.push((
+            "callback".into(),
+            if delivery.delivered {
+                "delivered"
+            } else {
+                "failed"
+            }
+            .into(),
+        ));
+        finish
+            .fields
+            .push(("callback_attempts".into(), delivery.attempts.to_string()));
+        if delivery.delivered {
+            tracing::info!(attempts = delivery.attempts, "callback delivered");
+        } else {
+            let error = delivery.last_error.unwrap_or_default();
+            tracing::warn!(attempts = delivery.attempts, %error, "callback not delivered; recorded in the dead list");
+            dead_entries.push(
+                serde_json::json!({
+                    "kind": "callback",
+                    "message_id": message_id,
+                    "conversation": conversation.as_str(),
+                    "callback_url": claimed.callback_url,
+                    "webhook_id": message_id,
+                    "payload": serde_json::from_slice::<Value>(&payload).unwrap_or(Value::Null),
+                    "last_error": error,
+                    "attempts": delivery.attempts,
+                    "at": now_ms(),
+                })
+                .to_string(),
+            );
+        }
+    }
+    finish.dead_entries = dead_entries;
+
     let id = shared.id().to_owned();
     let stored = until_stopped(shared, || {
         shared.queue.finish(
@@ -156,11 +308,8 @@ async fn finish(
             conversation,
             &message_id,
             lease,
-            outcome.status(),
-            &json,
-            d.result_ttl,
-            dead.as_deref(),
-            d.dead_list_max,
+            &finish,
+            &shared.retention,
         )
     })
     .await;

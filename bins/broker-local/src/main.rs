@@ -31,6 +31,13 @@ async fn main() -> anyhow::Result<()> {
     if !is_set(&pairs, "HOST") {
         set(&mut pairs, "HOST", "127.0.0.1".into());
     }
+    // Callbacks to receivers on this machine, signed with a development secret.
+    if !is_set(&pairs, "BROKER_CALLBACK_SECRET") {
+        set(&mut pairs, "BROKER_CALLBACK_SECRET", "dev-callback-secret".into());
+    }
+    if !is_set(&pairs, "BROKER_CALLBACK_ALLOWLIST") {
+        set(&mut pairs, "BROKER_CALLBACK_ALLOWLIST", "localhost,127.0.0.1,[::1]".into());
+    }
     let api_key = if is_set(&pairs, "BROKER_API_KEY") || is_set(&pairs, "BROKER_API_KEYS") {
         None
     } else {
@@ -103,6 +110,9 @@ async fn main() -> anyhow::Result<()> {
     println!("try:");
     println!(
         "  curl -s http://127.0.0.1:{port}/api/v1/message -H 'X-API-Key: {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"user_id\":\"alice\",\"client_id\":\"web\",\"message\":\"What is Genesis about?\"}}'"
+    );
+    println!(
+        "  curl -sN http://127.0.0.1:{port}/api/v1/message -H 'X-API-Key: {key}' -H 'Content-Type: application/json' \\\n    -H 'Accept: text/event-stream' -d '{{\"user_id\":\"alice\",\"client_id\":\"web\",\"message\":\"Stream it\"}}'"
     );
     println!("  curl -s http://127.0.0.1:{port}/health");
     println!("stop with Ctrl-C");

@@ -5,8 +5,9 @@
 -- KEYS[3] conv:<conversation>
 -- KEYS[4] ready
 -- KEYS[5] stats
+-- KEYS[6] events:<id>
 -- ARGV[1] message id   ARGV[2] conversation   ARGV[3] now (ms)   ARGV[4] outcome JSON
--- ARGV[5] result ttl (s)
+-- ARGV[5] result ttl (s)   ARGV[6] terminal (error) frame data   ARGV[7] notify channel
 -- Returns {'ok'} | {'absent'} | {'not_queued', status}
 
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -30,6 +31,9 @@ local reply = redis.call('HGET', KEYS[1], 'reply')
 if reply and reply ~= '' then
   redis.call('PUBLISH', reply, ARGV[1] .. '\n' .. ARGV[4])
 end
+local id = redis.call('XADD', KEYS[6], '*', 'type', 'error', 'data', ARGV[6])
+redis.call('EXPIRE', KEYS[6], ARGV[5])
+redis.call('PUBLISH', ARGV[7], id)
 
 if redis.call('LLEN', KEYS[2]) == 0 then
   -- Nothing left: an idle conversation leaves ready. One a drainer has just taken (in its

@@ -6,6 +6,7 @@
 -- KEYS[4] ready
 -- KEYS[5] dedup:<conversation>:<client-message-id> (only read/written when ARGV[6] == '1')
 -- KEYS[6] stats
+-- KEYS[7] events:<id>       the message's SSE frames; gets the broker's `queued` frame
 -- ARGV[1] message id   ARGV[2] conversation   ARGV[3] now (ms)   ARGV[4] max queue depth
 -- ARGV[5] dedup ttl (s)   ARGV[6] '1' when a client_message_id was given
 -- ARGV[7..] field, value pairs of the message hash
@@ -49,6 +50,8 @@ elseif state == 'running' then
 else
   position = depth + 1
 end
+redis.call('XADD', KEYS[7], '*', 'type', 'queued', 'data',
+  '{"type":"queued","message_id":"' .. ARGV[1] .. '","queue_position":' .. position .. '}')
 redis.call('HINCRBY', KEYS[6], 'queued', 1)
 redis.call('HINCRBY', KEYS[6], 'enqueued_total', 1)
 return {'ok', position}

@@ -8,9 +8,12 @@
 -- KEYS[5] ready
 -- KEYS[6] stats
 -- KEYS[7] dead
+-- KEYS[8] events:<id>
 -- ARGV[1] conversation   ARGV[2] message id   ARGV[3] lease token   ARGV[4] now (ms)
 -- ARGV[5] 'completed' | 'failed'   ARGV[6] outcome JSON   ARGV[7] result ttl (s)
--- ARGV[8] dead-list entry ('' for none)   ARGV[9] dead-list cap
+-- ARGV[8] dead-list cap   ARGV[9] terminal frame type   ARGV[10] terminal frame data
+-- ARGV[11] stream cap   ARGV[12] notify channel   ARGV[13] n, the number of dead-list entries
+-- ARGV[14 .. 13+n] dead-list entries   ARGV[14+n ..] field, value pairs for the message hash
 -- Returns {'ok', messages still queued} | {'stale'}
 
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[3] then
@@ -20,7 +23,12 @@ if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[2] then
   return {'stale'}
 end
 
-redis.call('HSET', KEYS[3], 'status', ARGV[5], 'outcome', ARGV[6], 'finished_at', ARGV[4])
+local n = tonumber(ARGV[13])
+local fields = {}
+for i = 14 + n, #ARGV do
+  fields[#fields + 1] = ARGV[i]
+end
+redis.call('HSET', KEYS[3], 'status', ARGV[5], 'outcome', ARGV[6], 'finished_at', ARGV[4], unpack(fields))
 redis.call('HDEL', KEYS[3], 'body')
 redis.call('EXPIRE', KEYS[3], ARGV[7])
 redis.call('LPOP', KEYS[2])
@@ -28,12 +36,18 @@ local reply = redis.call('HGET', KEYS[3], 'reply')
 if reply and reply ~= '' then
   redis.call('PUBLISH', reply, ARGV[2] .. '\n' .. ARGV[6])
 end
+-- the one terminal frame, atomically with the outcome
+local id = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'type', ARGV[9], 'data', ARGV[10])
+redis.call('EXPIRE', KEYS[8], ARGV[7])
+redis.call('PUBLISH', ARGV[12], id)
 redis.call('LREM', KEYS[4], 0, ARGV[1])
 redis.call('HINCRBY', KEYS[6], 'processing', -1)
 redis.call('HINCRBY', KEYS[6], ARGV[5] .. '_total', 1)
-if ARGV[8] ~= '' then
-  redis.call('LPUSH', KEYS[7], ARGV[8])
-  redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[9]) - 1)
+if n > 0 then
+  for i = 14, 13 + n do
+    redis.call('LPUSH', KEYS[7], ARGV[i])
+  end
+  redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[8]) - 1)
 end
 
 local left = redis.call('LLEN', KEYS[2])

@@ -44,6 +44,12 @@ pub const ENV_NAMES: &[&str] = &[
     "BROKER_INSTANCE_ID",
     "BROKER_MAX_CLAIMS",
     "BROKER_DEAD_LIST_MAX",
+    "BROKER_EVENTS_MAX",
+    "BROKER_SSE_KEEPALIVE_MS",
+    "BROKER_CALLBACK_SECRET",
+    "BROKER_CALLBACK_ALLOWLIST",
+    "BROKER_CALLBACK_BUDGET_MS",
+    "BROKER_CALLBACK_TIMEOUT_MS",
     "WORKER_BASE_URL",
     "WORKER_API_KEY",
     "WORKER_CONNECT_TIMEOUT_MS",
@@ -91,6 +97,12 @@ struct Raw {
     broker_instance_id: String,
     broker_max_claims: u64,
     broker_dead_list_max: u64,
+    broker_events_max: u64,
+    broker_sse_keepalive_ms: u64,
+    broker_callback_secret: String,
+    broker_callback_allowlist: String,
+    broker_callback_budget_ms: u64,
+    broker_callback_timeout_ms: u64,
     worker_base_url: String,
     worker_api_key: String,
     worker_connect_timeout_ms: u64,
@@ -136,6 +148,12 @@ impl Default for Raw {
             broker_instance_id: String::new(),
             broker_max_claims: 5,
             broker_dead_list_max: 10_000,
+            broker_events_max: 1_000,
+            broker_sse_keepalive_ms: 15_000,
+            broker_callback_secret: String::new(),
+            broker_callback_allowlist: String::new(),
+            broker_callback_budget_ms: 60_000,
+            broker_callback_timeout_ms: 10_000,
             worker_base_url: "http://127.0.0.1:8787".into(),
             worker_api_key: String::new(),
             worker_connect_timeout_ms: 5_000,
@@ -196,6 +214,93 @@ pub struct ApiSettings {
     pub result_ttl: Duration,
     pub max_body_bytes: usize,
     pub instance_id: String,
+    /// Silence after which an SSE client gets a keepalive frame.
+    pub sse_keepalive: Duration,
+}
+
+/// Callback delivery: who may be called, how deliveries are signed, how long to keep trying.
+#[derive(Clone)]
+pub struct CallbackSettings {
+    /// The Standard-Webhooks signing secret; callbacks are refused while it is unset.
+    pub secret: Option<SecretString>,
+    /// Hosts exempt from the https-only and public-address rules.
+    pub allowlist: Allowlist,
+    /// Total time one delivery may take, retries included.
+    pub budget: Duration,
+    /// Time one attempt may take.
+    pub attempt_timeout: Duration,
+}
+
+/// Hosts (optionally `host:port`) that callbacks may reach over plain http or on private
+/// addresses: `BROKER_CALLBACK_ALLOWLIST`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowlist {
+    entries: Vec<(String, Option<u16>)>,
+}
+
+impl Allowlist {
+    /// Parses `host[:port]` entries separated by commas; IPv6 literals in brackets.
+    pub fn parse(text: &str) -> Result<Self, Vec<String>> {
+        let mut entries = Vec::new();
+        let mut problems = Vec::new();
+        for (i, entry) in text
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .enumerate()
+        {
+            match parse_host_port(entry) {
+                Some((host, port)) => entries.push((host, port)),
+                None => problems.push(format!(
+                    "BROKER_CALLBACK_ALLOWLIST: entry {} ({entry:?}) must be host or host:port",
+                    i + 1
+                )),
+            }
+        }
+        if problems.is_empty() {
+            Ok(Self { entries })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Whether `host` (lower-case, IPv6 without brackets) on `port` is listed.
+    pub fn permits(&self, host: &str, port: u16) -> bool {
+        self.entries
+            .iter()
+            .any(|(h, p)| h.eq_ignore_ascii_case(host) && p.is_none_or(|p| p == port))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port`, lower-cased, brackets removed.
+fn parse_host_port(entry: &str) -> Option<(String, Option<u16>)> {
+    let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        v6.parse::<std::net::Ipv6Addr>().ok()?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?.parse::<u16>().ok()?),
+        };
+        (v6.to_owned(), port)
+    } else {
+        let (host, port) = match entry.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p.parse::<u16>().ok()?)),
+            None => (entry, None),
+        };
+        let ok = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        if !ok {
+            return None;
+        }
+        (host.to_owned(), port)
+    };
+    Some((host.to_ascii_lowercase(), port))
 }
 
 /// How the drainer calls the worker.
@@ -225,6 +330,8 @@ pub struct DrainerSettings {
     pub max_claims: u64,
     pub dead_list_max: u64,
     pub result_ttl: Duration,
+    /// Frames kept per message stream (approximate trim).
+    pub events_max: u64,
 }
 
 /// Every setting of every process, checked.
@@ -239,6 +346,7 @@ pub struct Settings {
     pub api: ApiSettings,
     pub worker: WorkerSettings,
     pub drainer: DrainerSettings,
+    pub callbacks: CallbackSettings,
 }
 
 /// A configuration that cannot run, with every problem found.
@@ -340,6 +448,13 @@ impl Raw {
         positive("BROKER_MAX_BODY_BYTES", self.broker_max_body_bytes);
         positive("BROKER_MAX_CLAIMS", self.broker_max_claims);
         positive("BROKER_DEAD_LIST_MAX", self.broker_dead_list_max);
+        positive("BROKER_EVENTS_MAX", self.broker_events_max);
+        positive("BROKER_SSE_KEEPALIVE_MS", self.broker_sse_keepalive_ms);
+        positive("BROKER_CALLBACK_BUDGET_MS", self.broker_callback_budget_ms);
+        positive(
+            "BROKER_CALLBACK_TIMEOUT_MS",
+            self.broker_callback_timeout_ms,
+        );
         positive("WORKER_CONNECT_TIMEOUT_MS", self.worker_connect_timeout_ms);
         positive("WORKER_IDLE_TIMEOUT_SECS", self.worker_idle_timeout_secs);
         positive("WORKER_MAX_ATTEMPTS", self.worker_max_attempts);
@@ -406,6 +521,21 @@ impl Raw {
                  always be answered from the original message"
                     .into(),
             );
+        }
+
+        let allowlist = Allowlist::parse(&self.broker_callback_allowlist).unwrap_or_else(|e| {
+            p.extend(e);
+            Allowlist::default()
+        });
+        let callback_secret = self.broker_callback_secret.trim().to_owned();
+        if let Some(encoded) = callback_secret.strip_prefix("whsec_") {
+            use base64::Engine;
+            if base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map_or(true, |k| k.is_empty())
+            {
+                p.push("BROKER_CALLBACK_SECRET: a whsec_ secret must be followed by base64".into());
+            }
         }
 
         let mut keys = Vec::new();
@@ -479,6 +609,7 @@ impl Raw {
                 result_ttl: secs(self.broker_result_ttl_secs),
                 max_body_bytes: to_usize(self.broker_max_body_bytes),
                 instance_id,
+                sse_keepalive: ms(self.broker_sse_keepalive_ms),
             },
             worker: WorkerSettings {
                 base_url: self.worker_base_url.trim_end_matches('/').to_owned(),
@@ -502,6 +633,13 @@ impl Raw {
                 max_claims: self.broker_max_claims,
                 dead_list_max: self.broker_dead_list_max,
                 result_ttl: secs(self.broker_result_ttl_secs),
+                events_max: self.broker_events_max,
+            },
+            callbacks: CallbackSettings {
+                secret: (!callback_secret.is_empty()).then(|| callback_secret.into()),
+                allowlist,
+                budget: ms(self.broker_callback_budget_ms),
+                attempt_timeout: ms(self.broker_callback_timeout_ms),
             },
         })
     }
@@ -629,6 +767,25 @@ mod tests {
         .unwrap();
         let names: Vec<_> = s.api.keys.iter().map(|k| k.name.as_str()).collect();
         assert_eq!(names, ["default", "web", "gw"]);
+    }
+
+    #[test]
+    fn allowlist_entries() {
+        let list = Allowlist::parse("hooks.local, 127.0.0.1:9000,[::1]:8080,Receiver").unwrap();
+        assert!(list.permits("hooks.local", 443));
+        assert!(list.permits("hooks.local", 80));
+        assert!(list.permits("127.0.0.1", 9000));
+        assert!(!list.permits("127.0.0.1", 9001));
+        assert!(list.permits("::1", 8080));
+        assert!(list.permits("receiver", 1));
+        assert!(!list.permits("other", 443));
+        let err = Settings::from_pairs([("BROKER_CALLBACK_ALLOWLIST", "ok,bad host,h:99999,[x]")])
+            .err()
+            .unwrap();
+        assert_eq!(err.problems.len(), 3, "{err}");
+        assert!(Settings::from_pairs([("BROKER_CALLBACK_SECRET", "whsec_!!")]).is_err());
+        let s = Settings::from_pairs([("BROKER_CALLBACK_SECRET", "whsec_c2VjcmV0")]).unwrap();
+        assert!(s.callbacks.secret.is_some());
     }
 
     #[test]

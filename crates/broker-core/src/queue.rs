@@ -86,6 +86,58 @@ pub enum Finished {
     Stale,
 }
 
+/// What a finished turn stores.
+#[derive(Debug, Clone, Default)]
+pub struct Finish {
+    /// `completed` or `failed`.
+    pub status: String,
+    pub outcome_json: String,
+    /// The one terminal frame of the message's events: `complete` or `error`, and its data.
+    pub terminal_type: String,
+    pub terminal_data: String,
+    /// Entries for the dead list (a failed message, an undelivered callback).
+    pub dead_entries: Vec<String>,
+    /// Extra fields for the message record (callback delivery).
+    pub fields: Vec<(String, String)>,
+}
+
+impl Finish {
+    pub fn new(status: &str, outcome_json: &str, terminal_type: &str, terminal_data: &str) -> Self {
+        Self {
+            status: status.to_owned(),
+            outcome_json: outcome_json.to_owned(),
+            terminal_type: terminal_type.to_owned(),
+            terminal_data: terminal_data.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
+/// How long finished messages and their events are kept, and how much of them.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub result_ttl: Duration,
+    pub dead_list_max: u64,
+    pub events_max: u64,
+}
+
+/// One SSE frame of a message, as recorded in its stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The stream entry id, sent as the SSE `id:` for resuming.
+    pub id: String,
+    /// The frame's `type`.
+    pub kind: String,
+    /// The frame's JSON, as the client receives it.
+    pub data: String,
+}
+
+impl Event {
+    pub fn is_terminal(&self) -> bool {
+        self.kind == "complete" || self.kind == "error"
+    }
+}
+
 /// What release did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Released {
@@ -131,6 +183,9 @@ pub struct MessageRecord {
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
     pub outcome: Option<String>,
+    /// Callback mode: `delivered` or `failed`, once the drainer is done with it.
+    pub callback: Option<String>,
+    pub callback_attempts: Option<u64>,
     /// For a queued message: 1 means next to run.
     pub queue_position: Option<u64>,
 }
@@ -164,7 +219,7 @@ pub struct Queue {
     scripts: Scripts,
 }
 
-const RECORD_FIELDS: [&str; 10] = [
+const RECORD_FIELDS: [&str; 12] = [
     "status",
     "conversation",
     "user_id",
@@ -175,6 +230,8 @@ const RECORD_FIELDS: [&str; 10] = [
     "started_at",
     "finished_at",
     "outcome",
+    "callback",
+    "callback_attempts",
 ];
 
 impl Queue {
@@ -229,6 +286,7 @@ impl Queue {
             .key(self.keys.ready())
             .key(dedup_key)
             .key(self.keys.stats())
+            .key(self.keys.events(message_id))
             .arg(message_id)
             .arg(conv.as_str())
             .arg(now_ms())
@@ -354,24 +412,20 @@ impl Queue {
         Err(QueueError::Protocol("claim: the head kept moving".into()))
     }
 
-    /// Stores a turn's outcome and releases the conversation, if the lease is still ours.
-    #[allow(clippy::too_many_arguments)]
+    /// Stores a turn's outcome, appends its terminal frame to the message's events and
+    /// releases the conversation, if the lease is still ours.
     pub async fn finish(
         &self,
         drainer: &str,
         conversation: &Conversation,
         message_id: &str,
         lease: &str,
-        status: &str,
-        outcome_json: &str,
-        result_ttl: Duration,
-        dead_entry: Option<&str>,
-        dead_max: u64,
+        finish: &Finish,
+        retention: &Retention,
     ) -> Result<Finished, QueueError> {
         let mut conn = self.conn().await?;
-        let reply: Vec<Value> = self
-            .scripts
-            .finish
+        let mut invocation = self.scripts.finish.prepare_invoke();
+        invocation
             .key(self.keys.conversation(conversation))
             .key(self.keys.queue(conversation))
             .key(self.keys.message(message_id))
@@ -379,17 +433,27 @@ impl Queue {
             .key(self.keys.ready())
             .key(self.keys.stats())
             .key(self.keys.dead())
+            .key(self.keys.events(message_id))
             .arg(conversation.as_str())
             .arg(message_id)
             .arg(lease)
             .arg(now_ms())
-            .arg(status)
-            .arg(outcome_json)
-            .arg(result_ttl.as_secs().max(1))
-            .arg(dead_entry.unwrap_or(""))
-            .arg(dead_max.max(1))
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(&finish.status)
+            .arg(&finish.outcome_json)
+            .arg(retention.result_ttl.as_secs().max(1))
+            .arg(retention.dead_list_max.max(1))
+            .arg(&finish.terminal_type)
+            .arg(&finish.terminal_data)
+            .arg(retention.events_max.max(1))
+            .arg(self.keys.events(message_id))
+            .arg(finish.dead_entries.len());
+        for entry in &finish.dead_entries {
+            invocation.arg(entry);
+        }
+        for (field, value) in &finish.fields {
+            invocation.arg(field).arg(value);
+        }
+        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
         match reply.first().map(as_string).transpose()?.as_deref() {
             Some("ok") => Ok(Finished::Done {
                 left: reply.get(1).map(as_u64).transpose()?.unwrap_or(0),
@@ -397,6 +461,84 @@ impl Queue {
             Some("stale") => Ok(Finished::Stale),
             other => Err(QueueError::Protocol(format!("finish returned {other:?}"))),
         }
+    }
+
+    /// Appends worker frames (`(type, data)`) to a running message's events, if the lease is
+    /// still ours. Returns `false` when it is not (nothing was written).
+    pub async fn record_events(
+        &self,
+        conversation: &Conversation,
+        message_id: &str,
+        lease: &str,
+        frames: &[(String, String)],
+        events_max: u64,
+    ) -> Result<bool, QueueError> {
+        if frames.is_empty() {
+            return Ok(true);
+        }
+        let mut conn = self.conn().await?;
+        let mut invocation = self.scripts.event.prepare_invoke();
+        invocation
+            .key(self.keys.conversation(conversation))
+            .key(self.keys.events(message_id))
+            .arg(lease)
+            .arg(events_max.max(1))
+            .arg(self.keys.events(message_id));
+        for (kind, data) in frames {
+            invocation.arg(kind).arg(data);
+        }
+        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        match reply.first().map(as_string).transpose()?.as_deref() {
+            Some("ok") => Ok(true),
+            Some("stale") => Ok(false),
+            other => Err(QueueError::Protocol(format!("event returned {other:?}"))),
+        }
+    }
+
+    /// Up to `count` events after `after` (an entry id, or `None` for the beginning), and
+    /// the message's status (`None` when its record is gone).
+    pub async fn read_events(
+        &self,
+        message_id: &str,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<(Vec<Event>, Option<String>), QueueError> {
+        let mut conn = self.conn().await?;
+        let start = match after {
+            Some(id) => format!("({id}"),
+            None => "-".to_owned(),
+        };
+        let (entries, status): (Vec<(String, Vec<String>)>, Option<String>) = redis::pipe()
+            .cmd("XRANGE")
+            .arg(self.keys.events(message_id))
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .hget(self.keys.message(message_id), "status")
+            .query_async(&mut conn)
+            .await?;
+        let events = entries
+            .into_iter()
+            .map(|(id, fields)| {
+                let mut event = Event {
+                    id,
+                    kind: String::new(),
+                    data: String::new(),
+                };
+                for pair in fields.chunks(2) {
+                    if let [name, value] = pair {
+                        match name.as_str() {
+                            "type" => event.kind.clone_from(value),
+                            "data" => event.data.clone_from(value),
+                            _ => {}
+                        }
+                    }
+                }
+                event
+            })
+            .collect();
+        Ok((events, status))
     }
 
     /// Puts a conversation from `owner`'s processing list back at the front of ready.
@@ -454,6 +596,7 @@ impl Queue {
         &self,
         message_id: &str,
         outcome_json: &str,
+        terminal_data: &str,
         result_ttl: Duration,
     ) -> Result<Cancelled, QueueError> {
         let mut conn = self.conn().await?;
@@ -472,11 +615,14 @@ impl Queue {
             .key(self.keys.conversation(&conv))
             .key(self.keys.ready())
             .key(self.keys.stats())
+            .key(self.keys.events(message_id))
             .arg(message_id)
             .arg(conv.as_str())
             .arg(now_ms())
             .arg(outcome_json)
             .arg(result_ttl.as_secs().max(1))
+            .arg(terminal_data)
+            .arg(self.keys.events(message_id))
             .invoke_async(&mut conn)
             .await?;
         match reply.first().map(as_string).transpose()?.as_deref() {
@@ -609,6 +755,8 @@ impl Queue {
             started_at: number(7),
             finished_at: number(8),
             outcome: field(9),
+            callback: field(10),
+            callback_attempts: number(11),
             queue_position: None,
         };
         if record.status == "queued" {

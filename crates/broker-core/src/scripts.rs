@@ -14,6 +14,7 @@ pub struct Scripts {
     pub forget: Script,
     pub health: Script,
     pub cancel: Script,
+    pub event: Script,
 }
 
 impl Scripts {
@@ -28,6 +29,7 @@ impl Scripts {
             forget: Script::new(include_str!("../lua/forget.lua")),
             health: Script::new(include_str!("../lua/health.lua")),
             cancel: Script::new(include_str!("../lua/cancel.lua")),
+            event: Script::new(include_str!("../lua/event.lua")),
         }
     }
 }

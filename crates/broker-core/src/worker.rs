@@ -100,12 +100,12 @@ impl WorkerClient {
         })
     }
 
-    /// Runs one turn to its end. `on_frame` sees the data of every frame the worker sends,
-    /// in order (the events a stream client would see).
+    /// Runs one turn to its end. `on_frame` sees every frame the worker sends, in order: its
+    /// data as sent and how it parsed (the events a stream client would see).
     pub async fn run_turn(
         &self,
         body: &str,
-        on_frame: &mut (dyn FnMut(&str) + Send),
+        on_frame: &mut (dyn FnMut(&str, &Frame) + Send),
     ) -> TurnResult {
         let body = Bytes::copy_from_slice(body.as_bytes());
         let mut failures = 0u32;
@@ -217,7 +217,7 @@ impl WorkerClient {
     async fn read_stream(
         &self,
         response: hyper::Response<hyper::body::Incoming>,
-        on_frame: &mut (dyn FnMut(&str) + Send),
+        on_frame: &mut (dyn FnMut(&str, &Frame) + Send),
     ) -> TurnResult {
         let mut body = response.into_body();
         let mut parser = FrameParser::new();
@@ -258,8 +258,9 @@ impl WorkerClient {
                 },
             };
             for data in parser.push(&chunk) {
-                on_frame(&data);
-                match Frame::parse(&data) {
+                let frame = Frame::parse(&data);
+                on_frame(&data, &frame);
+                match frame {
                     Frame::Complete(response) => {
                         return if response
                             .get("responses")

@@ -1,0 +1,639 @@
+//! Callback delivery (design §8): the SSRF guard, Standard-Webhooks signing, and a sender that
+//! retries within a budget.
+//!
+//! The guard runs twice: when the API accepts a `callback_url` ([`Policy::check`]) and inside
+//! the sender's connector, which resolves the host once, refuses any address that is not
+//! public, and connects to the address it checked. TLS still verifies the host name. Hosts on
+//! `BROKER_CALLBACK_ALLOWLIST` are exempt from both rules (plain `http` and private addresses).
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use hyper::{Method, Request, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use secrecy::ExposeSecret;
+use tokio::net::TcpStream;
+
+use crate::config::{Allowlist, CallbackSettings};
+use crate::worker::backoff;
+
+/// A callback URL that passed the shape checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub https: bool,
+    pub allow_listed: bool,
+}
+
+/// Finds the addresses of a host. The system resolver in production; tests may inject one.
+pub trait Resolve: Send + Sync {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>>;
+}
+
+/// The system resolver (`getaddrinfo` through tokio).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+    }
+}
+
+/// Who may be called back.
+#[derive(Clone)]
+pub struct Policy {
+    allowlist: Allowlist,
+    resolver: Arc<dyn Resolve>,
+}
+
+impl Policy {
+    pub fn new(allowlist: Allowlist) -> Self {
+        Self::with_resolver(allowlist, Arc::new(SystemResolver))
+    }
+
+    pub fn with_resolver(allowlist: Allowlist, resolver: Arc<dyn Resolve>) -> Self {
+        Self {
+            allowlist,
+            resolver,
+        }
+    }
+
+    /// The checks that need no network: scheme, host, no credentials.
+    pub fn target(&self, url: &str) -> Result<Target, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| "callback_url: not a valid absolute URL".to_owned())?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err("callback_url: must be an https:// URL".into()),
+        };
+        let authority = uri
+            .authority()
+            .ok_or_else(|| "callback_url: must name a host".to_owned())?;
+        if authority.as_str().contains('@') {
+            return Err("callback_url: must not carry credentials (user:password@)".into());
+        }
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        if host.is_empty() {
+            return Err("callback_url: must name a host".into());
+        }
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let allow_listed = self.allowlist.permits(&host, port);
+        if !https && !allow_listed {
+            return Err(format!(
+                "callback_url: must use https (plain http only for hosts on BROKER_CALLBACK_ALLOWLIST; {host} is not)"
+            ));
+        }
+        Ok(Target {
+            host,
+            port,
+            https,
+            allow_listed,
+        })
+    }
+
+    /// Resolves a target once and returns the addresses it may be reached on: all of them
+    /// public, unless the host is allow-listed.
+    pub async fn addresses(&self, target: &Target) -> Result<Vec<SocketAddr>, String> {
+        let addresses = match target.host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, target.port)],
+            Err(_) => self
+                .resolver
+                .resolve(&target.host, target.port)
+                .await
+                .map_err(|_| format!("callback_url: host {} does not resolve", target.host))?,
+        };
+        if addresses.is_empty() {
+            return Err(format!(
+                "callback_url: host {} does not resolve",
+                target.host
+            ));
+        }
+        if !target.allow_listed {
+            if let Some(bad) = addresses.iter().find(|a| !is_public(a.ip())) {
+                return Err(format!(
+                    "callback_url: host {} resolves to {}, which is not a public address \
+                     (private, loopback, link-local, reserved and unspecified addresses are \
+                     refused unless the host is on BROKER_CALLBACK_ALLOWLIST)",
+                    target.host,
+                    bad.ip()
+                ));
+            }
+        }
+        Ok(addresses)
+    }
+
+    /// Both checks, as the API runs them when a `callback_url` arrives.
+    pub async fn check(&self, url: &str) -> Result<Target, String> {
+        let target = self.target(url)?;
+        self.addresses(&target).await?;
+        Ok(target)
+    }
+}
+
+/// Whether an address is on the public internet: not private, loopback, link-local,
+/// shared (CGNAT), documentation, benchmarking, multicast, reserved or unspecified.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => is_public_v6(v6),
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.is_documentation()
+        || a == 0                                   // "this network"
+        || (a == 100 && (64..128).contains(&b))     // shared address space (CGNAT)
+        || (a == 192 && b == 0 && c == 0)           // IETF protocol assignments
+        || (a == 198 && (b == 18 || b == 19))       // benchmarking
+        || a >= 240) // reserved
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    if let Some(v4) = embedded_v4(ip) {
+        return is_public_v4(v4);
+    }
+    let s = ip.segments();
+    // Only global unicast (2000::/3) can be public, minus its special blocks.
+    (s[0] & 0xe000) == 0x2000
+        && !(s[0] == 0x2001 && s[1] == 0x0db8)   // documentation
+        && !(s[0] == 0x2001 && s[1] < 0x0200)    // IETF protocol assignments, Teredo
+        && s[0] != 0x2002 // 6to4 (checked through its v4 above when well-formed)
+}
+
+/// The IPv4 address inside an IPv4-mapped, IPv4-compatible or NAT64 IPv6 address.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    if s[..5] == [0; 5] && s[5] == 0xffff {
+        return Some(tail); // ::ffff:a.b.c.d
+    }
+    if s[0] == 0x0064 && s[1] == 0xff9b && s[2..6] == [0; 4] {
+        return Some(tail); // 64:ff9b::a.b.c.d (NAT64)
+    }
+    if s[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified() {
+        return Some(tail); // ::a.b.c.d (deprecated IPv4-compatible)
+    }
+    None
+}
+
+/// Refused by the policy: not worth retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// A connector for the callback client: checks the policy for every new connection and
+/// connects to the checked address.
+#[derive(Clone)]
+pub struct CheckedConnector {
+    policy: Policy,
+    connect_timeout: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for CheckedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let policy = self.policy.clone();
+        let timeout = self.connect_timeout;
+        Box::pin(async move {
+            let target = policy.target(&uri.to_string()).map_err(Refused)?;
+            let addresses = policy.addresses(&target).await.map_err(Refused)?;
+            let mut last = io::Error::other("no address to connect to");
+            for address in addresses {
+                match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = stream.set_nodelay(true);
+                        return Ok(TokioIo::new(stream));
+                    }
+                    Ok(Err(e)) => last = e,
+                    Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+                }
+            }
+            Err(last.into())
+        })
+    }
+}
+
+/// Standard-Webhooks signing: `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
+#[derive(Clone)]
+pub struct Signer {
+    key: ring::hmac::Key,
+}
+
+impl Signer {
+    /// A `whsec_<base64>` secret signs with the decoded bytes; any other text with its bytes.
+    pub fn new(secret: &str) -> Self {
+        let bytes = secret
+            .strip_prefix("whsec_")
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .unwrap_or_else(|| secret.as_bytes().to_vec());
+        Self {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes),
+        }
+    }
+
+    pub fn signature(&self, webhook_id: &str, timestamp: u64, body: &[u8]) -> String {
+        let mut ctx = ring::hmac::Context::with_key(&self.key);
+        ctx.update(webhook_id.as_bytes());
+        ctx.update(b".");
+        ctx.update(timestamp.to_string().as_bytes());
+        ctx.update(b".");
+        ctx.update(body);
+        let tag = ctx.sign();
+        format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
+        )
+    }
+}
+
+/// How a delivery ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub delivered: bool,
+    pub attempts: u32,
+    /// Why the last attempt failed (never includes the URL, which may carry tokens).
+    pub last_error: Option<String>,
+}
+
+/// What one attempt came to.
+enum Attempt {
+    Delivered,
+    Retry(String, Option<Duration>),
+    GiveUp(String),
+}
+
+type CallbackClient = Client<hyper_rustls::HttpsConnector<CheckedConnector>, Full<Bytes>>;
+
+/// Sends signed callbacks, retrying connection errors, 408, 429 and 5xx within the budget.
+#[derive(Clone)]
+pub struct Sender {
+    client: CallbackClient,
+    signer: Option<Signer>,
+    budget: Duration,
+    attempt_timeout: Duration,
+    retry_base: Duration,
+}
+
+impl Sender {
+    pub fn new(settings: &CallbackSettings) -> Self {
+        Self::with_policy(settings, Policy::new(settings.allowlist.clone()))
+    }
+
+    pub fn with_policy(settings: &CallbackSettings, policy: Policy) -> Self {
+        let connector = CheckedConnector {
+            policy,
+            connect_timeout: settings.attempt_timeout.min(Duration::from_secs(10)),
+        };
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(32)
+            .build(https);
+        Self {
+            client,
+            signer: settings
+                .secret
+                .as_ref()
+                .map(|s| Signer::new(s.expose_secret())),
+            budget: settings.budget,
+            attempt_timeout: settings.attempt_timeout,
+            retry_base: Duration::from_millis(200),
+        }
+    }
+
+    /// Whether deliveries can be signed (a secret is configured).
+    pub fn can_sign(&self) -> bool {
+        self.signer.is_some()
+    }
+
+    /// Delivers `body` to `url` until it is accepted (2xx), refused for good (another status,
+    /// or the policy), the budget is spent, or `stop` resolves.
+    pub async fn deliver(
+        &self,
+        url: &str,
+        webhook_id: &str,
+        body: &[u8],
+        stop: impl Future<Output = ()>,
+    ) -> Delivery {
+        tokio::pin!(stop);
+        let Some(signer) = &self.signer else {
+            return Delivery {
+                delivered: false,
+                attempts: 0,
+                last_error: Some("BROKER_CALLBACK_SECRET is not set: nothing can be signed".into()),
+            };
+        };
+        let uri: Uri = match url.parse() {
+            Ok(uri) => uri,
+            Err(_) => {
+                return Delivery {
+                    delivered: false,
+                    attempts: 0,
+                    last_error: Some("callback_url is not a valid URL".into()),
+                }
+            }
+        };
+        let body = Bytes::copy_from_slice(body);
+        let deadline = Instant::now() + self.budget;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = tokio::select! {
+                a = self.attempt(&uri, webhook_id, body.clone(), signer, left.min(self.attempt_timeout)) => a,
+                () = &mut stop => Attempt::GiveUp("the drainer stopped before the callback was delivered".into()),
+            };
+            let (error, hint) = match attempt {
+                Attempt::Delivered => {
+                    return Delivery {
+                        delivered: true,
+                        attempts,
+                        last_error: None,
+                    }
+                }
+                Attempt::GiveUp(error) => {
+                    return Delivery {
+                        delivered: false,
+                        attempts,
+                        last_error: Some(error),
+                    }
+                }
+                Attempt::Retry(error, hint) => (error, hint),
+            };
+            let delay =
+                hint.unwrap_or_else(|| backoff(self.retry_base, Duration::from_secs(10), attempts));
+            if Instant::now() + delay >= deadline {
+                return Delivery {
+                    delivered: false,
+                    attempts,
+                    last_error: Some(format!(
+                        "{error}; retry budget of {} ms spent",
+                        self.budget.as_millis()
+                    )),
+                };
+            }
+            tracing::info!(attempt = attempts, %error, delay_ms = delay.as_millis() as u64, "callback not delivered yet; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = &mut stop => return Delivery {
+                    delivered: false,
+                    attempts,
+                    last_error: Some(format!("{error}; the drainer stopped before the callback was delivered")),
+                },
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        uri: &Uri,
+        webhook_id: &str,
+        body: Bytes,
+        signer: &Signer,
+        timeout: Duration,
+    ) -> Attempt {
+        let timestamp = crate::clock::now_ms() / 1000;
+        let signature = signer.signature(webhook_id, timestamp, &body);
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(uri.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(
+                USER_AGENT,
+                concat!("bt-servant-broker/", env!("CARGO_PKG_VERSION")),
+            )
+            .header("webhook-id", webhook_id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(Full::new(body));
+        let Ok(request) = request else {
+            return Attempt::GiveUp("the callback request could not be built".into());
+        };
+        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Err(_) => {
+                return Attempt::Retry(format!("no answer within {} ms", timeout.as_millis()), None)
+            }
+            Ok(Err(e)) => {
+                if let Some(refused) = find_refusal(&e) {
+                    return Attempt::GiveUp(refused.0.clone());
+                }
+                return Attempt::Retry(format!("connection failed: {}", describe(&e)), None);
+            }
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        // Read (and drop) a bounded part of the body so the connection can be reused.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut body = response.into_body();
+            let mut read = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, Bytes::len);
+                if read > 64 * 1024 {
+                    break;
+                }
+            }
+        })
+        .await;
+        if status.is_success() {
+            Attempt::Delivered
+        } else if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+            Attempt::Retry(format!("the receiver answered {status}"), retry_after)
+        } else {
+            Attempt::GiveUp(format!("the receiver answered {status}"))
+        }
+    }
+}
+
+fn find_refusal<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Refused> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = current {
+        if let Some(refused) = err.downcast_ref::<Refused>() {
+            return Some(refused);
+        }
+        current = err.source();
+    }
+    None
+}
+
+/// The innermost cause of a client error, which says what really went wrong.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = e;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(Vec<IpAddr>);
+
+    impl Resolve for Fixed {
+        fn resolve<'a>(
+            &'a self,
+            _: &'a str,
+            port: u16,
+        ) -> Pin<Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+            let out = self.0.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
+            Box::pin(async move { Ok(out) })
+        }
+    }
+
+    fn policy(allow: &str, ips: &[&str]) -> Policy {
+        Policy::with_resolver(
+            Allowlist::parse(allow).unwrap(),
+            Arc::new(Fixed(ips.iter().map(|i| i.parse().unwrap()).collect())),
+        )
+    }
+
+    #[test]
+    fn address_classes() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "192.0.2.1",
+            "198.18.0.1",
+            "224.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "fe80::1",
+            "fc00::1",
+            "fd12::1",
+            "ff02::1",
+            "2001:db8::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+            "2001::1",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+        for public in ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1"] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_guard_refuses_what_it_must() {
+        let p = policy("", &["93.184.215.14"]);
+        assert!(p.check("https://hooks.example/cb?x=1").await.is_ok());
+        let refused = |url: &'static str, p: Policy| async move { p.check(url).await.unwrap_err() };
+        assert!(refused("http://hooks.example/cb", p.clone())
+            .await
+            .contains("https"));
+        assert!(refused("ftp://hooks.example/cb", p.clone())
+            .await
+            .contains("https"));
+        assert!(refused("https://u:pw@hooks.example/", p.clone())
+            .await
+            .contains("credentials"));
+        assert!(refused("https://127.0.0.1/cb", p.clone())
+            .await
+            .contains("127.0.0.1"));
+        assert!(refused("https://[::1]:8443/cb", p.clone())
+            .await
+            .contains("::1"));
+        assert!(refused("/relative", p.clone())
+            .await
+            .contains("callback_url"));
+        // A name that resolves to a private address, even among public ones.
+        let p = policy("", &["93.184.215.14", "10.0.0.5"]);
+        let e = refused("https://internal.example/cb", p).await;
+        assert!(e.contains("10.0.0.5"), "{e}");
+        // The allow-list lifts both rules for the hosts (and ports) it names.
+        let p = policy("internal.example,127.0.0.1:9000", &["10.0.0.5"]);
+        assert!(p.check("http://internal.example/cb").await.is_ok());
+        assert!(p.check("http://127.0.0.1:9000/cb").await.is_ok());
+        assert!(p.check("http://127.0.0.1:9001/cb").await.is_err());
+        assert!(p.check("https://127.0.0.1:9001/cb").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_connector_checks_again_at_delivery() {
+        let mut connector = CheckedConnector {
+            policy: policy("", &["127.0.0.1"]),
+            connect_timeout: Duration::from_secs(1),
+        };
+        let e = tower_service::Service::call(
+            &mut connector,
+            "https://rebound.example/".parse().unwrap(),
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(e.downcast_ref::<Refused>().is_some(), "{e}");
+    }
+
+    #[test]
+    fn signatures_follow_standard_webhooks() {
+        // Key "secret" as whsec_ base64, and as raw text, sign the same way.
+        let a = Signer::new("whsec_c2VjcmV0").signature("msg_1", 1_700_000_000, b"{}");
+        let b = Signer::new("secret").signature("msg_1", 1_700_000_000, b"{}");
+        assert_eq!(a, b);
+        // Computed independently: base64(HMAC-SHA256("secret", "msg_1.1700000000.{}")).
+        assert_eq!(a, "v1,A5oIrJxXPB/PkULSoVu0e4khvPiqpF9vljmhkSKg0FI=");
+        let c = Signer::new("secret").signature("msg_1", 1_700_000_000, b"{ }");
+        assert_ne!(a, c);
+    }
+}
