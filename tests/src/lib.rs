@@ -150,6 +150,7 @@ pub fn test_env(
         ("WORKER_RETRY_BASE_MS", "20"),
         ("WORKER_RETRY_MAX_MS", "100"),
         ("BROKER_WAITER_RECHECK_SECS", "1"),
+        ("BROKER_CALLBACK_SECRET", CALLBACK_SECRET),
     ];
     defaults
         .iter()
@@ -521,4 +522,347 @@ pub fn assert_fifo(conversation: &str, started: &[String], sent: &[String]) {
         sent.len(),
         "{conversation}: not every message ran; started {started:?}"
     );
+}
+
+/// The callback signing secret of the tests, in Standard-Webhooks form
+/// (`whsec_` + base64 of `test-callback-secret`).
+pub const CALLBACK_SECRET: &str = "whsec_dGVzdC1jYWxsYmFjay1zZWNyZXQ=";
+
+/// Checks a Standard-Webhooks signature: base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`
+/// with the base64-decoded part of a `whsec_` secret; any `v1,` entry may match.
+pub fn verify_signature(
+    secret: &str,
+    id: &str,
+    timestamp: &str,
+    body: &[u8],
+    header: &str,
+) -> bool {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = b64
+        .decode(secret.trim_start_matches("whsec_"))
+        .expect("a whsec_ secret");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+    let mut signed = format!("{id}.{timestamp}.").into_bytes();
+    signed.extend_from_slice(body);
+    header.split(' ').any(|entry| {
+        entry
+            .strip_prefix("v1,")
+            .and_then(|sig| b64.decode(sig).ok())
+            .is_some_and(|sig| ring::hmac::verify(&key, &signed, &sig).is_ok())
+    })
+}
+
+/// What a test receiver answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    /// 200 to everything.
+    Accept,
+    /// This status to the first `n` attempts of every webhook id, then 200.
+    FailFirst(u16, u32),
+    /// This status, always.
+    Always(u16),
+}
+
+/// One request a receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub webhook_id: String,
+    pub timestamp: String,
+    pub signature: String,
+    pub body: Bytes,
+    pub answered: u16,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    pub fn verifies(&self) -> bool {
+        verify_signature(
+            CALLBACK_SECRET,
+            &self.webhook_id,
+            &self.timestamp,
+            &self.body,
+            &self.signature,
+        )
+    }
+}
+
+/// A real HTTP server that receives callbacks on 127.0.0.1 and records them.
+pub struct Receiver {
+    pub url: String,
+    pub port: u16,
+    log: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    pub async fn start(behaviour: Behaviour) -> Self {
+        use hyper::service::service_fn;
+        use std::sync::{Arc, Mutex};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let port = listener.local_addr().expect("receiver addr").port();
+        let log: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let shared = log.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let log = shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let header = |name: &str| {
+                                req.headers()
+                                    .get(name)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_owned()
+                            };
+                            let (webhook_id, timestamp, signature) = (
+                                header("webhook-id"),
+                                header("webhook-timestamp"),
+                                header("webhook-signature"),
+                            );
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let mut log = log.lock().expect("receiver log");
+                            let tries = log.iter().filter(|r| r.webhook_id == webhook_id).count();
+                            let answered = match behaviour {
+                                Behaviour::Accept => 200,
+                                Behaviour::FailFirst(status, n) if (tries as u32) < n => status,
+                                Behaviour::FailFirst(..) => 200,
+                                Behaviour::Always(status) => status,
+                            };
+                            log.push(Received {
+                                webhook_id,
+                                timestamp,
+                                signature,
+                                body,
+                                answered,
+                                at: Instant::now(),
+                            });
+                            let mut response = hyper::Response::new(Full::new(Bytes::from("{}")));
+                            *response.status_mut() =
+                                hyper::StatusCode::from_u16(answered).expect("status");
+                            if answered == 429 {
+                                response.headers_mut().insert(
+                                    hyper::header::RETRY_AFTER,
+                                    hyper::header::HeaderValue::from_static("0"),
+                                );
+                            }
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            url: format!("http://127.0.0.1:{port}/hooks"),
+            port,
+            log,
+            task,
+        }
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn received(&self) -> Vec<Received> {
+        self.log.lock().expect("receiver log").clone()
+    }
+
+    /// The requests answered 2xx, in arrival order.
+    pub fn accepted(&self) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| (200..300).contains(&r.answered))
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One SSE frame as the client received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseFrame {
+    /// The whole block, without the blank line that ends it.
+    pub raw: String,
+    pub id: Option<String>,
+    /// The first `data: ` line's payload.
+    pub data: String,
+}
+
+impl SseFrame {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or(Value::Null)
+    }
+
+    pub fn kind(&self) -> String {
+        self.json()["type"].as_str().unwrap_or("").to_owned()
+    }
+
+    /// The web client's parser rules (worker-contract §2.2): LF framing, and a first
+    /// `data: ` line holding a JSON object whose `type` the client knows.
+    pub fn assert_web_client_readable(&self) {
+        assert!(!self.raw.contains('\r'), "CR in frame {:?}", self.raw);
+        let first = self
+            .raw
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .unwrap_or_else(|| panic!("no `data: ` line in {:?}", self.raw));
+        let value: Value = serde_json::from_str(first)
+            .unwrap_or_else(|e| panic!("data is not JSON ({e}): {:?}", self.raw));
+        let kind = value["type"].as_str().unwrap_or("");
+        assert!(
+            [
+                "queued",
+                "status",
+                "progress",
+                "tool_use",
+                "tool_result",
+                "keepalive",
+                "complete",
+                "error"
+            ]
+            .contains(&kind),
+            "unknown type in {:?}",
+            self.raw
+        );
+    }
+}
+
+/// A client's SSE connection, read frame by frame.
+pub struct Sse {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    body: hyper::body::Incoming,
+    buffer: Vec<u8>,
+    pub error_body: String,
+}
+
+impl Sse {
+    /// Sends a request and keeps its body open for reading.
+    pub async fn open(
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<String>,
+    ) -> Self {
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("x-api-key", API_KEY);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .expect("request");
+        let res = client.request(req).await.expect("SSE request");
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let mut sse = Self {
+            status,
+            headers,
+            body: res.into_body(),
+            buffer: Vec::new(),
+            error_body: String::new(),
+        };
+        if status != 200 {
+            let bytes = (&mut sse.body).collect().await.map(|b| b.to_bytes());
+            sse.error_body = String::from_utf8_lossy(&bytes.unwrap_or_default()).into_owned();
+        }
+        sse
+    }
+
+    /// `GET /api/v1/stream?message_id=…`, optionally resuming after `last_event_id`.
+    pub async fn attach(base: &str, message_id: &str, last_event_id: Option<&str>) -> Self {
+        let url = format!("{base}/api/v1/stream?message_id={message_id}");
+        match last_event_id {
+            Some(id) => Self::open("GET", &url, &[("last-event-id", id)], None).await,
+            None => Self::open("GET", &url, &[], None).await,
+        }
+    }
+
+    /// The next frame, or `None` when the server ended the stream. Panics after `limit`.
+    pub async fn next(&mut self, limit: Duration) -> Option<SseFrame> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).take(end).collect();
+                let raw = String::from_utf8(block).expect("utf-8 frame");
+                let id = raw
+                    .lines()
+                    .find_map(|l| l.strip_prefix("id: "))
+                    .map(str::to_owned);
+                let data = raw
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .unwrap_or("")
+                    .to_owned();
+                return Some(SseFrame { raw, id, data });
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no SSE frame within {limit:?}; pending {:?}",
+                        String::from_utf8_lossy(&self.buffer)
+                    )
+                });
+            match frame {
+                None => {
+                    assert!(
+                        self.buffer.is_empty(),
+                        "stream ended inside a frame: {:?}",
+                        String::from_utf8_lossy(&self.buffer)
+                    );
+                    return None;
+                }
+                Some(Err(e)) => panic!("SSE stream broke: {e}"),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every frame until the server ends the stream.
+    pub async fn read_to_end(&mut self, limit: Duration) -> Vec<SseFrame> {
+        let mut frames = Vec::new();
+        while let Some(frame) = self.next(limit).await {
+            frame.assert_web_client_readable();
+            frames.push(frame);
+        }
+        frames
+    }
+}
+
+/// Frames without the keepalives (which carry no id and may come at any quiet moment).
+pub fn without_keepalives(frames: &[SseFrame]) -> Vec<SseFrame> {
+    frames
+        .iter()
+        .filter(|f| f.kind() != "keepalive")
+        .cloned()
+        .collect()
 }
