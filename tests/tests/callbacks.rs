@@ -367,3 +367,37 @@ async fn a_signature_verifies_with_the_readme_procedure_and_a_tampered_body_does
     tampered[at] = b'E';
     assert_eq!(run(&tampered), "False");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drainer_killed_while_delivering_leaves_the_callback_to_another_with_the_same_id() {
+    use broker_tests::{start_drainer_process, test_env};
+    // Five failures: the first drainer is killed long before it could get past them.
+    let receiver = Receiver::start(Behaviour::FailFirst(503, 5)).await;
+    let redis = TestRedis::start().await;
+    let mock = TestMock::start(Duration::from_millis(10));
+    let allow = format!("127.0.0.1:{}", receiver.port);
+    let extra = [("BROKER_CALLBACK_ALLOWLIST", allow.as_str())];
+    let api = TestApi::start(settings(redis.url(), &mock.url, &extra)).await;
+    let env = test_env(redis.url(), &mock.url, &extra);
+    let mut victim = start_drainer_process(&env);
+    let http = Http::new();
+    let (id, _) = post(&http, &api.base, &body("kim", "deliver me", &receiver.url)).await;
+    eventually("two failed attempts", LIMIT, || async {
+        (receiver.received().len() >= 2).then_some(())
+    })
+    .await;
+    victim.kill9();
+    let _heir = start_drainer_process(&env);
+    let record = wait_finished(&http, &api.base, &id, LIMIT).await;
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["callback"]["status"], "delivered");
+    let accepted = receiver.accepted();
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0].webhook_id, id);
+    assert!(receiver
+        .received()
+        .iter()
+        .all(|r| r.webhook_id == id && r.verifies()));
+    // The turn ran again (at-least-once); the receiver can tell by the webhook-id.
+    assert_eq!(mock.state.stats().requests, 2);
+}

@@ -378,3 +378,57 @@ async fn a_cancelled_message_streams_one_error_frame() {
     assert_eq!(frames[1].json()["code"], "CANCELLED");
     wait_finished(&s.http, base, &first, LIMIT).await;
 }
+
+#[tokio::test]
+async fn a_stopping_api_ends_its_streams_and_another_resumes_them() {
+    let s = setup(&[]).await;
+    let other = TestApi::start(settings(s.redis.url(), &s.mock.url, &[])).await;
+    let id = post_async(&s.http, &other.base, &body("ivy", "slow [mock:sleep=1500]")).await;
+    let mut sse = Sse::attach(&s.api.base, &id, None).await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let frame = sse.next(LIMIT).await.unwrap();
+        if frame.kind() != "keepalive" {
+            seen.push(frame);
+        }
+    }
+    assert_eq!(kinds(&seen), ["queued", "status"]);
+    // A deploy stops this API process: its stream ends without a terminal frame...
+    tokio::time::timeout(Duration::from_secs(10), s.api.running.stop())
+        .await
+        .expect("the API stops promptly with a stream open");
+    let rest: Vec<SseFrame> = without_keepalives(&sse.read_to_end(LIMIT).await);
+    assert!(rest.is_empty(), "{rest:#?}");
+    // ...and the client resumes on another process where it left off.
+    let last = seen[1].id.clone().unwrap();
+    let mut resumed = Sse::attach(&other.base, &id, Some(&last)).await;
+    let rest = without_keepalives(&resumed.read_to_end(LIMIT).await);
+    assert_eq!(kinds(&rest), ["progress", "complete"]);
+}
+
+#[tokio::test]
+async fn a_gone_client_leaves_no_reader_behind() {
+    let s = setup(&[("BROKER_SSE_KEEPALIVE_MS", "200")]).await;
+    let readers = || async {
+        let m = s
+            .http
+            .send("GET", &format!("{}/metrics", s.api.base), &[], None)
+            .await
+            .unwrap();
+        m.text
+            .lines()
+            .find_map(|l| l.strip_prefix("broker_sse_readers "))
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let id = post_async(&s.http, &s.api.base, &body("jay", "slow [mock:sleep=3000]")).await;
+    let mut sse = Sse::attach(&s.api.base, &id, None).await;
+    sse.next(LIMIT).await.unwrap();
+    assert_eq!(readers().await, 1);
+    drop(sse);
+    eventually("the reader to go", LIMIT, || async {
+        (readers().await == 0).then_some(())
+    })
+    .await;
+}

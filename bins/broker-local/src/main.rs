@@ -33,10 +33,18 @@ async fn main() -> anyhow::Result<()> {
     }
     // Callbacks to receivers on this machine, signed with a development secret.
     if !is_set(&pairs, "BROKER_CALLBACK_SECRET") {
-        set(&mut pairs, "BROKER_CALLBACK_SECRET", "dev-callback-secret".into());
+        set(
+            &mut pairs,
+            "BROKER_CALLBACK_SECRET",
+            "dev-callback-secret".into(),
+        );
     }
     if !is_set(&pairs, "BROKER_CALLBACK_ALLOWLIST") {
-        set(&mut pairs, "BROKER_CALLBACK_ALLOWLIST", "localhost,127.0.0.1,[::1]".into());
+        set(
+            &mut pairs,
+            "BROKER_CALLBACK_ALLOWLIST",
+            "localhost,127.0.0.1,[::1]".into(),
+        );
     }
     let api_key = if is_set(&pairs, "BROKER_API_KEY") || is_set(&pairs, "BROKER_API_KEYS") {
         None
