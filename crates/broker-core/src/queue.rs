@@ -4,19 +4,19 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use broker_proto::{Conversation, MessageRequest};
-use deadpool_redis::Pool;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, Value};
 
 use crate::clock::now_ms;
 use crate::keys::Keys;
+use crate::redis_conn::Pool;
 use crate::scripts::Scripts;
 
 /// A Redis failure: the pool could not give a connection, or a command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("redis unavailable: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] crate::redis_conn::PoolError),
     #[error("redis command failed: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from a script: {0}")]
@@ -251,8 +251,8 @@ impl Queue {
         &self.pool
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, QueueError> {
-        Ok(self.pool.get().await?)
+    async fn conn(&self) -> Result<crate::redis_conn::Connection, QueueError> {
+        Ok(crate::redis_conn::get(&self.pool).await?)
     }
 
     /// `PING`: is Redis reachable?
