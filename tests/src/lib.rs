@@ -866,3 +866,55 @@ pub fn without_keepalives(frames: &[SseFrame]) -> Vec<SseFrame> {
         .cloned()
         .collect()
 }
+
+/// Redis, the mock worker, the API and a drainer, in-process, with [`test_env`] settings.
+pub struct Stack {
+    pub redis: TestRedis,
+    pub mock: TestMock,
+    pub api: TestApi,
+    pub drainer: TestDrainer,
+    pub http: Http,
+}
+
+impl Stack {
+    /// A fresh Redis and a mock worker whose turns take `latency`.
+    pub async fn start(latency: Duration, extra: &[(&str, &str)]) -> Self {
+        Self::with(
+            TestRedis::start().await,
+            TestMock::start(latency),
+            None,
+            extra,
+        )
+        .await
+    }
+
+    /// The given Redis and mock; the drainer calls `worker_url` instead when one is given.
+    pub async fn with(
+        redis: TestRedis,
+        mock: TestMock,
+        worker_url: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let s = settings(redis.url(), worker_url.unwrap_or(&mock.url), extra);
+        let api = TestApi::start(s.clone()).await;
+        let drainer = TestDrainer::start(s).await;
+        Self {
+            redis,
+            mock,
+            api,
+            drainer,
+            http: Http::new(),
+        }
+    }
+
+    /// The dead list, newest first.
+    pub async fn dead_list(&self) -> Vec<Value> {
+        let mut conn = self.redis.conn().await;
+        let raw: Vec<String> = redis::AsyncCommands::lrange(&mut conn, "bt:{0}:dead", 0, -1)
+            .await
+            .expect("LRANGE dead");
+        raw.iter()
+            .map(|r| serde_json::from_str(r).expect("dead-list JSON"))
+            .collect()
+    }
+}

@@ -7,39 +7,19 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use broker_tests::{
-    all_keys, eventually, settings, wait_finished, Behaviour, Http, Receiver, TestApi, TestDrainer,
+    all_keys, eventually, settings, wait_finished, Behaviour, Http, Receiver, Stack, TestApi,
     TestMock, TestRedis, CALLBACK_SECRET,
 };
-use redis::AsyncCommands;
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-struct Setup {
-    redis: TestRedis,
-    mock: TestMock,
-    api: TestApi,
-    _drainer: TestDrainer,
-    http: Http,
-}
-
 /// Redis, the mock worker, an API and a drainer; the receiver's port is allow-listed.
-async fn setup(receiver: &Receiver, extra: &[(&str, &str)]) -> Setup {
-    let redis = TestRedis::start().await;
-    let mock = TestMock::start(Duration::from_millis(20));
+async fn setup(receiver: &Receiver, extra: &[(&str, &str)]) -> Stack {
     let allow = format!("127.0.0.1:{}", receiver.port);
     let mut pairs = vec![("BROKER_CALLBACK_ALLOWLIST", allow.as_str())];
     pairs.extend_from_slice(extra);
-    let s = settings(redis.url(), &mock.url, &pairs);
-    let api = TestApi::start(s.clone()).await;
-    let drainer = TestDrainer::start(s).await;
-    Setup {
-        redis,
-        mock,
-        api,
-        _drainer: drainer,
-        http: Http::new(),
-    }
+    Stack::start(Duration::from_millis(20), &pairs).await
 }
 
 fn body(user: &str, text: &str, callback_url: &str) -> Value {
@@ -54,15 +34,6 @@ async fn post(http: &Http, base: &str, body: &Value) -> (String, u64) {
         a.body["message_id"].as_str().unwrap().to_owned(),
         a.body["queue_position"].as_u64().unwrap(),
     )
-}
-
-async fn dead_list(redis: &TestRedis) -> Vec<Value> {
-    let mut conn = redis.conn().await;
-    let entries: Vec<String> = conn.lrange("bt:{0}:dead", 0, -1).await.unwrap();
-    entries
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect()
 }
 
 #[tokio::test]
@@ -141,7 +112,7 @@ async fn callbacks_arrive_signed_and_in_order_per_conversation() {
         json!({"status": "delivered", "attempts": 1})
     );
     // The failed turn is in the dead list as a message; no callback is.
-    let dead = dead_list(&s.redis).await;
+    let dead = s.dead_list().await;
     assert_eq!(dead.len(), 1, "{dead:#?}");
     assert_eq!(dead[0]["kind"], "message");
     assert_eq!(dead[0]["message_id"], failed.as_str());
@@ -186,7 +157,7 @@ async fn a_receiver_that_fails_twice_gets_each_callback_exactly_once() {
             record["callback"],
             json!({"status": "delivered", "attempts": 3})
         );
-        assert!(dead_list(&s.redis).await.is_empty());
+        assert!(s.dead_list().await.is_empty());
     }
 }
 
@@ -201,7 +172,7 @@ async fn a_receiver_that_never_succeeds_lands_in_the_dead_list_and_the_conversat
     let record = wait_finished(&s.http, &s.api.base, &second, LIMIT).await;
     assert_eq!(record["status"], "completed");
     assert_eq!(record["callback"]["status"], "failed");
-    let dead = dead_list(&s.redis).await;
+    let dead = s.dead_list().await;
     assert_eq!(dead.len(), 2, "{dead:#?}");
     // Newest first.
     for (entry, id) in dead.iter().zip([&second, &first]) {
@@ -237,7 +208,7 @@ async fn a_receiver_that_never_succeeds_lands_in_the_dead_list_and_the_conversat
         json!({"status": "failed", "attempts": 1})
     );
     assert_eq!(gone.received().len(), 1);
-    let dead = dead_list(&s.redis).await;
+    let dead = s.dead_list().await;
     assert!(dead[0]["last_error"].as_str().unwrap().contains("410"));
 }
 

@@ -7,34 +7,14 @@
 use std::time::Duration;
 
 use broker_tests::{
-    eventually, settings, wait_finished, without_keepalives, Http, Sse, SseFrame, TestApi,
-    TestDrainer, TestMock, TestRedis,
+    eventually, settings, wait_finished, without_keepalives, Http, Sse, SseFrame, Stack, TestApi,
 };
 use serde_json::{json, Value};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-struct Setup {
-    redis: TestRedis,
-    mock: TestMock,
-    api: TestApi,
-    _drainer: TestDrainer,
-    http: Http,
-}
-
-async fn setup(extra: &[(&str, &str)]) -> Setup {
-    let redis = TestRedis::start().await;
-    let mock = TestMock::start(Duration::from_millis(100));
-    let s = settings(redis.url(), &mock.url, extra);
-    let api = TestApi::start(s.clone()).await;
-    let drainer = TestDrainer::start(s).await;
-    Setup {
-        redis,
-        mock,
-        api,
-        _drainer: drainer,
-        http: Http::new(),
-    }
+async fn setup(extra: &[(&str, &str)]) -> Stack {
+    Stack::start(Duration::from_millis(100), extra).await
 }
 
 fn body(user: &str, text: &str) -> Value {

@@ -4,63 +4,24 @@
 
 use std::time::Duration;
 
-use broker_tests::{settings, Http, TestApi, TestDrainer, TestMock, TestRedis};
-use redis::AsyncCommands;
+use broker_tests::{Stack, TestMock, TestRedis};
 use serde_json::{json, Value};
 
-struct Case {
-    redis: TestRedis,
-    mock: TestMock,
-    api: TestApi,
-    _drainer: TestDrainer,
-    http: Http,
+async fn case(extra: &[(&str, &str)]) -> Stack {
+    Stack::start(Duration::from_millis(10), extra).await
 }
 
-async fn case(extra: &[(&str, &str)]) -> Case {
-    let redis = TestRedis::start().await;
-    let mock = TestMock::start(Duration::from_millis(10));
-    case_with_worker(redis, mock, None, extra).await
-}
-
-async fn case_with_worker(
-    redis: TestRedis,
-    mock: TestMock,
-    worker_url: Option<&str>,
-    extra: &[(&str, &str)],
-) -> Case {
-    let s = settings(redis.url(), worker_url.unwrap_or(&mock.url), extra);
-    let api = TestApi::start(s.clone()).await;
-    let drainer = TestDrainer::start(s).await;
-    Case {
-        redis,
-        mock,
-        api,
-        _drainer: drainer,
-        http: Http::new(),
-    }
-}
-
-impl Case {
-    async fn send(&self, user: &str, message: &str) -> (u16, Value) {
-        let a = self
-            .http
-            .post_message(
-                &self.api.base,
-                &json!({"user_id": user, "client_id": "web", "message": message}),
-                &[],
-            )
-            .await
-            .unwrap();
-        (a.status, a.body)
-    }
-
-    async fn dead_list(&self) -> Vec<Value> {
-        let mut conn = self.redis.conn().await;
-        let raw: Vec<String> = conn.lrange("bt:{0}:dead", 0, -1).await.unwrap();
-        raw.iter()
-            .map(|r| serde_json::from_str(r).unwrap())
-            .collect()
-    }
+async fn send(c: &Stack, user: &str, message: &str) -> (u16, Value) {
+    let a = c
+        .http
+        .post_message(
+            &c.api.base,
+            &json!({"user_id": user, "client_id": "web", "message": message}),
+            &[],
+        )
+        .await
+        .unwrap();
+    (a.status, a.body)
 }
 
 #[tokio::test]
@@ -74,7 +35,7 @@ async fn busy_429s_are_waited_out_and_do_not_count_as_attempts() {
     ] {
         c.mock.state.reset();
         let text = format!("busy {code} [mock:status=429,code={code},times=2,retry_after_ms=30]");
-        let (status, body) = c.send("u", &text).await;
+        let (status, body) = send(&c, "u", &text).await;
         assert_eq!(status, 200, "{code}: {body}");
         assert_eq!(body["responses"], json!([format!("echo: {text}")]));
         assert_eq!(
@@ -88,7 +49,7 @@ async fn busy_429s_are_waited_out_and_do_not_count_as_attempts() {
 #[tokio::test]
 async fn a_5xx_before_the_stream_is_retried_with_back_off() {
     let c = case(&[("WORKER_MAX_ATTEMPTS", "3")]).await;
-    let (status, body) = c.send("u", "flaky [mock:status=503,times=2]").await;
+    let (status, body) = send(&c, "u", "flaky [mock:status=503,times=2]").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(c.mock.state.stats().requests, 3);
 }
@@ -96,7 +57,7 @@ async fn a_5xx_before_the_stream_is_retried_with_back_off() {
 #[tokio::test]
 async fn a_worker_that_keeps_failing_gives_503_worker_unavailable_and_a_dead_entry() {
     let c = case(&[("WORKER_MAX_ATTEMPTS", "3")]).await;
-    let (status, body) = c.send("u", "down [mock:status=500]").await;
+    let (status, body) = send(&c, "u", "down [mock:status=500]").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["code"], "WORKER_UNAVAILABLE");
     assert!(body["message_id"].is_string());
@@ -106,7 +67,7 @@ async fn a_worker_that_keeps_failing_gives_503_worker_unavailable_and_a_dead_ent
     assert_eq!(dead[0]["code"], "WORKER_UNAVAILABLE");
     assert_eq!(dead[0]["message_id"], body["message_id"]);
     // The conversation moves on.
-    let (status, _) = c.send("u", "next").await;
+    let (status, _) = send(&c, "u", "next").await;
     assert_eq!(status, 200);
 }
 
@@ -118,8 +79,8 @@ async fn an_unreachable_worker_gives_503() {
         "http://127.0.0.1:{}",
         broker_core::local_redis::free_port().unwrap()
     );
-    let c = case_with_worker(redis, mock, Some(&closed), &[("WORKER_MAX_ATTEMPTS", "2")]).await;
-    let (status, body) = c.send("u", "anyone?").await;
+    let c = Stack::with(redis, mock, Some(&closed), &[("WORKER_MAX_ATTEMPTS", "2")]).await;
+    let (status, body) = send(&c, "u", "anyone?").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["code"], "WORKER_UNAVAILABLE");
 }
@@ -127,17 +88,18 @@ async fn an_unreachable_worker_gives_503() {
 #[tokio::test]
 async fn a_4xx_fails_at_once_passing_the_worker_status_and_body() {
     let c = case(&[]).await;
-    let (status, body) = c
-        .send("u", "bad [mock:status=400,code=VALIDATION_ERROR]")
-        .await;
+    let (status, body) = send(&c, "u", "bad [mock:status=400,code=VALIDATION_ERROR]").await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["code"], "VALIDATION_ERROR");
     assert_eq!(body["error"], "Injected failure");
     assert_eq!(c.mock.state.stats().requests, 1);
     // An MCP-limit 429 is a failure, not "busy": passed on, not retried.
-    let (status, body) = c
-        .send("u", "limit [mock:status=429,code=MCP_CALL_LIMIT_EXCEEDED]")
-        .await;
+    let (status, body) = send(
+        &c,
+        "u",
+        "limit [mock:status=429,code=MCP_CALL_LIMIT_EXCEEDED]",
+    )
+    .await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["code"], "MCP_CALL_LIMIT_EXCEEDED");
     assert_eq!(c.mock.state.stats().requests, 2);
@@ -150,7 +112,7 @@ async fn a_4xx_fails_at_once_passing_the_worker_status_and_body() {
 #[tokio::test]
 async fn a_broken_stream_fails_with_worker_disconnected_and_is_not_resent() {
     let c = case(&[]).await;
-    let (status, body) = c.send("u", "cut [mock:disconnect]").await;
+    let (status, body) = send(&c, "u", "cut [mock:disconnect]").await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["code"], "WORKER_DISCONNECTED");
     assert_eq!(c.mock.state.stats().requests, 1);
@@ -159,7 +121,7 @@ async fn a_broken_stream_fails_with_worker_disconnected_and_is_not_resent() {
 #[tokio::test]
 async fn a_silent_worker_times_out() {
     let c = case(&[("WORKER_IDLE_TIMEOUT_SECS", "1")]).await;
-    let (status, body) = c.send("u", "quiet [mock:silent=2500]").await;
+    let (status, body) = send(&c, "u", "quiet [mock:silent=2500]").await;
     assert_eq!(status, 504, "{body}");
     assert_eq!(body["code"], "TIMEOUT");
 }
@@ -167,14 +129,14 @@ async fn a_silent_worker_times_out() {
 #[tokio::test]
 async fn an_error_event_or_an_invalid_complete_fails_the_turn_with_502() {
     let c = case(&[]).await;
-    let (status, body) = c.send("u", "oops [mock:error]").await;
+    let (status, body) = send(&c, "u", "oops [mock:error]").await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["code"], "WORKER_ERROR");
     assert_eq!(body["message"], "Injected turn failure");
-    let (status, body) = c.send("u", "garbled [mock:invalid]").await;
+    let (status, body) = send(&c, "u", "garbled [mock:invalid]").await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["code"], "INVALID_WORKER_RESPONSE");
-    let (status, _) = c.send("u", "fine").await;
+    let (status, _) = send(&c, "u", "fine").await;
     assert_eq!(status, 200);
 }
 
@@ -187,7 +149,7 @@ async fn the_worker_gets_the_bearer_key() {
         latency: Duration::from_millis(5),
         ..Default::default()
     });
-    let c = case_with_worker(redis, mock, None, &[("WORKER_API_KEY", "worker-secret")]).await;
-    let (status, body) = c.send("u", "with key").await;
+    let c = Stack::with(redis, mock, None, &[("WORKER_API_KEY", "worker-secret")]).await;
+    let (status, body) = send(&c, "u", "with key").await;
     assert_eq!(status, 200, "{body}");
 }

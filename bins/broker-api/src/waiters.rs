@@ -54,16 +54,29 @@ pub struct Waiter {
     pub resubscribed: watch::Receiver<u64>,
 }
 
+/// Removes one registration; true when it was the message's last.
+fn unregister<T>(
+    map: &Mutex<HashMap<String, Vec<(u64, T)>>>,
+    message_id: &str,
+    token: u64,
+) -> bool {
+    let Ok(mut map) = map.lock() else {
+        return false;
+    };
+    let Some(list) = map.get_mut(message_id) else {
+        return false;
+    };
+    list.retain(|(t, _)| *t != token);
+    if list.is_empty() {
+        map.remove(message_id);
+        return true;
+    }
+    false
+}
+
 impl Drop for Waiter {
     fn drop(&mut self) {
-        if let Ok(mut pending) = self.waiters.pending.lock() {
-            if let Some(list) = pending.get_mut(&self.message_id) {
-                list.retain(|(token, _)| *token != self.token);
-                if list.is_empty() {
-                    pending.remove(&self.message_id);
-                }
-            }
-        }
+        unregister(&self.waiters.pending, &self.message_id, self.token);
     }
 }
 
@@ -79,17 +92,11 @@ pub struct EventWatch {
 
 impl Drop for EventWatch {
     fn drop(&mut self) {
-        if let Ok(mut watched) = self.waiters.watched.lock() {
-            if let Some(list) = watched.get_mut(&self.message_id) {
-                list.retain(|(token, _)| *token != self.token);
-                if list.is_empty() {
-                    watched.remove(&self.message_id);
-                    let _ = self
-                        .waiters
-                        .commands
-                        .send(Command::Unsubscribe(self.message_id.clone()));
-                }
-            }
+        if unregister(&self.waiters.watched, &self.message_id, self.token) {
+            let _ = self
+                .waiters
+                .commands
+                .send(Command::Unsubscribe(self.message_id.clone()));
         }
     }
 }

@@ -20,12 +20,15 @@ use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use hyper::{Method, Request, Uri};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use secrecy::ExposeSecret;
 use tokio::net::TcpStream;
 
 use crate::config::{Allowlist, CallbackSettings};
 use crate::worker::backoff;
+
+/// The longest a host name may take to resolve.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A callback URL that passed the shape checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,11 +125,13 @@ impl Policy {
     pub async fn addresses(&self, target: &Target) -> Result<Vec<SocketAddr>, String> {
         let addresses = match target.host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, target.port)],
-            Err(_) => self
-                .resolver
-                .resolve(&target.host, target.port)
-                .await
-                .map_err(|_| format!("callback_url: host {} does not resolve", target.host))?,
+            Err(_) => tokio::time::timeout(
+                RESOLVE_TIMEOUT,
+                self.resolver.resolve(&target.host, target.port),
+            )
+            .await
+            .map_err(|_| format!("callback_url: host {} did not resolve in time", target.host))?
+            .map_err(|_| format!("callback_url: host {} does not resolve", target.host))?,
         };
         if addresses.is_empty() {
             return Err(format!(
@@ -297,6 +302,16 @@ pub struct Delivery {
     pub last_error: Option<String>,
 }
 
+impl Delivery {
+    fn failed(attempts: u32, error: impl Into<String>) -> Self {
+        Self {
+            delivered: false,
+            attempts,
+            last_error: Some(error.into()),
+        }
+    }
+}
+
 /// What one attempt came to.
 enum Attempt {
     Delivered,
@@ -326,17 +341,8 @@ impl Sender {
             policy,
             connect_timeout: settings.attempt_timeout.min(Duration::from_secs(10)),
         };
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(32)
-            .build(https);
         Self {
-            client,
+            client: crate::worker::pooled_client(connector),
             signer: settings
                 .secret
                 .as_ref()
@@ -363,21 +369,13 @@ impl Sender {
     ) -> Delivery {
         tokio::pin!(stop);
         let Some(signer) = &self.signer else {
-            return Delivery {
-                delivered: false,
-                attempts: 0,
-                last_error: Some("BROKER_CALLBACK_SECRET is not set: nothing can be signed".into()),
-            };
+            return Delivery::failed(
+                0,
+                "BROKER_CALLBACK_SECRET is not set: nothing can be signed",
+            );
         };
-        let uri: Uri = match url.parse() {
-            Ok(uri) => uri,
-            Err(_) => {
-                return Delivery {
-                    delivered: false,
-                    attempts: 0,
-                    last_error: Some("callback_url is not a valid URL".into()),
-                }
-            }
+        let Ok(uri) = url.parse::<Uri>() else {
+            return Delivery::failed(0, "callback_url is not a valid URL");
         };
         let body = Bytes::copy_from_slice(body);
         let deadline = Instant::now() + self.budget;
@@ -397,35 +395,25 @@ impl Sender {
                         last_error: None,
                     }
                 }
-                Attempt::GiveUp(error) => {
-                    return Delivery {
-                        delivered: false,
-                        attempts,
-                        last_error: Some(error),
-                    }
-                }
+                Attempt::GiveUp(error) => return Delivery::failed(attempts, error),
                 Attempt::Retry(error, hint) => (error, hint),
             };
             let delay =
                 hint.unwrap_or_else(|| backoff(self.retry_base, Duration::from_secs(10), attempts));
             if Instant::now() + delay >= deadline {
-                return Delivery {
-                    delivered: false,
-                    attempts,
-                    last_error: Some(format!(
-                        "{error}; retry budget of {} ms spent",
-                        self.budget.as_millis()
-                    )),
-                };
+                let spent = format!(
+                    "{error}; retry budget of {} ms spent",
+                    self.budget.as_millis()
+                );
+                return Delivery::failed(attempts, spent);
             }
             tracing::info!(attempt = attempts, %error, delay_ms = delay.as_millis() as u64, "callback not delivered yet; retrying");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = &mut stop => return Delivery {
-                    delivered: false,
-                    attempts,
-                    last_error: Some(format!("{error}; the drainer stopped before the callback was delivered")),
-                },
+                () = &mut stop => {
+                    let stopped = format!("{error}; the drainer stopped before the callback was delivered");
+                    return Delivery::failed(attempts, stopped);
+                }
             }
         }
     }

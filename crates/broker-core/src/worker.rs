@@ -75,14 +75,7 @@ impl WorkerClient {
         http.enforce_http(false);
         http.set_connect_timeout(Some(settings.connect_timeout));
         http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(https);
+        let client = pooled_client(http);
         let key = settings.api_key.expose_secret();
         let auth = if key.is_empty() {
             None
@@ -288,6 +281,30 @@ impl WorkerClient {
             }
         }
     }
+}
+
+/// A pooled HTTP/1 client over `connector`, speaking TLS (webpki roots) to `https` URLs.
+pub fn pooled_client<C>(connector: C) -> Client<hyper_rustls::HttpsConnector<C>, Full<Bytes>>
+where
+    C: tower_service::Service<Uri> + Clone + Send + Sync + 'static,
+    C::Response: hyper::rt::Read
+        + hyper::rt::Write
+        + hyper_util::client::legacy::connect::Connection
+        + Send
+        + Unpin
+        + 'static,
+    C::Future: Send + Unpin + 'static,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(64)
+        .build(https)
 }
 
 /// Exponential back-off with jitter: half fixed, half random, capped.
