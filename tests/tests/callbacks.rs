@@ -111,6 +111,20 @@ async fn callbacks_arrive_signed_and_in_order_per_conversation() {
         record["callback"],
         json!({"status": "delivered", "attempts": 1})
     );
+    let metrics = s
+        .http
+        .send("GET", &format!("{}/metrics", s.api.base), &[], None)
+        .await
+        .unwrap()
+        .text;
+    assert!(
+        metrics.contains("\nbroker_callbacks_delivered_total 17\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nbroker_callbacks_failed_total 0\n"),
+        "{metrics}"
+    );
     // The failed turn is in the dead list as a message; no callback is.
     let dead = s.dead_list().await;
     assert_eq!(dead.len(), 1, "{dead:#?}");

@@ -168,6 +168,24 @@ async fn a_message_queued_behind_another_gets_keepalives_while_it_waits() {
 }
 
 #[tokio::test]
+async fn a_silent_worker_gets_keepalives_from_the_broker() {
+    let s = setup(&[("BROKER_SSE_KEEPALIVE_MS", "200")]).await;
+    let mut sse = post_stream(&s.api.base, &body("kit", "hush [mock:silent=1200]")).await;
+    let frames = sse.read_to_end(LIMIT).await;
+    let kinds = kinds(&frames);
+    let status_at = kinds.iter().position(|k| k == "status").unwrap();
+    let quiet = kinds[1..status_at]
+        .iter()
+        .filter(|k| *k == "keepalive")
+        .count();
+    assert!(
+        quiet >= 3,
+        "expected keepalives while the worker was silent, got {kinds:?}"
+    );
+    assert_eq!(kinds.last().unwrap(), "complete");
+}
+
+#[tokio::test]
 async fn reconnecting_with_last_event_id_resumes_with_no_gap_and_no_repeat() {
     let s = setup(&[]).await;
     let id = post_async(

@@ -312,6 +312,16 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             "requests refused because the conversation queue was full",
         ),
         (
+            "callbacks_delivered_total",
+            "broker_callbacks_delivered_total",
+            "callbacks their receiver accepted",
+        ),
+        (
+            "callbacks_failed_total",
+            "broker_callbacks_failed_total",
+            "callbacks that went to the dead list (refused, or out of retry budget)",
+        ),
+        (
             "released_total",
             "broker_conversations_released_total",
             "conversations given back to ready (shutdown, reconcile, reap)",

@@ -29,6 +29,12 @@ for i = 14 + n, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
 redis.call('HSET', KEYS[3], 'status', ARGV[5], 'outcome', ARGV[6], 'finished_at', ARGV[4], unpack(fields))
+for i = 1, #fields, 2 do
+  if fields[i] == 'callback' then
+    -- 'delivered' or 'failed'
+    redis.call('HINCRBY', KEYS[6], 'callbacks_' .. fields[i + 1] .. '_total', 1)
+  end
+end
 redis.call('HDEL', KEYS[3], 'body')
 redis.call('EXPIRE', KEYS[3], ARGV[7])
 redis.call('LPOP', KEYS[2])
