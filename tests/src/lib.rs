@@ -918,3 +918,43 @@ impl Stack {
             .collect()
     }
 }
+
+/// Redis, the mock worker and the API in-process, and real `broker-drainer` processes.
+pub struct ProcessStack {
+    pub redis: TestRedis,
+    pub mock: TestMock,
+    pub api: TestApi,
+    /// The environment the drainers were started with, to start more.
+    pub env: Vec<(String, String)>,
+    pub drainers: Vec<Process>,
+    pub http: Http,
+}
+
+impl ProcessStack {
+    pub async fn start(mock: TestMock, drainers: usize, extra: &[(&str, &str)]) -> Self {
+        let redis = TestRedis::start().await;
+        let api = TestApi::start(settings(redis.url(), &mock.url, extra)).await;
+        let env = test_env(redis.url(), &mock.url, extra);
+        let drainers = (0..drainers).map(|_| start_drainer_process(&env)).collect();
+        Self {
+            redis,
+            mock,
+            api,
+            env,
+            drainers,
+            http: Http::new(),
+        }
+    }
+}
+
+impl TestMock {
+    /// Turns of 2 to 10 ms: many turns, interleaved.
+    pub fn quick() -> Self {
+        Self::start_with(mock_worker::MockSettings {
+            port: 0,
+            latency: Duration::from_millis(2),
+            jitter: Duration::from_millis(8),
+            ..Default::default()
+        })
+    }
+}

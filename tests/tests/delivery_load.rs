@@ -7,8 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use broker_tests::{
-    eventually, settings, start_drainer_process, test_env, without_keepalives, Behaviour, Http,
-    Receiver, Sse, TestApi, TestMock, TestRedis,
+    eventually, without_keepalives, Behaviour, ProcessStack, Receiver, Sse, TestMock,
 };
 use serde_json::{json, Value};
 
@@ -19,15 +18,6 @@ fn texts(conv: usize) -> Vec<String> {
     (0..MESSAGES).map(|i| format!("c{conv} m{i}")).collect()
 }
 
-fn mock() -> TestMock {
-    TestMock::start_with(mock_worker::MockSettings {
-        port: 0,
-        latency: Duration::from_millis(2),
-        jitter: Duration::from_millis(8),
-        ..Default::default()
-    })
-}
-
 /// The ordering key of an SSE id (`<ms>-<seq>`).
 fn id_order(id: &str) -> (u64, u64) {
     let (ms, seq) = id.split_once('-').unwrap();
@@ -36,17 +26,13 @@ fn id_order(id: &str) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn callback_mode_delivers_everything_once_in_order() {
-    let redis = TestRedis::start().await;
-    let mock = mock();
     // The first attempt of every callback fails, so retries happen under load too.
     let receiver = Receiver::start(Behaviour::FailFirst(503, 1)).await;
     let allow = format!("127.0.0.1:{}", receiver.port);
     let extra = [("BROKER_CALLBACK_ALLOWLIST", allow.as_str())];
-    let api = TestApi::start(settings(redis.url(), &mock.url, &extra)).await;
-    let env = test_env(redis.url(), &mock.url, &extra);
-    let _d1 = start_drainer_process(&env);
-    let _d2 = start_drainer_process(&env);
-    let http = Http::new();
+    let ProcessStack {
+        mock, api, http, ..
+    } = &ProcessStack::start(TestMock::quick(), 2, &extra).await;
 
     let mut tasks = Vec::new();
     for conv in 0..CONVERSATIONS {
@@ -109,13 +95,9 @@ async fn callback_mode_delivers_everything_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_step_stream_mode_delivers_everything_once_in_order() {
-    let redis = TestRedis::start().await;
-    let mock = mock();
-    let api = TestApi::start(settings(redis.url(), &mock.url, &[])).await;
-    let env = test_env(redis.url(), &mock.url, &[]);
-    let _d1 = start_drainer_process(&env);
-    let _d2 = start_drainer_process(&env);
-    let http = Http::new();
+    let ProcessStack {
+        mock, api, http, ..
+    } = &ProcessStack::start(TestMock::quick(), 2, &[]).await;
 
     let mut tasks = Vec::new();
     for conv in 0..CONVERSATIONS {

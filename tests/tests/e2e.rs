@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use broker_tests::{
     assert_fifo, eventually, settings, start_drainer_process, test_env, wait_finished, Http,
-    TestApi, TestDrainer, TestMock, TestRedis,
+    ProcessStack, TestApi, TestDrainer, TestMock, TestRedis,
 };
 use redis::AsyncCommands;
 use serde_json::{json, Value};
@@ -70,18 +70,13 @@ async fn check_replies(http: &Http, base: &str, ids: &[String], texts: &[String]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_conversations_of_twenty_messages_each_answered_once_in_order() {
-    let redis = TestRedis::start().await;
-    let mock = TestMock::start_with(mock_worker::MockSettings {
-        port: 0,
-        latency: Duration::from_millis(2),
-        jitter: Duration::from_millis(8),
-        ..Default::default()
-    });
-    let api = TestApi::start(settings(redis.url(), &mock.url, &[])).await;
-    let env = test_env(redis.url(), &mock.url, &[]);
-    let _d1 = start_drainer_process(&env);
-    let _d2 = start_drainer_process(&env);
-    let http = Http::new();
+    let ProcessStack {
+        redis,
+        mock,
+        api,
+        http,
+        ..
+    } = &ProcessStack::start(TestMock::quick(), 2, &[]).await;
 
     let mut tasks = Vec::new();
     for conv in 0..50 {
