@@ -195,7 +195,7 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     (s[0] & 0xe000) == 0x2000
         && !(s[0] == 0x2001 && s[1] == 0x0db8)   // documentation
         && !(s[0] == 0x2001 && s[1] < 0x0200)    // IETF protocol assignments, Teredo
-        && s[0] != 0x2002 // 6to4 (checked through its v4 above when well-formed)
+        && s[0] != 0x2002 // 6to4: refused outright
 }
 
 /// The IPv4 address inside an IPv4-mapped, IPv4-compatible or NAT64 IPv6 address.
