@@ -52,6 +52,21 @@ fn mock_frames(text: &str) -> [String; 3] {
     ]
 }
 
+/// Keepalives between the first frame and the worker's `status`.
+fn keepalives_before_status(kinds: &[String]) -> usize {
+    let status_at = kinds.iter().position(|k| k == "status").unwrap();
+    kinds[1..status_at]
+        .iter()
+        .filter(|k| *k == "keepalive")
+        .count()
+}
+
+fn assert_ends_with_one_complete(kinds: &[String]) {
+    assert_eq!(kinds.last().unwrap(), "complete", "{kinds:?}");
+    let terminals = kinds.iter().filter(|k| *k == "complete" || *k == "error");
+    assert_eq!(terminals.count(), 1, "{kinds:?}");
+}
+
 fn kinds(frames: &[SseFrame]) -> Vec<String> {
     frames.iter().map(SseFrame::kind).collect()
 }
@@ -141,11 +156,7 @@ async fn a_message_queued_behind_another_gets_keepalives_while_it_waits() {
     let kinds = kinds(&frames);
     assert_eq!(kinds[0], "queued");
     assert_eq!(frames[0].json()["queue_position"], 1);
-    let status_at = kinds.iter().position(|k| k == "status").unwrap();
-    let waiting = kinds[1..status_at]
-        .iter()
-        .filter(|k| *k == "keepalive")
-        .count();
+    let waiting = keepalives_before_status(&kinds);
     assert!(
         waiting >= 3,
         "expected keepalives while queued for ~1.5 s, got {kinds:?}"
@@ -157,14 +168,7 @@ async fn a_message_queued_behind_another_gets_keepalives_while_it_waits() {
             .all(|f| f.id.is_none() && f.data == r#"{"type":"keepalive"}"#),
         "keepalives carry no id"
     );
-    assert_eq!(kinds.last().unwrap(), "complete");
-    assert_eq!(
-        kinds
-            .iter()
-            .filter(|k| *k == "complete" || *k == "error")
-            .count(),
-        1
-    );
+    assert_ends_with_one_complete(&kinds);
 }
 
 #[tokio::test]
@@ -173,16 +177,12 @@ async fn a_silent_worker_gets_keepalives_from_the_broker() {
     let mut sse = post_stream(&s.api.base, &body("kit", "hush [mock:silent=1200]")).await;
     let frames = sse.read_to_end(LIMIT).await;
     let kinds = kinds(&frames);
-    let status_at = kinds.iter().position(|k| k == "status").unwrap();
-    let quiet = kinds[1..status_at]
-        .iter()
-        .filter(|k| *k == "keepalive")
-        .count();
+    let quiet = keepalives_before_status(&kinds);
     assert!(
         quiet >= 3,
         "expected keepalives while the worker was silent, got {kinds:?}"
     );
-    assert_eq!(kinds.last().unwrap(), "complete");
+    assert_ends_with_one_complete(&kinds);
 }
 
 #[tokio::test]

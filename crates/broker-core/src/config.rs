@@ -243,12 +243,7 @@ impl Allowlist {
     pub fn parse(text: &str) -> Result<Self, Vec<String>> {
         let mut entries = Vec::new();
         let mut problems = Vec::new();
-        for (i, entry) in text
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .enumerate()
-        {
+        for (i, entry) in comma_entries(text) {
             match parse_host_port(entry) {
                 Some((host, port)) => entries.push((host, port)),
                 None => problems.push(format!(
@@ -274,6 +269,14 @@ impl Allowlist {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// The non-empty, trimmed entries of a comma-separated setting, numbered from 0.
+fn comma_entries(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .enumerate()
 }
 
 /// `host`, `host:port`, `[v6]` or `[v6]:port`, lower-cased, brackets removed.
@@ -545,13 +548,7 @@ impl Raw {
                 key: self.broker_api_key.clone().into(),
             });
         }
-        for (i, entry) in self
-            .broker_api_keys
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .enumerate()
-        {
+        for (i, entry) in comma_entries(&self.broker_api_keys) {
             match entry.split_once('=') {
                 Some((name, key)) if !name.trim().is_empty() && !key.trim().is_empty() => keys
                     .push(ApiKey {
