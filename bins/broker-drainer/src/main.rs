@@ -2,7 +2,7 @@
 
 use broker_core::config::Settings;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load_or_exit("broker-drainer");
     broker_core::telemetry::init(&settings.log_level, settings.log_format);

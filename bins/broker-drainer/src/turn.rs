@@ -51,7 +51,7 @@ async fn run_inner(shared: &Shared, conversation: &Conversation) {
     tracing::debug!(attempt = claimed.attempts, "turn started");
 
     let limits = &shared.settings.drainer;
-    let (result, terminal) = if claimed.attempts > limits.max_claims {
+    let (result, left) = if claimed.attempts > limits.max_claims {
         let failure = Failure::new(
             503,
             "too many attempts",
@@ -61,7 +61,7 @@ async fn run_inner(shared: &Shared, conversation: &Conversation) {
                 claimed.attempts - 1
             ),
         );
-        (TurnResult::Failed(failure), None)
+        (TurnResult::Failed(failure), Unrecorded::default())
     } else {
         let mut hard_stop = shared.hard_stop.clone();
         let (frames_tx, frames_rx) = mpsc::unbounded_channel();
@@ -83,7 +83,7 @@ async fn run_inner(shared: &Shared, conversation: &Conversation) {
         };
         let recorder = record_frames(shared, conversation, &claimed.message_id, &lease, frames_rx);
         tokio::select! {
-            (result, terminal) = async { tokio::join!(worker_leg, recorder) } => (result, terminal),
+            (result, left) = async { tokio::join!(worker_leg, recorder) } => (result, left),
             () = crate::flag_set(&mut hard_stop) => {
                 // Grace period over: give the conversation back, keeping its place.
                 match shared.queue.release(&id, conversation, Some(&lease)).await {
@@ -94,48 +94,79 @@ async fn run_inner(shared: &Shared, conversation: &Conversation) {
             }
         }
     };
-    finish(shared, conversation, &claimed, &lease, result, terminal).await;
+    finish(shared, conversation, &claimed, &lease, result, left).await;
+}
+
+/// How long a worker frame may wait to be recorded, so that it can share a write with the
+/// frames after it: a short turn's frames all go with the finish script (no write of their
+/// own), a long turn's reach its stream readers at most this much later.
+const LINGER: Duration = Duration::from_millis(5);
+
+/// What the recorder leaves for the finish script.
+#[derive(Default)]
+struct Unrecorded {
+    /// Frames not yet written (the turn ended within their linger).
+    frames: Vec<(String, String)>,
+    /// The terminal frame (`complete` or `error`) the worker sent.
+    terminal: Option<(String, String)>,
 }
 
 /// Records the worker's frames in the message's events as they come, in batches, while the
-/// lease holds. Returns the terminal frame (`complete` or `error`) the worker sent, which the
-/// finish script records together with the outcome.
+/// lease holds. Frames still waiting when the worker leg ends, and the worker's terminal frame,
+/// are returned: the finish script records them together with the outcome.
 async fn record_frames(
     shared: &Shared,
     conversation: &Conversation,
     message_id: &str,
     lease: &str,
     mut frames: mpsc::UnboundedReceiver<(String, String)>,
-) -> Option<(String, String)> {
-    let mut terminal = None;
+) -> Unrecorded {
+    let mut left = Unrecorded::default();
     let mut writing = true;
+    let mut due = tokio::time::Instant::now();
     let events_max = shared.settings.drainer.events_max;
-    while let Some(first) = frames.recv().await {
-        let mut batch = Vec::new();
-        for (kind, data) in
-            std::iter::once(first).chain(std::iter::from_fn(|| frames.try_recv().ok()))
-        {
-            if kind == "complete" || kind == "error" {
-                terminal = Some((kind, data));
-            } else {
-                batch.push((kind, data));
+    loop {
+        let next = if left.frames.is_empty() {
+            frames.recv().await
+        } else {
+            match tokio::time::timeout_at(due, frames.recv()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let batch = std::mem::take(&mut left.frames);
+                    if !writing {
+                        continue;
+                    }
+                    let written = until_stopped(shared, || {
+                        shared.queue.record_events(
+                            conversation,
+                            message_id,
+                            lease,
+                            &batch,
+                            events_max,
+                        )
+                    })
+                    .await;
+                    if written != Some(true) {
+                        tracing::warn!(
+                            "the lease is gone: this turn's frames are no longer recorded"
+                        );
+                        writing = false;
+                    }
+                    continue;
+                }
             }
-        }
-        if !writing || batch.is_empty() {
-            continue;
-        }
-        let written = until_stopped(shared, || {
-            shared
-                .queue
-                .record_events(conversation, message_id, lease, &batch, events_max)
-        })
-        .await;
-        if written != Some(true) {
-            tracing::warn!("the lease is gone: this turn's frames are no longer recorded");
-            writing = false;
+        };
+        let Some((kind, data)) = next else { break };
+        if kind == "complete" || kind == "error" {
+            left.terminal = Some((kind, data));
+        } else if writing {
+            if left.frames.is_empty() {
+                due = tokio::time::Instant::now() + LINGER;
+            }
+            left.frames.push((kind, data));
         }
     }
-    terminal
+    left
 }
 
 /// The client-facing callback body of design §8.
@@ -170,8 +201,9 @@ async fn finish(
     claimed: &Claimed,
     lease: &str,
     result: TurnResult,
-    worker_terminal: Option<(String, String)>,
+    left: Unrecorded,
 ) {
+    let worker_terminal = left.terminal;
     let finished_at = now_ms();
     let queue_wait_ms = claimed.started_at.saturating_sub(claimed.enqueued_at);
     let processing_ms = finished_at.saturating_sub(claimed.started_at);
@@ -253,6 +285,7 @@ async fn finish(
     };
     let json = serde_json::to_string(&outcome).unwrap_or_default();
     let mut finish = Finish::new(outcome.status(), &json, terminal.0, &terminal.1);
+    finish.frames = left.frames;
 
     if claimed.mode == Mode::Callback.as_str() && !claimed.callback_url.is_empty() {
         let payload = callback_payload(claimed, conversation, &outcome);

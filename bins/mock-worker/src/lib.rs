@@ -169,6 +169,7 @@ impl MockWorker {
         })
         .disable_signals()
         .shutdown_timeout(1)
+        .tcp_nodelay(true)
         .workers(2)
         .listen(listener)?
         .run();
@@ -478,6 +479,14 @@ async fn chat_stream(req: HttpRequest, body: Bytes, state: web::Data<MockState>)
         .streaming(stream)
 }
 
+/// Sleeps, unless there is nothing to wait for: a zero sleep still waits for the timer's next
+/// tick (up to 1 ms), which a "0 ms" worker must not add.
+async fn pause(length: Duration) {
+    if !length.is_zero() {
+        tokio::time::sleep(length).await;
+    }
+}
+
 /// The frames of one streamed turn, produced one at a time.
 struct Plan {
     step: u8,
@@ -508,12 +517,12 @@ impl Plan {
                     self.guard.take();
                     return None;
                 }
-                tokio::time::sleep(self.length / 2).await;
+                pause(self.length / 2).await;
                 Some(frame(&json!({"type": "progress", "text": "echo: "})))
             }
             3 => Some(frame(&json!({"type": "keepalive"}))),
             4 => {
-                tokio::time::sleep(self.length / 2).await;
+                pause(self.length / 2).await;
                 // The turn is over once its terminal frame is produced.
                 if let Some(guard) = self.guard.take() {
                     guard.finish(!self.error);
@@ -554,7 +563,7 @@ async fn chat_final(req: HttpRequest, body: Bytes, state: web::Data<MockState>) 
         );
     }
     let guard = InFlight::start(&state.stats, &accepted.conversation, &accepted.text);
-    tokio::time::sleep(turn_length(&state.settings, &accepted.directives)).await;
+    pause(turn_length(&state.settings, &accepted.directives)).await;
     guard.finish(true);
     let mut response = chat_response(&accepted.text);
     response["message_id"] = json!(uuid_like());

@@ -13,7 +13,9 @@
 -- ARGV[5] 'completed' | 'failed'   ARGV[6] outcome JSON   ARGV[7] result ttl (s)
 -- ARGV[8] dead-list cap   ARGV[9] terminal frame type   ARGV[10] terminal frame data
 -- ARGV[11] stream cap   ARGV[12] notify channel   ARGV[13] n, the number of dead-list entries
--- ARGV[14 .. 13+n] dead-list entries   ARGV[14+n ..] field, value pairs for the message hash
+-- ARGV[14] f, the number of worker frames not yet recorded (they go before the terminal frame)
+-- ARGV[15 .. 14+n] dead-list entries   ARGV[15+n .. 14+n+2f] type, data pairs of those frames
+-- ARGV[15+n+2f ..] field, value pairs for the message hash
 -- Returns {'ok', messages still queued} | {'stale'}
 
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[3] then
@@ -24,8 +26,9 @@ if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[2] then
 end
 
 local n = tonumber(ARGV[13])
+local f = tonumber(ARGV[14])
 local fields = {}
-for i = 14 + n, #ARGV do
+for i = 15 + n + 2 * f, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
 redis.call('HSET', KEYS[3], 'status', ARGV[5], 'outcome', ARGV[6], 'finished_at', ARGV[4], unpack(fields))
@@ -42,7 +45,10 @@ local reply = redis.call('HGET', KEYS[3], 'reply')
 if reply and reply ~= '' then
   redis.call('PUBLISH', reply, ARGV[2] .. '\n' .. ARGV[6])
 end
--- the one terminal frame, atomically with the outcome
+-- the turn's last worker frames, then the one terminal frame, atomically with the outcome
+for i = 15 + n, 14 + n + 2 * f, 2 do
+  redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+end
 local id = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'type', ARGV[9], 'data', ARGV[10])
 redis.call('EXPIRE', KEYS[8], ARGV[7])
 redis.call('PUBLISH', ARGV[12], id)
@@ -50,7 +56,7 @@ redis.call('LREM', KEYS[4], 0, ARGV[1])
 redis.call('HINCRBY', KEYS[6], 'processing', -1)
 redis.call('HINCRBY', KEYS[6], ARGV[5] .. '_total', 1)
 if n > 0 then
-  for i = 14, 13 + n do
+  for i = 15, 14 + n do
     redis.call('LPUSH', KEYS[7], ARGV[i])
   end
   redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[8]) - 1)

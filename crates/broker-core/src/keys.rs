@@ -42,7 +42,12 @@ impl Keys {
 
     /// One message's record.
     pub fn message(&self, message_id: &str) -> String {
-        format!("{}:msg:{message_id}", self.base)
+        format!("{}{message_id}", self.message_prefix())
+    }
+
+    /// What every message key starts with (the claim script appends the head id).
+    pub fn message_prefix(&self) -> String {
+        format!("{}:msg:", self.base)
     }
 
     /// One message's SSE frames.

@@ -97,6 +97,8 @@ pub struct Finish {
     pub terminal_data: String,
     /// Entries for the dead list (a failed message, an undelivered callback).
     pub dead_entries: Vec<String>,
+    /// Worker frames (`(type, data)`) not yet recorded; they go before the terminal frame.
+    pub frames: Vec<(String, String)>,
     /// Extra fields for the message record (callback delivery).
     pub fields: Vec<(String, String)>,
 }
@@ -358,58 +360,44 @@ impl Queue {
         lease: &str,
     ) -> Result<Claim, QueueError> {
         let mut conn = self.conn().await?;
-        let mut head: Option<String> = conn.lindex(self.keys.queue(conversation), 0).await?;
-        for _ in 0..16 {
-            let head_id = head.clone().unwrap_or_default();
-            let now = now_ms();
-            let reply: Vec<Value> = self
-                .scripts
-                .claim
-                .key(self.keys.conversation(conversation))
-                .key(self.keys.queue(conversation))
-                .key(self.keys.message(&head_id))
-                .key(self.keys.processing(drainer))
-                .key(self.keys.stats())
-                .arg(conversation.as_str())
-                .arg(&head_id)
-                .arg(drainer)
-                .arg(lease)
-                .arg(now)
-                .invoke_async(&mut conn)
-                .await?;
-            let tag = reply
-                .first()
+        let now = now_ms();
+        let reply: Vec<Value> = self
+            .scripts
+            .claim
+            .key(self.keys.conversation(conversation))
+            .key(self.keys.queue(conversation))
+            .key(self.keys.processing(drainer))
+            .key(self.keys.stats())
+            .arg(conversation.as_str())
+            .arg(drainer)
+            .arg(lease)
+            .arg(now)
+            .arg(self.keys.message_prefix())
+            .invoke_async(&mut conn)
+            .await?;
+        let field = |i: usize| {
+            reply
+                .get(i)
                 .map(as_string)
-                .transpose()?
-                .unwrap_or_default();
-            match tag.as_str() {
-                "ok" => {
-                    let field = |i: usize| {
-                        reply
-                            .get(i)
-                            .map(as_string)
-                            .transpose()
-                            .map(Option::unwrap_or_default)
-                    };
-                    return Ok(Claim::Turn(Box::new(Claimed {
-                        message_id: head_id,
-                        attempts: field(1)?.parse().unwrap_or(1),
-                        body: field(2)?,
-                        enqueued_at: field(3)?.parse().unwrap_or(now),
-                        started_at: now,
-                        reply: field(4)?,
-                        mode: field(5)?,
-                        user_id: field(6)?,
-                        client_message_id: field(7)?,
-                        callback_url: field(8)?,
-                    })));
-                }
-                "moved" => head = reply.get(1).map(as_string).transpose()?,
-                "empty" => return Ok(Claim::Empty),
-                other => return Err(QueueError::Protocol(format!("claim returned {other}"))),
-            }
+                .transpose()
+                .map(Option::unwrap_or_default)
+        };
+        match field(0)?.as_str() {
+            "ok" => Ok(Claim::Turn(Box::new(Claimed {
+                message_id: field(1)?,
+                attempts: field(2)?.parse().unwrap_or(1),
+                body: field(3)?,
+                enqueued_at: field(4)?.parse().unwrap_or(now),
+                started_at: now,
+                reply: field(5)?,
+                mode: field(6)?,
+                user_id: field(7)?,
+                client_message_id: field(8)?,
+                callback_url: field(9)?,
+            }))),
+            "empty" => Ok(Claim::Empty),
+            other => Err(QueueError::Protocol(format!("claim returned {other}"))),
         }
-        Err(QueueError::Protocol("claim: the head kept moving".into()))
     }
 
     /// Stores a turn's outcome, appends its terminal frame to the message's events and
@@ -446,9 +434,13 @@ impl Queue {
             .arg(&finish.terminal_data)
             .arg(retention.events_max.max(1))
             .arg(self.keys.events(message_id))
-            .arg(finish.dead_entries.len());
+            .arg(finish.dead_entries.len())
+            .arg(finish.frames.len());
         for entry in &finish.dead_entries {
             invocation.arg(entry);
+        }
+        for (kind, data) in &finish.frames {
+            invocation.arg(kind).arg(data);
         }
         for (field, value) in &finish.fields {
             invocation.arg(field).arg(value);

@@ -1,0 +1,508 @@
+//! The load: clients sending messages in each delivery mode, a callback receiver, and the
+//! checks that every answer is the message's own.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Semaphore};
+
+use crate::stack::API_KEY;
+
+/// How a message's result comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Sync,
+    Callback,
+    Stream,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Sync => "sync",
+            Mode::Callback => "callback",
+            Mode::Stream => "stream",
+        }
+    }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Where and how to send.
+#[derive(Clone)]
+pub struct Target {
+    api: String,
+    client: HttpClient,
+    receiver: Option<Receiver>,
+}
+
+impl Target {
+    pub fn new(api: String, receiver: Option<Receiver>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(300))
+            .build(connector);
+        Self {
+            api,
+            client,
+            receiver,
+        }
+    }
+}
+
+/// The text of message `i` of conversation `c` in run `run`; the mock answers `echo: <text>`.
+pub fn text(run: &str, c: usize, i: usize) -> String {
+    format!("{run} c{c} m{i}")
+}
+
+pub fn user(run: &str, c: usize) -> String {
+    format!("{run}-u{c}")
+}
+
+/// Sends one message and waits for its result; returns the time from send to result.
+pub async fn send_one(
+    target: &Target,
+    mode: Mode,
+    run: &str,
+    c: usize,
+    i: usize,
+) -> Result<Duration, String> {
+    let text = text(run, c, i);
+    let expected = format!("echo: {text}");
+    let mut body =
+        serde_json::json!({"user_id": user(run, c), "client_id": "bench", "message": text});
+    let pending = match (mode, &target.receiver) {
+        (Mode::Callback, Some(r)) => {
+            body["callback_url"] = Value::from(r.url());
+            Some(r.expect(&text))
+        }
+        (Mode::Callback, None) => return Err("callback mode needs the receiver".into()),
+        _ => None,
+    };
+    let mut request = Request::post(format!("{}/api/v1/message", target.api))
+        .header("x-api-key", API_KEY)
+        .header("content-type", "application/json");
+    if mode == Mode::Stream {
+        request = request.header("accept", "text/event-stream");
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let response = target
+        .client
+        .request(request)
+        .await
+        .map_err(|e| format!("{text}: {e:?}"))?;
+    let status = response.status().as_u16();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{text}: body: {e}"))?
+        .to_bytes();
+    let done = Instant::now();
+    match mode {
+        Mode::Sync => {
+            if status != 200 {
+                return Err(format!(
+                    "{text}: status {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ));
+            }
+            let v: Value = serde_json::from_slice(&bytes).map_err(|e| format!("{text}: {e}"))?;
+            check_reply(&text, &expected, &v)?;
+            Ok(done - start)
+        }
+        Mode::Stream => {
+            if status != 200 {
+                return Err(format!("{text}: status {status}"));
+            }
+            check_stream(&text, &expected, &bytes)?;
+            Ok(done - start)
+        }
+        Mode::Callback => {
+            if status != 202 {
+                return Err(format!(
+                    "{text}: status {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ));
+            }
+            let Some(pending) = pending else {
+                return Err("no receiver".into());
+            };
+            let arrived = tokio::time::timeout(Duration::from_secs(120), pending)
+                .await
+                .map_err(|_| format!("{text}: no callback within 120 s"))?
+                .map_err(|_| format!("{text}: receiver gone"))??;
+            Ok(arrived - start)
+        }
+    }
+}
+
+fn check_reply(text: &str, expected: &str, v: &Value) -> Result<(), String> {
+    let got = v
+        .get("responses")
+        .and_then(|r| r.get(0))
+        .and_then(Value::as_str);
+    if got == Some(expected) {
+        Ok(())
+    } else {
+        Err(format!("{text}: wrong reply {v}"))
+    }
+}
+
+/// A stream must be `queued`, the worker's frames, then the `complete` with the message's reply.
+fn check_stream(text: &str, expected: &str, body: &[u8]) -> Result<(), String> {
+    let body = std::str::from_utf8(body).map_err(|_| format!("{text}: stream not UTF-8"))?;
+    let frames: Vec<Value> = body
+        .split("\n\n")
+        .filter_map(|event| {
+            event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .and_then(|d| serde_json::from_str(d).ok())
+        })
+        .collect();
+    let kind = |v: &Value| v.get("type").and_then(Value::as_str).map(str::to_owned);
+    let first = frames.first().and_then(kind);
+    let last = frames.last();
+    if first.as_deref() != Some("queued") {
+        return Err(format!("{text}: stream does not start with queued: {body}"));
+    }
+    match last {
+        Some(v) if kind(v).as_deref() == Some("complete") => {
+            check_reply(text, expected, v.get("response").unwrap_or(&Value::Null))
+        }
+        _ => Err(format!("{text}: stream does not end with complete: {body}")),
+    }
+}
+
+/// What a load produced.
+#[derive(Debug, Default)]
+pub struct Results {
+    /// Send-to-result times, in microseconds.
+    pub latencies_us: Vec<u64>,
+    pub errors: Vec<String>,
+    pub elapsed: Duration,
+}
+
+impl Results {
+    fn merge(&mut self, other: Results) {
+        self.latencies_us.extend(other.latencies_us);
+        self.errors.extend(other.errors);
+    }
+}
+
+/// `conversations` clients, each sending `messages` messages one after the other (the next
+/// once the previous one's result is in).
+pub async fn closed_loop(
+    target: &Target,
+    mode: Mode,
+    run: &str,
+    conversations: usize,
+    messages: usize,
+) -> Results {
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..conversations {
+        if c % 500 == 499 {
+            // Clients start in steps of 500: a burst of thousands of connects would overflow
+            // the API's listen backlog and cost SYN retries, which is not the broker's doing.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let target = target.clone();
+        let run = run.to_owned();
+        tasks.spawn(async move {
+            let mut r = Results::default();
+            for i in 0..messages {
+                match send_one(&target, mode, &run, c, i).await {
+                    Ok(d) => r.latencies_us.push(d.as_micros() as u64),
+                    Err(e) => r.errors.push(e),
+                }
+            }
+            r
+        });
+    }
+    let mut all = Results::default();
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(r) => all.merge(r),
+            Err(e) => all.errors.push(format!("client task: {e}")),
+        }
+    }
+    all.elapsed = start.elapsed();
+    all
+}
+
+/// Open loop: messages sent at `rate` per second for `duration`, whatever the answers do,
+/// spread round-robin over `conversations`. Latency counts from the planned send time, so a
+/// late send is charged to the system, not hidden.
+pub async fn open_loop(
+    target: &Target,
+    mode: Mode,
+    run: &str,
+    conversations: usize,
+    rate: f64,
+    duration: Duration,
+) -> Results {
+    let total = (rate * duration.as_secs_f64()).round() as usize;
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut sent = 0usize;
+    while sent < total {
+        let due = ((start.elapsed().as_secs_f64() * rate) as usize + 1).min(total);
+        while sent < due {
+            let planned = start + Duration::from_secs_f64(sent as f64 / rate);
+            let (c, i) = (sent % conversations, sent / conversations);
+            let target = target.clone();
+            let run = run.to_owned();
+            tasks.spawn(async move {
+                send_one(&target, mode, &run, c, i)
+                    .await
+                    .map(|_| planned.elapsed())
+            });
+            sent += 1;
+        }
+        let next = start + Duration::from_secs_f64(sent as f64 / rate);
+        tokio::time::sleep_until(next.into()).await;
+    }
+    let mut all = Results::default();
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(d)) => all.latencies_us.push(d.as_micros() as u64),
+            Ok(Err(e)) => all.errors.push(e),
+            Err(e) => all.errors.push(format!("client task: {e}")),
+        }
+    }
+    all.elapsed = start.elapsed();
+    all
+}
+
+/// Sends `messages` messages to each of `conversations` conversations with
+/// `Prefer: respond-async`, `parallel` at a time, and checks each is accepted.
+pub async fn preload(
+    target: &Target,
+    run: &str,
+    conversations: usize,
+    messages: usize,
+    parallel: usize,
+) -> Result<(), String> {
+    let gate = Arc::new(Semaphore::new(parallel));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..messages {
+        for c in 0..conversations {
+            let permit = gate
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| e.to_string())?;
+            let target = target.clone();
+            let text = text(run, c, i);
+            let user = user(run, c);
+            tasks.spawn(async move {
+                let body =
+                    serde_json::json!({"user_id": user, "client_id": "bench", "message": text});
+                let request = Request::post(format!("{}/api/v1/message", target.api))
+                    .header("x-api-key", API_KEY)
+                    .header("content-type", "application/json")
+                    .header("prefer", "respond-async")
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .map_err(|e| e.to_string())?;
+                let response = target
+                    .client
+                    .request(request)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let status = response.status().as_u16();
+                let _ = response.into_body().collect().await;
+                drop(permit);
+                if status == 202 {
+                    Ok(())
+                } else {
+                    Err(format!("{text}: status {status}"))
+                }
+            });
+            while let Some(done) = tasks.try_join_next() {
+                done.map_err(|e| e.to_string())??;
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(|e| e.to_string())??;
+    }
+    Ok(())
+}
+
+/// Checks, from the mock worker's record, that each conversation's turns started exactly once,
+/// in send order, and that no conversation ever had two turns at once. Returns the problems.
+pub async fn check_order(
+    mock_port: u16,
+    run: &str,
+    conversations: usize,
+    messages: usize,
+) -> Vec<String> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let uri = format!("http://127.0.0.1:{mock_port}/mock/stats");
+    let stats: Value = match async {
+        let r = client
+            .get(uri.parse().map_err(|e| format!("{e}"))?)
+            .await
+            .map_err(|e| e.to_string())?;
+        let b = r.into_body().collect().await.map_err(|e| e.to_string())?;
+        serde_json::from_slice(&b.to_bytes()).map_err(|e| e.to_string())
+    }
+    .await
+    {
+        Ok(v) => v,
+        Err(e) => return vec![format!("mock stats: {e}")],
+    };
+    let mut problems = Vec::new();
+    if stats["max_in_flight"].as_u64().unwrap_or(0) > 1 {
+        problems.push(format!(
+            "two turns at once for one conversation: {}",
+            stats["violations"]
+        ));
+    }
+    // The mock keys conversations as `<org>:...:<user_id>`.
+    let started: HashMap<String, Value> = stats["started"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.rsplit(':').next().unwrap_or(k).to_owned(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for c in 0..conversations {
+        let want: Vec<String> = (0..messages).map(|i| text(run, c, i)).collect();
+        let got: Vec<String> = started
+            .get(&user(run, c))
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if got != want {
+            problems.push(format!(
+                "conversation {c}: turns started {} times, not in send order once each",
+                got.len()
+            ));
+            if problems.len() > 10 {
+                break;
+            }
+        }
+    }
+    problems
+}
+
+/// Where the receiver reports a callback's arrival (or what was wrong with it).
+type Arrival = oneshot::Sender<Result<Instant, String>>;
+
+/// Receives callbacks and hands each to the client waiting for it (by message text).
+#[derive(Clone)]
+pub struct Receiver {
+    addr: SocketAddr,
+    waiting: Arc<Mutex<HashMap<String, Arrival>>>,
+    /// Callbacks nobody waited for: a repeat, or a message the bench never sent.
+    unexpected: Arc<Mutex<Vec<String>>>,
+}
+
+impl Receiver {
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let receiver = Self {
+            addr: listener.local_addr()?,
+            waiting: Arc::default(),
+            unexpected: Arc::default(),
+        };
+        let r = receiver.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let r = r.clone();
+                        async move { Ok::<_, Infallible>(r.handle(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(receiver)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The callbacks that arrived for nothing the bench waited for.
+    pub fn unexpected(&self) -> Vec<String> {
+        self.unexpected
+            .lock()
+            .map(|u| {
+                u.iter()
+                    .map(|t| format!("unexpected callback: {t}"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    fn expect(&self, text: &str) -> oneshot::Receiver<Result<Instant, String>> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut w) = self.waiting.lock() {
+            w.insert(text.to_owned(), tx);
+        }
+        rx
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return Response::new(Full::new(Bytes::new())),
+        };
+        let arrived = Instant::now();
+        let payload: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let reply = payload
+            .get("responses")
+            .and_then(|r| r.get(0))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let text = reply.strip_prefix("echo: ").unwrap_or_default();
+        let waiter = self.waiting.lock().ok().and_then(|mut w| w.remove(text));
+        if let Some(tx) = waiter {
+            let result = if payload.get("status").and_then(Value::as_str) == Some("completed") {
+                Ok(arrived)
+            } else {
+                Err(format!("{text}: callback {payload}"))
+            };
+            let _ = tx.send(result);
+        } else if let Ok(mut u) = self.unexpected.lock() {
+            u.push(String::from_utf8_lossy(&body).into_owned());
+        }
+        Response::new(Full::new(Bytes::new()))
+    }
+}

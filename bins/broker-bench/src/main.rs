@@ -1,0 +1,446 @@
+//! `broker-bench`: the broker's benchmark. Starts redis-server, the mock worker, `broker-api` and
+//! drainers as real processes (release builds next to this binary), drives load in each
+//! delivery mode, checks every answer, and prints one JSON line per run. See
+//! `docs/performance.md` for what each scenario measures and the figures.
+
+mod load;
+mod report;
+mod stack;
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use load::{Mode, Receiver, Results, Target};
+use serde_json::{json, Value};
+use stack::{Stack, StackOptions};
+
+const USAGE: &str = "usage: broker-bench [options] [scenario ...]
+
+scenarios (default: sync callback stream light commands):
+  sync | callback | stream   closed loop: U conversations x M messages, each conversation
+                             sending its next message once the previous result is in
+  light                      4 conversations x 500 messages, sync: latency at light load
+  commands                   sync, 50 x 20, with Redis MONITOR: commands sent per message
+  sweep                      open loop, sync, at fixed offered rates; --svg draws latency
+  wide                       10,000 sync requests waiting at once, 3 s worker, one drainer
+                             running all 10,000 turns: peak RSS of broker-api and drainer
+  backlog                    per-message cost draining 100,000 messages held by 1,000
+                             conversations, then by 100,000 conversations
+  all                        every scenario above
+
+options:
+  --conversations U   (200)      --messages M  (50)     --worker-ms N  (0)
+  --drainers D        (1)        --concurrency C (256, the drainer default)
+  --fsync everysec|always  (everysec)
+  --rates R1,R2,...   sweep rates in messages/s (500,1000,2000,4000,6000,8000,10000,12000)
+  --step-secs S       seconds per sweep rate (4)
+  --svg PATH          where the sweep writes its picture
+  --backlog N1,N2     conversation counts for backlog (1000,100000)
+  --backlog-messages T  messages per backlog run (100000)";
+
+#[derive(Debug, Clone)]
+struct Options {
+    conversations: usize,
+    messages: usize,
+    worker_ms: u64,
+    drainers: usize,
+    concurrency: usize,
+    fsync: String,
+    rates: Vec<f64>,
+    step_secs: u64,
+    svg: Option<String>,
+    backlog: Vec<usize>,
+    backlog_messages: usize,
+    scenarios: Vec<String>,
+}
+
+fn parse_args() -> anyhow::Result<Options> {
+    let mut o = Options {
+        conversations: 200,
+        messages: 50,
+        worker_ms: 0,
+        drainers: 1,
+        concurrency: 256,
+        fsync: "everysec".into(),
+        rates: vec![
+            500.0, 1000.0, 2000.0, 4000.0, 6000.0, 8000.0, 10000.0, 12000.0,
+        ],
+        step_secs: 4,
+        svg: None,
+        backlog: vec![1000, 100_000],
+        backlog_messages: 100_000,
+        scenarios: Vec::new(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{name} needs a value\n\n{USAGE}"))
+        };
+        fn number<T: std::str::FromStr>(name: &str, v: &str) -> anyhow::Result<T> {
+            v.parse()
+                .map_err(|_| anyhow::anyhow!("{name}: not a number: {v:?}"))
+        }
+        fn list<T: std::str::FromStr>(name: &str, v: &str) -> anyhow::Result<Vec<T>> {
+            v.split(',').map(|x| number(name, x.trim())).collect()
+        }
+        match arg.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--conversations" => o.conversations = number(&arg, &value(&arg)?)?,
+            "--messages" => o.messages = number(&arg, &value(&arg)?)?,
+            "--worker-ms" => o.worker_ms = number(&arg, &value(&arg)?)?,
+            "--drainers" => o.drainers = number(&arg, &value(&arg)?)?,
+            "--concurrency" => o.concurrency = number(&arg, &value(&arg)?)?,
+            "--fsync" => {
+                o.fsync = value(&arg)?;
+                if o.fsync != "everysec" && o.fsync != "always" {
+                    bail!("--fsync: everysec or always, not {:?}", o.fsync);
+                }
+            }
+            "--rates" => o.rates = list(&arg, &value(&arg)?)?,
+            "--step-secs" => o.step_secs = number(&arg, &value(&arg)?)?,
+            "--svg" => o.svg = Some(value(&arg)?),
+            "--backlog" => o.backlog = list(&arg, &value(&arg)?)?,
+            "--backlog-messages" => o.backlog_messages = number(&arg, &value(&arg)?)?,
+            "sync" | "callback" | "stream" | "light" | "commands" | "sweep" | "wide"
+            | "backlog" => o.scenarios.push(arg),
+            "all" => o.scenarios.extend(
+                [
+                    "sync", "callback", "stream", "light", "commands", "sweep", "wide", "backlog",
+                ]
+                .map(String::from),
+            ),
+            other => bail!("unknown argument {other:?}\n\n{USAGE}"),
+        }
+    }
+    if o.scenarios.is_empty() {
+        o.scenarios = ["sync", "callback", "stream", "light", "commands"]
+            .map(String::from)
+            .to_vec();
+    }
+    if o.conversations == 0 || o.messages == 0 || o.drainers == 0 || o.concurrency == 0 {
+        bail!("--conversations, --messages, --drainers and --concurrency must be at least 1");
+    }
+    Ok(o)
+}
+
+fn main() {
+    let options = match parse_args() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("broker-bench: {e}");
+            std::process::exit(64);
+        }
+    };
+    stack::raise_fd_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("broker-bench: {e}");
+            std::process::exit(1);
+        }
+    };
+    match runtime.block_on(run(options)) {
+        Ok(true) => {}
+        Ok(false) => {
+            eprintln!("broker-bench: some answers were wrong (see the lines above)");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("broker-bench: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Runs the scenarios; `Ok(false)` when an answer was wrong.
+async fn run(o: Options) -> anyhow::Result<bool> {
+    println!(
+        "{}",
+        json!({"machine": stack::machine(), "redis": stack::redis_version(), "fsync": o.fsync})
+    );
+    let mut all_right = true;
+    for scenario in o.scenarios.clone() {
+        let right = match scenario.as_str() {
+            "sync" => closed(&o, "sync", Mode::Sync, o.conversations, o.messages).await?,
+            "callback" => {
+                closed(&o, "callback", Mode::Callback, o.conversations, o.messages).await?
+            }
+            "stream" => closed(&o, "stream", Mode::Stream, o.conversations, o.messages).await?,
+            "light" => closed(&o, "light", Mode::Sync, 4, 500).await?,
+            "commands" => commands(&o).await?,
+            "sweep" => sweep(&o).await?,
+            "wide" => wide(&o).await?,
+            "backlog" => backlog(&o).await?,
+            _ => true,
+        };
+        all_right &= right;
+    }
+    Ok(all_right)
+}
+
+fn stack_options(o: &Options, callback_port: Option<u16>) -> StackOptions {
+    StackOptions {
+        worker_ms: o.worker_ms,
+        drainers: o.drainers,
+        concurrency: o.concurrency,
+        fsync: o.fsync.clone(),
+        callback_port,
+        defer_drainers: false,
+    }
+}
+
+async fn receiver_for(mode: Mode) -> anyhow::Result<Option<Receiver>> {
+    Ok(if mode == Mode::Callback {
+        Some(Receiver::start().await?)
+    } else {
+        None
+    })
+}
+
+/// Warms connections up with two messages per conversation (not measured).
+async fn warm_up(target: &Target, mode: Mode, conversations: usize) -> anyhow::Result<()> {
+    let r = load::closed_loop(target, mode, "warm", conversations, 2).await;
+    if let Some(e) = r.errors.first() {
+        bail!("warm-up failed: {e}");
+    }
+    Ok(())
+}
+
+/// A closed-loop run on a fresh stack.
+async fn closed(
+    o: &Options,
+    run: &str,
+    mode: Mode,
+    conversations: usize,
+    messages: usize,
+) -> anyhow::Result<bool> {
+    let receiver = receiver_for(mode).await?;
+    let stack = Stack::start(stack_options(o, receiver.as_ref().map(Receiver::port)))?;
+    let target = Target::new(stack.api_url(), receiver.clone());
+    warm_up(&target, mode, conversations).await?;
+    let begin = stack.begin()?;
+    let mut results = load::closed_loop(&target, mode, run, conversations, messages).await;
+    let usage = stack.end(&begin)?;
+    results
+        .errors
+        .extend(load::check_order(stack.mock_port, run, conversations, messages).await);
+    if let Some(r) = &receiver {
+        results.errors.extend(r.unexpected());
+    }
+    let line = report::line(
+        json!({"run": run, "mode": mode.name(), "conversations": conversations,
+               "messages": messages, "worker_ms": o.worker_ms, "drainers": o.drainers,
+               "concurrency": o.concurrency}),
+        &results,
+        o.worker_ms,
+        &usage,
+    );
+    Ok(report::print(line, &results, &stack))
+}
+
+/// Counts the commands each message costs with Redis' `MONITOR`: those the broker sends and
+/// those its scripts run.
+async fn commands(o: &Options) -> anyhow::Result<bool> {
+    let (conversations, messages) = (50, 20);
+    let stack = Stack::start(stack_options(o, None))?;
+    let target = Target::new(stack.api_url(), None);
+    warm_up(&target, Mode::Sync, conversations).await?;
+    let monitor = report::Monitor::start(stack.redis_port).await?;
+    let begin = stack.begin()?;
+    let mut results = load::closed_loop(&target, Mode::Sync, "cmds", conversations, messages).await;
+    let usage = stack.end(&begin)?;
+    let counts = monitor.stop().await;
+    results
+        .errors
+        .extend(load::check_order(stack.mock_port, "cmds", conversations, messages).await);
+    let n = results.latencies_us.len().max(1) as f64;
+    let per = |m: &std::collections::BTreeMap<String, u64>| -> Value {
+        m.iter()
+            .map(|(k, v)| (k.clone(), json!(report::round(*v as f64 / n, 2))))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let sent: u64 = counts.sent.values().sum();
+    let scripted: u64 = counts.scripted.values().sum();
+    let mut line = report::line(
+        json!({"run": "commands", "mode": "sync", "conversations": conversations,
+               "messages": messages, "worker_ms": o.worker_ms, "drainers": o.drainers}),
+        &results,
+        o.worker_ms,
+        &usage,
+    );
+    line["redis_sent_per_msg"] = json!(report::round(sent as f64 / n, 2));
+    line["redis_in_scripts_per_msg"] = json!(report::round(scripted as f64 / n, 2));
+    line["redis_sent"] = per(&counts.sent);
+    line["redis_in_scripts"] = per(&counts.scripted);
+    line["note"] = json!("MONITOR slows Redis: throughput and latency of this run are not figures");
+    Ok(report::print(line, &results, &stack))
+}
+
+/// Open-loop sweep: latency against offered load.
+async fn sweep(o: &Options) -> anyhow::Result<bool> {
+    let conversations = 2000;
+    let stack = Stack::start(stack_options(o, None))?;
+    let target = Target::new(stack.api_url(), None);
+    warm_up(&target, Mode::Sync, 200).await?;
+    let mut points = Vec::new();
+    let mut all_right = true;
+    for (step, rate) in o.rates.iter().copied().enumerate() {
+        let run = format!("sweep{step}");
+        let begin = stack.begin()?;
+        let results = load::open_loop(
+            &target,
+            Mode::Sync,
+            &run,
+            conversations,
+            rate,
+            Duration::from_secs(o.step_secs),
+        )
+        .await;
+        let usage = stack.end(&begin)?;
+        let achieved = results.latencies_us.len() as f64 / results.elapsed.as_secs_f64();
+        let mut line = report::line(
+            json!({"run": "sweep", "mode": "sync", "offered_per_s": rate,
+                   "conversations": conversations, "worker_ms": o.worker_ms,
+                   "drainers": o.drainers}),
+            &results,
+            o.worker_ms,
+            &usage,
+        );
+        line["msgs_per_s"] = json!(report::round(achieved, 0));
+        points.push(report::Point {
+            offered: rate,
+            p50: line["added_ms"]["p50"].as_f64().unwrap_or(0.0),
+            p90: line["added_ms"]["p90"].as_f64().unwrap_or(0.0),
+            p99: line["added_ms"]["p99"].as_f64().unwrap_or(0.0),
+        });
+        let p99 = line["added_ms"]["p99"].as_f64().unwrap_or(0.0);
+        all_right &= report::print(line, &results, &stack);
+        if achieved < 0.9 * rate || p99 > 2000.0 {
+            println!("{}", json!({"run": "sweep", "saturated_at_per_s": rate}));
+            break;
+        }
+    }
+    if let Some(path) = &o.svg {
+        std::fs::write(path, report::svg(&points, &stack::machine()))?;
+        println!("{}", json!({"run": "sweep", "svg": path}));
+    }
+    Ok(all_right)
+}
+
+/// 10,000 sync requests waiting at once on one API; one drainer running all 10,000 turns.
+async fn wide(o: &Options) -> anyhow::Result<bool> {
+    let conversations = 10_000;
+    let worker_ms = 3000;
+    let options = StackOptions {
+        worker_ms,
+        drainers: 1,
+        concurrency: conversations,
+        ..stack_options(o, None)
+    };
+    let stack = Stack::start(options)?;
+    let target = Target::new(stack.api_url(), None);
+    let begin = stack.begin()?;
+    let results = load::closed_loop(&target, Mode::Sync, "wide", conversations, 1).await;
+    let usage = stack.end(&begin)?;
+    let line = report::line(
+        json!({"run": "wide", "mode": "sync", "conversations": conversations, "messages": 1,
+               "worker_ms": worker_ms, "drainers": 1, "concurrency": conversations}),
+        &results,
+        worker_ms,
+        &usage,
+    );
+    Ok(report::print(line, &results, &stack))
+}
+
+/// Per-message cost draining the same number of messages held by few or many conversations.
+async fn backlog(o: &Options) -> anyhow::Result<bool> {
+    let mut all_right = true;
+    let mut per_message = Vec::new();
+    for &conversations in &o.backlog {
+        let messages = (o.backlog_messages / conversations).max(1);
+        let total = conversations * messages;
+        let stack = Stack::start(StackOptions {
+            defer_drainers: true,
+            ..stack_options(o, None)
+        })?;
+        let target = Target::new(stack.api_url(), None);
+        let loaded = Instant::now();
+        if let Err(e) = load::preload(&target, "backlog", conversations, messages, 256).await {
+            bail!("backlog preload: {e}");
+        }
+        let preload_s = loaded.elapsed().as_secs_f64();
+        let begin = stack.begin()?;
+        let started = Instant::now();
+        let mut stack = stack;
+        stack.start_drainers()?;
+        wait_drained(&stack, Duration::from_secs(600)).await?;
+        let elapsed = started.elapsed();
+        let usage = stack.end(&begin)?;
+        let mut results = Results {
+            elapsed,
+            ..Results::default()
+        };
+        results.errors =
+            load::check_order(stack.mock_port, "backlog", conversations, messages).await;
+        let per_msg_us = elapsed.as_secs_f64() * 1e6 / total as f64;
+        per_message.push((conversations, per_msg_us));
+        let mut line = report::line(
+            json!({"run": "backlog", "mode": "async", "conversations": conversations,
+                   "messages": messages, "worker_ms": o.worker_ms, "drainers": o.drainers,
+                   "concurrency": o.concurrency}),
+            &results,
+            o.worker_ms,
+            &usage,
+        );
+        line["msgs"] = json!(total);
+        line["msgs_per_s"] = json!(report::round(total as f64 / elapsed.as_secs_f64(), 0));
+        line["drain_us_per_msg"] = json!(report::round(per_msg_us, 1));
+        line["preload_s"] = json!(report::round(preload_s, 2));
+        line["redis_cmds_per_msg"] = json!(report::round(
+            usage.commands.values().sum::<u64>() as f64 / total as f64,
+            2
+        ));
+        all_right &= report::print(line, &results, &stack);
+    }
+    if let (Some(first), Some(last)) = (per_message.first(), per_message.last()) {
+        if per_message.len() > 1 {
+            println!(
+                "{}",
+                json!({"run": "backlog", "cost_ratio": report::round(last.1 / first.1, 2),
+                       "of": format!("{} conversations vs {}", last.0, first.0)})
+            );
+        }
+    }
+    Ok(all_right)
+}
+
+/// Polls the broker's stats until nothing is queued or running.
+async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
+    let client = redis::Client::open(stack.redis_url())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys = broker_core::Keys::new("bt", "0");
+    let deadline = Instant::now() + limit;
+    loop {
+        let (queued, processing): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(keys.stats())
+            .arg("queued")
+            .arg("processing")
+            .query_async(&mut conn)
+            .await?;
+        if queued.unwrap_or(0) <= 0 && processing.unwrap_or(0) <= 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("not drained after {limit:?}: {queued:?} queued, {processing:?} running");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

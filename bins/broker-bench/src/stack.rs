@@ -1,0 +1,413 @@
+//! The processes under test: redis-server, the mock worker, `broker-api` and drainers, each a
+//! real process started from the binaries next to this one, with its CPU time and peak RSS read
+//! from `/proc`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use broker_core::local_redis::free_port;
+
+/// The API key and callback secret the bench gives the broker.
+pub const API_KEY: &str = "bench-key";
+pub const CALLBACK_SECRET: &str = "bench-callback-secret";
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub worker_ms: u64,
+    pub drainers: usize,
+    pub concurrency: usize,
+    /// `everysec` (the deploy guide's "lose at most ~1 s") or `always`.
+    pub fsync: String,
+    /// Where the bench's callback receiver listens, allow-listed for callbacks.
+    pub callback_port: Option<u16>,
+    /// Start the drainers later, with [`Stack::start_drainers`].
+    pub defer_drainers: bool,
+}
+
+/// One started process.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running stack. Dropping it stops every process.
+pub struct Stack {
+    pub dir: PathBuf,
+    pub redis_port: u16,
+    pub api_port: u16,
+    pub mock_port: u16,
+    options: StackOptions,
+    bin_dir: PathBuf,
+    pub procs: Vec<Proc>,
+}
+
+impl Stack {
+    pub fn start(options: StackOptions) -> anyhow::Result<Self> {
+        let bin_dir = std::env::current_exe()?
+            .parent()
+            .context("the bench binary has no directory")?
+            .to_owned();
+        for bin in ["broker-api", "broker-drainer", "mock-worker"] {
+            if !bin_dir.join(bin).exists() {
+                bail!(
+                    "{} is missing: build it first (`./dev bench` builds everything in release)",
+                    bin_dir.join(bin).display()
+                );
+            }
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "broker-bench-{}-{}",
+            std::process::id(),
+            free_port()?
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let mut stack = Self {
+            dir,
+            redis_port: free_port()?,
+            api_port: free_port()?,
+            mock_port: free_port()?,
+            options,
+            bin_dir,
+            procs: Vec::new(),
+        };
+        stack.start_redis()?;
+        let mut mock = Command::new(stack.bin_dir.join("mock-worker"));
+        mock.env("MOCK_HOST", "127.0.0.1")
+            .env("MOCK_PORT", stack.mock_port.to_string())
+            .env("MOCK_LATENCY_MS", stack.options.worker_ms.to_string());
+        stack.spawn("mock", &mut mock)?;
+        wait_http(stack.mock_port, "/health")?;
+        let mut api = Command::new(stack.bin_dir.join("broker-api"));
+        stack
+            .broker_env(&mut api)
+            .env("PORT", stack.api_port.to_string());
+        stack.spawn("api", &mut api)?;
+        wait_http(stack.api_port, "/health")?;
+        if !stack.options.defer_drainers {
+            stack.start_drainers()?;
+        }
+        Ok(stack)
+    }
+
+    fn start_redis(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &self.redis_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .arg("--dir")
+        .arg(&self.dir)
+        .args(["--appendonly", "yes", "--appendfsync", &self.options.fsync])
+        .args([
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+            "--loglevel",
+            "warning",
+        ]);
+        self.spawn("redis", &mut cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(client) = redis::Client::open(self.redis_url()) {
+                if let Ok(mut c) = client.get_connection() {
+                    if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server did not start (is it installed?)");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the drainer processes.
+    pub fn start_drainers(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.options.drainers {
+            let port = free_port()?;
+            let mut cmd = Command::new(self.bin_dir.join("broker-drainer"));
+            self.broker_env(&mut cmd)
+                .env("PORT", port.to_string())
+                .env("DRAINER_ID", format!("bench-{i}"))
+                .env("DRAINER_CONCURRENCY", self.options.concurrency.to_string());
+            self.spawn(&format!("drainer{i}"), &mut cmd)?;
+            wait_http(port, "/health")?;
+        }
+        Ok(())
+    }
+
+    fn broker_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        cmd.env("REDIS_URL", self.redis_url())
+            .env("HOST", "127.0.0.1")
+            .env("BROKER_API_KEY", API_KEY)
+            .env(
+                "WORKER_BASE_URL",
+                format!("http://127.0.0.1:{}", self.mock_port),
+            )
+            .env("BROKER_CALLBACK_SECRET", CALLBACK_SECRET)
+            .env(
+                "BROKER_CALLBACK_ALLOWLIST",
+                match self.options.callback_port {
+                    Some(p) => format!("127.0.0.1:{p}"),
+                    None => "127.0.0.1".into(),
+                },
+            )
+            // 10,000 sync requests waiting at once must not time out while they wait.
+            .env("BROKER_SYNC_TIMEOUT_SECS", "120")
+            .env("BROKER_MAX_QUEUE_DEPTH", "100000")
+    }
+
+    fn spawn(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {name}"))?;
+        self.procs.push(Proc {
+            name: name.to_owned(),
+            child,
+        });
+        Ok(())
+    }
+
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.redis_port)
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    /// Starts a measurement: resets Redis' command counts and every process's peak RSS.
+    pub fn begin(&self) -> anyhow::Result<Sample> {
+        let mut c = redis::Client::open(self.redis_url())?.get_connection()?;
+        redis::cmd("CONFIG").arg("RESETSTAT").query::<()>(&mut c)?;
+        let pids = self.pids();
+        for pid in pids.values() {
+            // "5" resets VmHWM (the peak RSS) to the current RSS.
+            let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+        }
+        Ok(Sample {
+            cpu: pids
+                .iter()
+                .map(|(n, p)| (n.clone(), cpu_seconds(*p)))
+                .collect(),
+        })
+    }
+
+    fn pids(&self) -> BTreeMap<String, u32> {
+        let mut pids: BTreeMap<String, u32> = self
+            .procs
+            .iter()
+            .map(|p| (p.name.clone(), p.pid()))
+            .collect();
+        pids.insert("bench".into(), std::process::id());
+        pids
+    }
+
+    /// Ends a measurement: CPU seconds and peak RSS per process, Redis commands by name.
+    pub fn end(&self, begin: &Sample) -> anyhow::Result<Usage> {
+        let mut cpu = BTreeMap::new();
+        let mut rss = BTreeMap::new();
+        for (name, pid) in self.pids() {
+            let before = begin.cpu.get(&name).copied().unwrap_or(0.0);
+            cpu.insert(name.clone(), cpu_seconds(pid) - before);
+            rss.insert(name, peak_rss_mib(pid));
+        }
+        let mut c = redis::Client::open(self.redis_url())?.get_connection()?;
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut c)?;
+        Ok(Usage {
+            cpu,
+            rss,
+            commands: command_stat(&info, "calls="),
+            usec: command_stat(&info, "usec="),
+        })
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.log"))
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Broker processes first, Redis last.
+        while let Some(p) = self.procs.pop() {
+            drop(p);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// CPU time at the start of a measurement.
+pub struct Sample {
+    cpu: BTreeMap<String, f64>,
+}
+
+/// What a measurement cost.
+pub struct Usage {
+    pub cpu: BTreeMap<String, f64>,
+    pub rss: BTreeMap<String, f64>,
+    /// Calls per command name from `INFO commandstats`, commands run inside scripts included.
+    pub commands: BTreeMap<String, u64>,
+    /// Microseconds Redis spent per command name (a script's time includes its commands').
+    pub usec: BTreeMap<String, u64>,
+}
+
+fn wait_http(port: u16, path: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let req =
+                format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+            let mut answer = String::new();
+            if s.write_all(req.as_bytes()).is_ok()
+                && s.read_to_string(&mut answer).is_ok()
+                && answer.starts_with("HTTP/1.1 200")
+            {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("nothing healthy on port {port} after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// User plus system CPU seconds of a process, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<f64>().ok()))
+        .sum();
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf has no preconditions; it only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks / per_second.max(1) as f64
+}
+
+/// Peak resident set size in MiB, from `VmHWM` in `/proc/<pid>/status`.
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// One figure (`calls=` or `usec=`) of the `cmdstat_<name>:calls=<n>,usec=<n>,...` lines of
+/// `INFO commandstats`.
+fn command_stat(info: &str, figure: &str) -> BTreeMap<String, u64> {
+    info.lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            let value = rest
+                .split(',')
+                .find_map(|f| f.strip_prefix(figure))?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), value))
+        })
+        .collect()
+}
+
+/// Raises this process's open-file limit to its hard limit (children inherit it): 10,000
+/// connections at once need 10,000 descriptors on each side.
+pub fn raise_fd_limit() {
+    #[allow(unsafe_code)]
+    // SAFETY: getrlimit/setrlimit get a valid pointer to a local struct.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// The machine, for the report.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    format!("{cores} cores, {cpu}, {mem:.0} GiB, Linux {kernel}")
+}
+
+pub fn redis_version() -> String {
+    Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| {
+            s.split_whitespace()
+                .find(|w| w.starts_with("v="))
+                .map(|w| w.trim_start_matches("v=").to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
