@@ -354,6 +354,40 @@ async fn stream_requests_are_checked() {
 }
 
 #[tokio::test]
+async fn a_sync_message_is_not_streamable_and_leaves_no_events() {
+    let s = setup(&[]).await;
+    let base = &s.api.base;
+    let sync = s
+        .http
+        .post_message(base, &body("hana", "quick"), &[])
+        .await
+        .unwrap();
+    assert_eq!(sync.status, 200, "{}", sync.text);
+    let id = sync.body["message_id"].as_str().unwrap().to_owned();
+    let sse = Sse::open(
+        "GET",
+        &format!("{base}/api/v1/stream?message_id={id}"),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(sse.status, 409, "{}", sse.error_body);
+    assert!(
+        sse.error_body.contains("NOT_STREAMABLE") && sse.error_body.contains("sync mode"),
+        "{}",
+        sse.error_body
+    );
+    // Nothing was written for its frames.
+    let mut redis = s.redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("bt:{0}:events:*")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[tokio::test]
 async fn a_cancelled_message_streams_one_error_frame() {
     let s = setup(&[]).await;
     let base = &s.api.base;

@@ -25,6 +25,9 @@ pub enum ApiError {
     NotAcceptable(String),
     #[error("{0}")]
     Conflict(String),
+    /// A sync or callback message: its frames are not recorded.
+    #[error("{0}")]
+    NotStreamable(String),
     #[error("queue full")]
     QueueFull { depth: u64, retry_after_secs: u64 },
     #[error("redis unavailable: {0}")]
@@ -70,6 +73,7 @@ impl ApiError {
             }
             Self::NotAcceptable(text) => ErrorBody::new("not acceptable", "NOT_ACCEPTABLE", text),
             Self::Conflict(text) => ErrorBody::new("conflict", "NOT_CANCELLABLE", text),
+            Self::NotStreamable(text) => ErrorBody::new("not streamable", "NOT_STREAMABLE", text),
             Self::QueueFull { depth, .. } => ErrorBody::new(
                 "queue full",
                 "QUEUE_FULL",
@@ -105,7 +109,7 @@ impl ResponseError for ApiError {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
-            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Conflict(_) | Self::NotStreamable(_) => StatusCode::CONFLICT,
             Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) | Self::Uncertain(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

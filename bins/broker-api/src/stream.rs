@@ -14,6 +14,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use broker_core::queue::Mode;
+
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -61,6 +63,13 @@ pub async fn get_stream(
             // Same answer as an unknown id: a wrong user learns nothing about the message.
             return Err(ApiError::no_message(&message_id));
         }
+    }
+    if Mode::parse(&record.mode).is_some_and(|m| !m.records_events()) {
+        return Err(ApiError::NotStreamable(format!(
+            "message_id: message {message_id} was sent in {} mode, whose frames are not recorded; \
+             only stream and async (Prefer: respond-async) messages can be streamed",
+            record.mode
+        )));
     }
     Ok(sse_response(state, message_id, after))
 }

@@ -323,7 +323,7 @@ async fn sweep(o: &Options) -> anyhow::Result<bool> {
         });
         let p99 = line["added_ms"]["p99"].as_f64().unwrap_or(0.0);
         all_right &= report::print(line, &results, &stack);
-        if achieved < 0.9 * rate || p99 > 2000.0 {
+        if achieved < 0.5 * rate || p99 > 2000.0 {
             println!("{}", json!({"run": "sweep", "saturated_at_per_s": rate}));
             break;
         }

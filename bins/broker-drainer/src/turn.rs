@@ -65,8 +65,12 @@ async fn run_inner(shared: &Shared, conversation: &Conversation) {
     } else {
         let mut hard_stop = shared.hard_stop.clone();
         let (frames_tx, frames_rx) = mpsc::unbounded_channel();
+        let recorded = records_events(&claimed);
         let worker_leg = async {
             let mut on_frame = move |data: &str, frame: &Frame| {
+                if !recorded {
+                    return;
+                }
                 let kind = match frame {
                     Frame::Complete(_) => "complete",
                     Frame::Error(_) => "error",
@@ -167,6 +171,11 @@ async fn record_frames(
         }
     }
     left
+}
+
+/// Does this message keep its frames in its events (stream and async messages)?
+fn records_events(claimed: &Claimed) -> bool {
+    Mode::parse(&claimed.mode).is_none_or(Mode::records_events)
 }
 
 /// The client-facing callback body of design §8.
@@ -284,8 +293,13 @@ async fn finish(
         }
     };
     let json = serde_json::to_string(&outcome).unwrap_or_default();
-    let mut finish = Finish::new(outcome.status(), &json, terminal.0, &terminal.1);
-    finish.frames = left.frames;
+    let mut finish = if records_events(claimed) {
+        let mut finish = Finish::new(outcome.status(), &json, terminal.0, &terminal.1);
+        finish.frames = left.frames;
+        finish
+    } else {
+        Finish::new(outcome.status(), &json, "", "")
+    };
 
     if claimed.mode == Mode::Callback.as_str() && !claimed.callback_url.is_empty() {
         let payload = callback_payload(claimed, conversation, &outcome);

@@ -6,10 +6,11 @@
 -- KEYS[4] ready
 -- KEYS[5] dedup:<conversation>:<client-message-id> (only read/written when ARGV[6] == '1')
 -- KEYS[6] stats
--- KEYS[7] events:<id>       the message's SSE frames; gets the broker's `queued` frame
+-- KEYS[7] events:<id>       the message's SSE frames; gets the broker's `queued` frame when
+--                           ARGV[7] == '1' (stream and async messages)
 -- ARGV[1] message id   ARGV[2] conversation   ARGV[3] now (ms)   ARGV[4] max queue depth
 -- ARGV[5] dedup ttl (s)   ARGV[6] '1' when a client_message_id was given
--- ARGV[7..] field, value pairs of the message hash
+-- ARGV[7] '1' when the message's frames are recorded   ARGV[8..] field, value pairs of the message hash
 -- Returns {'ok', position} | {'dup', original message id} | {'full', depth}
 --   position 1 means next to run (a running message is not counted).
 
@@ -28,7 +29,7 @@ if depth >= tonumber(ARGV[4]) then
 end
 
 local fields = {}
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'enqueued_at', ARGV[3], 'attempts', 0, unpack(fields))
@@ -50,8 +51,10 @@ elseif state == 'running' then
 else
   position = depth + 1
 end
-redis.call('XADD', KEYS[7], '*', 'type', 'queued', 'data',
-  '{"type":"queued","message_id":"' .. ARGV[1] .. '","queue_position":' .. position .. '}')
+if ARGV[7] == '1' then
+  redis.call('XADD', KEYS[7], '*', 'type', 'queued', 'data',
+    '{"type":"queued","message_id":"' .. ARGV[1] .. '","queue_position":' .. position .. '}')
+end
 redis.call('HINCRBY', KEYS[6], 'queued', 1)
 redis.call('HINCRBY', KEYS[6], 'enqueued_total', 1)
 return {'ok', position}

@@ -11,7 +11,8 @@
 -- KEYS[8] events:<id>
 -- ARGV[1] conversation   ARGV[2] message id   ARGV[3] lease token   ARGV[4] now (ms)
 -- ARGV[5] 'completed' | 'failed'   ARGV[6] outcome JSON   ARGV[7] result ttl (s)
--- ARGV[8] dead-list cap   ARGV[9] terminal frame type   ARGV[10] terminal frame data
+-- ARGV[8] dead-list cap   ARGV[9] terminal frame type ('' when the message's frames are not
+-- recorded: then no frame is written)   ARGV[10] terminal frame data
 -- ARGV[11] stream cap   ARGV[12] notify channel   ARGV[13] n, the number of dead-list entries
 -- ARGV[14] f, the number of worker frames not yet recorded (they go before the terminal frame)
 -- ARGV[15 .. 14+n] dead-list entries   ARGV[15+n .. 14+n+2f] type, data pairs of those frames
@@ -45,13 +46,15 @@ local reply = redis.call('HGET', KEYS[3], 'reply')
 if reply and reply ~= '' then
   redis.call('PUBLISH', reply, ARGV[2] .. '\n' .. ARGV[6])
 end
--- the turn's last worker frames, then the one terminal frame, atomically with the outcome
-for i = 15 + n, 14 + n + 2 * f, 2 do
-  redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+if ARGV[9] ~= '' then
+  -- the turn's last worker frames, then the one terminal frame, atomically with the outcome
+  for i = 15 + n, 14 + n + 2 * f, 2 do
+    redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+  end
+  local id = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'type', ARGV[9], 'data', ARGV[10])
+  redis.call('EXPIRE', KEYS[8], ARGV[7])
+  redis.call('PUBLISH', ARGV[12], id)
 end
-local id = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'type', ARGV[9], 'data', ARGV[10])
-redis.call('EXPIRE', KEYS[8], ARGV[7])
-redis.call('PUBLISH', ARGV[12], id)
 redis.call('LREM', KEYS[4], 0, ARGV[1])
 redis.call('HINCRBY', KEYS[6], 'processing', -1)
 redis.call('HINCRBY', KEYS[6], ARGV[5] .. '_total', 1)

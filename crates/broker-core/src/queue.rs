@@ -41,6 +41,21 @@ impl Mode {
             Self::Stream => "stream",
         }
     }
+
+    /// Are this mode's frames recorded in the message's events, so that it can be streamed?
+    /// Stream and async messages are read later; a sync or callback message's result is
+    /// delivered by the broker itself, and recording its frames would cost a stream per
+    /// message in Redis that nobody reads.
+    pub fn records_events(self) -> bool {
+        matches!(self, Self::Stream | Self::Async)
+    }
+
+    /// The mode named `name` (as stored in a message record).
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Sync, Self::Async, Self::Callback, Self::Stream]
+            .into_iter()
+            .find(|m| m.as_str() == name)
+    }
 }
 
 /// What enqueue did.
@@ -299,6 +314,7 @@ impl Queue {
             } else {
                 "0"
             })
+            .arg(if mode.records_events() { "1" } else { "0" })
             .arg("conversation")
             .arg(conv.as_str())
             .arg("user_id")

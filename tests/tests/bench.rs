@@ -1,0 +1,110 @@
+//! The benchmark tool itself, run small: it starts its own stack of real processes, checks
+//! every answer, and prints one JSON line per run with every figure the performance report
+//! uses. No figure here is a timing assertion; the command count per message is a count.
+// Test helpers panic on purpose: a failed step fails the test.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use broker_tests::binary;
+use serde_json::Value;
+
+/// Runs `broker-bench` with `args`; returns its JSON lines. Fails the test if it failed.
+fn bench(args: &[&str]) -> Vec<Value> {
+    let out = Command::new(binary("broker-bench"))
+        .args(args)
+        .output()
+        .expect("run broker-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "broker-bench {args:?} failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn assert_run_line(line: &Value, msgs: u64) {
+    assert_eq!(line["msgs"], msgs, "{line}");
+    assert_run_line_figures(line);
+}
+
+fn assert_run_line_figures(line: &Value) {
+    assert_eq!(line["errors"], 0, "{line}");
+    assert!(line["msgs_per_s"].as_f64().unwrap() > 0.0, "{line}");
+    for q in ["p50", "p90", "p99", "max"] {
+        assert!(line["added_ms"][q].is_number(), "{q}: {line}");
+    }
+    assert!(line["redis_cmds_per_msg"].as_f64().unwrap() > 0.0, "{line}");
+    for process in ["api", "drainer0", "mock", "redis", "bench"] {
+        assert!(line["cpu_s"][process].is_number(), "{process}: {line}");
+        assert!(
+            line["peak_rss_mib"][process].as_f64().unwrap() > 0.0,
+            "{process}: {line}"
+        );
+    }
+}
+
+#[test]
+fn every_mode_runs_checked_and_reports_its_figures() {
+    let lines = bench(&[
+        "--conversations",
+        "3",
+        "--messages",
+        "4",
+        "sync",
+        "callback",
+        "stream",
+    ]);
+    assert!(lines[0]["machine"].is_string(), "{}", lines[0]);
+    let runs: Vec<&Value> = lines.iter().filter(|l| l.get("run").is_some()).collect();
+    assert_eq!(runs.len(), 3, "{lines:?}");
+    for (line, mode) in runs.iter().zip(["sync", "callback", "stream"]) {
+        assert_eq!(line["mode"], mode);
+        assert_run_line(line, 12);
+    }
+}
+
+#[test]
+fn a_sync_message_costs_at_most_five_redis_round_trips() {
+    let lines = bench(&["commands"]);
+    let line = lines.iter().find(|l| l["run"] == "commands").unwrap();
+    assert_run_line(line, 1000);
+    let sent = line["redis_sent_per_msg"].as_f64().unwrap();
+    // enqueue, BLMOVE, claim, finish: 4, plus the drainer's heartbeats and reconciles.
+    assert!(sent <= 5.0, "{sent} commands sent per message: {line}");
+    assert!(line["redis_in_scripts_per_msg"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn the_sweep_draws_latency_against_offered_load() {
+    let dir = std::env::temp_dir().join(format!("bench-svg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("sweep.svg");
+    let lines = bench(&[
+        "sweep",
+        "--rates",
+        "50,100",
+        "--step-secs",
+        "1",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    let steps: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["run"] == "sweep" && l.get("msgs").is_some())
+        .collect();
+    // A step that saturates ends the sweep; 50 messages/s does not, even in a debug build.
+    assert!(!steps.is_empty(), "{lines:?}");
+    assert_eq!(steps[0]["offered_per_s"], 50.0);
+    assert_eq!(steps[0]["msgs"], 50);
+    assert_run_line_figures(steps[0]);
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(picture.starts_with("<svg"), "{picture}");
+    assert_eq!(picture.matches("<polyline").count(), 3, "{picture}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
