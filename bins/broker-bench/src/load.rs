@@ -53,7 +53,9 @@ impl Target {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(300))
+            // Shorter than the API's keep-alive (actix-web's 5 s): a connection the server
+            // closes just as the client reuses it fails the request (`IncompleteMessage`).
+            .pool_idle_timeout(Duration::from_secs(3))
             .build(connector);
         Self {
             api,

@@ -190,7 +190,7 @@ pub fn svg(points: &[Point], machine: &str) -> String {
     let (w, h) = (760.0, 440.0);
     let (left, right, top, bottom) = (70.0, 150.0, 40.0, 60.0);
     let max_x = points.iter().map(|p| p.offered).fold(1.0, f64::max);
-    let (lo, hi) = (0.1f64.log10(), 1000f64.log10());
+    let (lo, hi) = (0.1f64.log10(), 10_000f64.log10());
     let x = |v: f64| left + (w - left - right) * v / max_x;
     let y = |ms: f64| {
         let l = ms.max(0.1).log10().min(hi);
@@ -204,7 +204,7 @@ pub fn svg(points: &[Point], machine: &str) -> String {
 <text x="{left}" y="22" font-size="14">Latency added by the broker against offered load (sync, 0 ms worker, open loop)</text>
 "#
     );
-    for ms in [0.1, 1.0, 10.0, 100.0, 1000.0] {
+    for ms in [0.1, 1.0, 10.0, 100.0, 1000.0, 10_000.0] {
         let _ = writeln!(
             s,
             r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{ms} ms</text>"##,
