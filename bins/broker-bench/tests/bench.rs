@@ -1,17 +1,19 @@
 //! The benchmark tool itself, run small: it starts its own stack of real processes, checks
 //! every answer, and prints one JSON line per run with every figure the performance report
 //! uses. No figure here is a timing assertion; the command count per message is a count.
+//!
+//! The binaries it starts (`broker-api`, `broker-drainer`, `mock-worker`) sit next to it:
+//! `cargo test --workspace` builds them, since each of their packages has tests of its own.
 // Test helpers panic on purpose: a failed step fails the test.
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
 
-use broker_tests::binary;
 use serde_json::Value;
 
 /// Runs `broker-bench` with `args`; returns its JSON lines. Fails the test if it failed.
 fn bench(args: &[&str]) -> Vec<Value> {
-    let out = Command::new(binary("broker-bench"))
+    let out = Command::new(env!("CARGO_BIN_EXE_broker-bench"))
         .args(args)
         .output()
         .expect("run broker-bench");
