@@ -64,30 +64,8 @@ async fn run_inner(shared: &Shared, conversation: &Conversation) {
         (TurnResult::Failed(failure), Unrecorded::default())
     } else {
         let mut hard_stop = shared.hard_stop.clone();
-        let (frames_tx, frames_rx) = mpsc::unbounded_channel();
-        let recorded = records_events(&claimed);
-        let worker_leg = async {
-            let mut on_frame = move |data: &str, frame: &Frame| {
-                if !recorded {
-                    return;
-                }
-                let kind = match frame {
-                    Frame::Complete(_) => "complete",
-                    Frame::Error(_) => "error",
-                    Frame::Other(kind) => kind.as_str(),
-                    // Keepalives are not recorded: the API sends its own to a silent stream.
-                    // Frames the web client could not parse are not passed on.
-                    Frame::Keepalive | Frame::Invalid => return,
-                };
-                let _ = frames_tx.send((kind.to_owned(), data.to_owned()));
-            };
-            let result = shared.worker.run_turn(&claimed.body, &mut on_frame).await;
-            drop(on_frame);
-            result
-        };
-        let recorder = record_frames(shared, conversation, &claimed.message_id, &lease, frames_rx);
         tokio::select! {
-            (result, left) = async { tokio::join!(worker_leg, recorder) } => (result, left),
+            outcome = run_worker(shared, conversation, &claimed, &lease) => outcome,
             () = crate::flag_set(&mut hard_stop) => {
                 // Grace period over: give the conversation back, keeping its place.
                 match shared.queue.release(&id, conversation, Some(&lease)).await {
@@ -98,7 +76,49 @@ async fn run_inner(shared: &Shared, conversation: &Conversation) {
             }
         }
     };
-    finish(shared, conversation, &claimed, &lease, result, left).await;
+    // Boxed: a turn waiting on the worker then holds only what waiting needs (10,000 waiting
+    // turns are a drainer's memory).
+    Box::pin(finish(shared, conversation, &claimed, &lease, result, left)).await;
+}
+
+/// Runs the turn at the worker. A message that keeps its frames (stream, async) has them
+/// recorded as they come; the others get neither a channel nor a recorder.
+async fn run_worker(
+    shared: &Shared,
+    conversation: &Conversation,
+    claimed: &Claimed,
+    lease: &str,
+) -> (TurnResult, Unrecorded) {
+    if !records_events(claimed) {
+        let result = shared.worker.run_turn(&claimed.body, &mut |_, _| {}).await;
+        return (result, Unrecorded::default());
+    }
+    let (frames_tx, frames_rx) = mpsc::unbounded_channel();
+    let worker_leg = async {
+        let mut on_frame = move |data: &str, frame: &Frame| {
+            let kind = match frame {
+                Frame::Complete(_) => "complete",
+                Frame::Error(_) => "error",
+                Frame::Other(kind) => kind.as_str(),
+                // Keepalives are not recorded: the API sends its own to a silent stream.
+                // Frames the web client could not parse are not passed on.
+                Frame::Keepalive | Frame::Invalid => return,
+            };
+            let _ = frames_tx.send((kind.to_owned(), data.to_owned()));
+        };
+        let result = shared.worker.run_turn(&claimed.body, &mut on_frame).await;
+        drop(on_frame);
+        result
+    };
+    // Boxed: the recorder's Redis writes would otherwise enlarge every waiting turn.
+    let recorder = Box::pin(record_frames(
+        shared,
+        conversation,
+        &claimed.message_id,
+        lease,
+        frames_rx,
+    ));
+    tokio::join!(worker_leg, recorder)
 }
 
 /// How long a worker frame may wait to be recorded, so that it can share a write with the

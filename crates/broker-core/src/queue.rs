@@ -269,7 +269,9 @@ impl Queue {
     }
 
     async fn conn(&self) -> Result<crate::redis_conn::Connection, QueueError> {
-        Ok(crate::redis_conn::get(&self.pool).await?)
+        // Boxed: the pool's checkout future (which may open a connection) is kilobytes, and
+        // would otherwise sit inside every future that awaits a queue operation.
+        Ok(Box::pin(crate::redis_conn::get(&self.pool)).await?)
     }
 
     /// `PING`: is Redis reachable?
