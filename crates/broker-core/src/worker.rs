@@ -11,21 +11,22 @@
 //! | an `error` frame | `WORKER_ERROR` (502) with the worker's message |
 //! | a `complete` frame that is not a `ChatResponse` | `INVALID_WORKER_RESPONSE` (502) |
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use broker_proto::sse::{Frame, FrameParser};
 use broker_proto::Failure;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
-use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
+use http_body_util::Full;
+use hyper::header::HeaderValue;
+use hyper::Uri;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use secrecy::ExposeSecret;
 use serde_json::Value;
 
 use crate::config::WorkerSettings;
+use crate::http1;
 
 /// 429 codes that mean "busy, come back later", as opposed to a limit the turn hit.
 pub const BUSY_CODES: &[&str] = &[
@@ -34,7 +35,8 @@ pub const BUSY_CODES: &[&str] = &[
     "RATE_LIMIT_EXCEEDED",
 ];
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// The largest error body read from the worker.
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// How a turn ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,15 +49,15 @@ pub enum TurnResult {
 /// Calls the worker's stream endpoint.
 #[derive(Clone)]
 pub struct WorkerClient {
-    client: HttpsClient,
-    stream_uri: Uri,
-    auth: Option<HeaderValue>,
+    client: http1::Client,
+    /// The request line and headers up to `Content-Length` (the bearer key included).
+    head: Arc<[u8]>,
     settings: WorkerSettings,
 }
 
 /// The answer to one attempt before its stream is read.
 enum Opened {
-    Stream(hyper::Response<hyper::body::Incoming>),
+    Stream(http1::Response),
     Busy(Duration),
     Retryable(String),
     Rejected(Failure),
@@ -71,24 +73,28 @@ impl WorkerClient {
         let stream_uri: Uri = format!("{}/api/v1/chat/stream", settings.base_url)
             .parse()
             .map_err(|e| format!("WORKER_BASE_URL: {e}"))?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(settings.connect_timeout));
-        http.set_nodelay(true);
-        let client = pooled_client(http);
+        let client = http1::Client::new(&stream_uri, settings.connect_timeout)
+            .map_err(|e| format!("WORKER_BASE_URL: {e}"))?;
+        let authority = stream_uri
+            .authority()
+            .map(|a| a.as_str())
+            .ok_or("WORKER_BASE_URL: no host")?;
+        let path = stream_uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\n"
+        );
         let key = settings.api_key.expose_secret();
-        let auth = if key.is_empty() {
-            None
-        } else {
-            let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
+        if !key.is_empty() {
+            // Checked as a header value: no line breaks can reach the request.
+            HeaderValue::from_str(&format!("Bearer {key}"))
                 .map_err(|_| "WORKER_API_KEY: not a valid header value".to_owned())?;
-            value.set_sensitive(true);
-            Some(value)
-        };
+            head.push_str("Authorization: Bearer ");
+            head.push_str(key);
+            head.push_str("\r\n");
+        }
         Ok(Self {
             client,
-            stream_uri,
-            auth,
+            head: Arc::from(head.into_bytes()),
             settings: settings.clone(),
         })
     }
@@ -100,10 +106,9 @@ impl WorkerClient {
         body: &str,
         on_frame: &mut (dyn FnMut(&str, &Frame) + Send),
     ) -> TurnResult {
-        let body = Bytes::copy_from_slice(body.as_bytes());
         let mut failures = 0u32;
         loop {
-            match self.open(body.clone()).await {
+            match self.open(body.as_bytes()).await {
                 Opened::Stream(response) => return self.read_stream(response, on_frame).await,
                 Opened::Rejected(failure) => return TurnResult::Failed(failure),
                 Opened::Busy(wait) => {
@@ -132,56 +137,42 @@ impl WorkerClient {
         }
     }
 
-    async fn open(&self, body: Bytes) -> Opened {
-        let mut request = Request::builder()
-            .method(Method::POST)
-            .uri(self.stream_uri.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header(ACCEPT, "text/event-stream");
-        if let Some(auth) = &self.auth {
-            request = request.header(AUTHORIZATION, auth.clone());
-        }
-        let Ok(request) = request.body(Full::new(body)) else {
-            return Opened::Rejected(Failure::new(
-                500,
-                "internal error",
-                "INTERNAL_ERROR",
-                "could not build the worker request",
-            ));
+    async fn open(&self, body: &[u8]) -> Opened {
+        let mut head = Vec::with_capacity(self.head.len() + 32);
+        head.extend_from_slice(&self.head);
+        head.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+        let mut response = match tokio::time::timeout(
+            self.settings.idle_timeout,
+            self.client.request(&head, body),
+        )
+        .await
+        {
+            Err(_) => {
+                return Opened::Retryable("no response headers within the idle timeout".into())
+            }
+            Ok(Err(e)) => return Opened::Retryable(format!("request failed: {e}")),
+            Ok(Ok(response)) => response,
         };
-        let response =
-            match tokio::time::timeout(self.settings.idle_timeout, self.client.request(request))
-                .await
-            {
-                Err(_) => {
-                    return Opened::Retryable("no response headers within the idle timeout".into())
-                }
-                Ok(Err(e)) => return Opened::Retryable(format!("request failed: {e}")),
-                Ok(Ok(response)) => response,
-            };
-        let status = response.status();
-        if status == StatusCode::OK {
+        let status = response.status;
+        if status == 200 {
             return Opened::Stream(response);
         }
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let bytes =
-            match tokio::time::timeout(self.settings.idle_timeout, response.into_body().collect())
-                .await
-            {
-                Ok(Ok(collected)) => collected.to_bytes(),
-                _ => Bytes::new(),
-            };
+        let retry_after = response.retry_after.map(Duration::from_secs);
+        let bytes = match tokio::time::timeout(
+            self.settings.idle_timeout,
+            response.collect(MAX_ERROR_BODY),
+        )
+        .await
+        {
+            Ok(Ok(bytes)) => bytes,
+            _ => Vec::new(),
+        };
         let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let text = |field: &str| json.get(field).and_then(Value::as_str).map(str::to_owned);
-        if status.is_server_error() {
+        if (500..600).contains(&status) {
             return Opened::Retryable(format!("worker answered {status}"));
         }
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        if status == 429 {
             if let Some(code) = text("code").filter(|c| BUSY_CODES.contains(&c.as_str())) {
                 let hinted = json
                     .get("retry_after_ms")
@@ -193,11 +184,11 @@ impl WorkerClient {
                 return Opened::Busy(hinted.min(self.settings.busy_max_wait));
             }
         }
-        if status.is_client_error() {
+        if (400..500).contains(&status) {
             let error = text("error").unwrap_or_else(|| "worker rejected the request".into());
             let code = text("code").unwrap_or_else(|| "WORKER_REJECTED".into());
             let message = text("message").unwrap_or_else(|| error.clone());
-            return Opened::Rejected(Failure::new(status.as_u16(), &error, &code, message));
+            return Opened::Rejected(Failure::new(status, &error, &code, message));
         }
         Opened::Rejected(Failure::new(
             502,
@@ -209,14 +200,13 @@ impl WorkerClient {
 
     async fn read_stream(
         &self,
-        response: hyper::Response<hyper::body::Incoming>,
+        mut response: http1::Response,
         on_frame: &mut (dyn FnMut(&str, &Frame) + Send),
     ) -> TurnResult {
-        let mut body = response.into_body();
         let mut parser = FrameParser::new();
         let idle = self.settings.idle_timeout;
         loop {
-            let next = match tokio::time::timeout(idle, body.frame()).await {
+            let next = match tokio::time::timeout(idle, response.next()).await {
                 Err(_) => {
                     return fail(
                         504,
@@ -227,8 +217,8 @@ impl WorkerClient {
                 }
                 Ok(next) => next,
             };
-            let chunk = match next {
-                None => {
+            let frames = match next {
+                Ok(None) => {
                     return fail(
                         502,
                         "worker disconnected",
@@ -236,7 +226,7 @@ impl WorkerClient {
                         "the worker's stream ended before the turn finished",
                     );
                 }
-                Some(Err(e)) => {
+                Err(e) => {
                     tracing::warn!(error = %e, "worker stream broke");
                     return fail(
                         502,
@@ -245,17 +235,14 @@ impl WorkerClient {
                         "the worker's stream broke before the turn finished",
                     );
                 }
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => data,
-                    Err(_) => continue,
-                },
+                Ok(Some(chunk)) => parser.push(chunk),
             };
-            for data in parser.push(&chunk) {
+            for data in frames {
                 let frame = Frame::parse(&data);
                 on_frame(&data, &frame);
-                match frame {
-                    Frame::Complete(response) => {
-                        return if response
+                let ended = match frame {
+                    Frame::Complete(response) => Some(
+                        if response
                             .get("responses")
                             .and_then(Value::as_array)
                             .is_some_and(|r| r.iter().all(Value::is_string))
@@ -268,22 +255,34 @@ impl WorkerClient {
                                 "INVALID_WORKER_RESPONSE",
                                 "the worker's complete event carried no valid response",
                             )
-                        };
-                    }
+                        },
+                    ),
                     Frame::Error(message) => {
-                        return fail(502, "worker error", "WORKER_ERROR", message)
+                        Some(fail(502, "worker error", "WORKER_ERROR", message))
                     }
                     Frame::Invalid => {
-                        tracing::warn!("worker sent a frame that is not a JSON object with a type")
+                        tracing::warn!("worker sent a frame that is not a JSON object with a type");
+                        None
                     }
-                    Frame::Keepalive | Frame::Other(_) => {}
+                    Frame::Keepalive | Frame::Other(_) => None,
+                };
+                if let Some(result) = ended {
+                    // The stream's end follows the terminal frame; the connection is reused
+                    // once it has come.
+                    response.finish(STREAM_END_WAIT);
+                    return result;
                 }
             }
         }
     }
 }
 
-/// A pooled HTTP/1 client over `connector`, speaking TLS (webpki roots) to `https` URLs.
+/// How long after the terminal frame the end of the worker's stream may take before its
+/// connection is given up rather than reused.
+const STREAM_END_WAIT: Duration = Duration::from_secs(1);
+
+/// A pooled HTTP/1 client over `connector`, speaking TLS (webpki roots) to `https` URLs
+/// (the callback sender's).
 pub fn pooled_client<C>(connector: C) -> Client<hyper_rustls::HttpsConnector<C>, Full<Bytes>>
 where
     C: tower_service::Service<Uri> + Clone + Send + Sync + 'static,
