@@ -66,7 +66,9 @@ impl managed::Manager for Manager {
                 .spawn(open)
                 .await
                 .map_err(|e| RedisError::from(std::io::Error::other(e)))?,
-            None => open.await,
+            // Boxed: opening a connection is a large future, and every caller waiting for a
+            // pooled connection would otherwise carry one.
+            None => Box::pin(open).await,
         }?;
         Ok(Pooled {
             conn,
@@ -82,9 +84,7 @@ impl managed::Manager for Manager {
             return Ok(());
         }
         let token = self.ping.fetch_add(1, Ordering::Relaxed).to_string();
-        let answer: String = redis::cmd("PING")
-            .arg(&token)
-            .query_async(&mut pooled.conn)
+        let answer: String = Box::pin(redis::cmd("PING").arg(&token).query_async(&mut pooled.conn))
             .await?;
         if answer == token {
             Ok(())
