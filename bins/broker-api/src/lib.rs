@@ -1,6 +1,10 @@
 //! `broker-api`: the stateless HTTP gateway. It validates and authenticates requests,
-//! enqueues them with one script, and waits for sync results on this process's pub/sub
-//! channel. Any API process can serve any request.
+//! enqueues them with one script, and waits for sync results on pub/sub. Any API process can
+//! serve any request.
+//!
+//! Each actix worker thread has its own Redis pool and its own reply subscription (channel
+//! `<instance id>-<n>`), both driven on that thread: a sync request's enqueue, its result and
+//! its answer never wake another thread.
 
 mod auth;
 mod error;
@@ -9,7 +13,8 @@ mod stream;
 mod waiters;
 
 use std::net::TcpListener;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use actix_web::dev::Server;
@@ -23,18 +28,46 @@ use tokio::sync::watch;
 
 pub use error::ApiError;
 
-/// What every handler shares.
+/// What the handlers of one worker thread share.
 pub struct AppState {
     pub api: ApiSettings,
+    /// On this worker's own pool.
     pub queue: Queue,
     pub limits: ValidationLimits,
     pub dead_after: Duration,
     /// The callback guard; `None` when callbacks are off (no signing secret).
     callbacks: Option<broker_core::callback::Policy>,
     auth: auth::Auth,
+    /// This worker's subscription.
     waiters: Arc<waiters::Waiters>,
+    /// Every worker's, for the process-wide figures of `/health` and `/metrics`.
+    all_waiters: Arc<Mutex<Vec<Weak<waiters::Waiters>>>>,
     /// Set at shutdown: sync waiters answer 202 at once instead of holding the connection.
     shutdown: watch::Receiver<bool>,
+}
+
+impl AppState {
+    fn each_waiters(&self) -> Vec<Arc<waiters::Waiters>> {
+        self.all_waiters
+            .lock()
+            .map(|all| all.iter().filter_map(Weak::upgrade).collect())
+            .unwrap_or_default()
+    }
+
+    /// Sync requests waiting on this process.
+    pub(crate) fn sync_waiters(&self) -> usize {
+        self.each_waiters().iter().map(|w| w.waiting()).sum()
+    }
+
+    /// SSE readers on this process.
+    pub(crate) fn sse_readers(&self) -> usize {
+        self.each_waiters().iter().map(|w| w.readers()).sum()
+    }
+
+    /// Is every worker's reply subscription in place?
+    pub(crate) fn subscribed(&self) -> bool {
+        self.each_waiters().iter().all(|w| w.is_connected())
+    }
 }
 
 /// A built API, bound to its port, not yet serving.
@@ -42,7 +75,6 @@ pub struct Application {
     port: u16,
     server: Server,
     stop_tx: watch::Sender<bool>,
-    waiters_task: tokio::task::JoinHandle<()>,
 }
 
 /// The refusal to start without keys.
@@ -64,29 +96,53 @@ impl Application {
                 "BROKER_INSECURE_NO_AUTH is set: the API accepts requests without a key"
             );
         }
-        let pool = redis_conn::pool(&settings.redis)?;
+        // Built here so that a bad URL stops the start; each worker then builds its own pool
+        // (the same settings, so that cannot fail) and falls back to this one if it did.
+        let shared_pool = redis_conn::pool(&settings.redis)?;
         let client = redis_conn::client(&settings.redis)?;
         let keys = Keys::new(&settings.redis.key_prefix, &settings.redis.shard);
-        let waiters = waiters::Waiters::new(
-            keys.reply_channel(&settings.api.instance_id),
-            keys.events(""),
-        );
         let (stop_tx, stop_rx) = watch::channel(false);
-        let waiters_task = tokio::spawn(waiters.clone().run(client, stop_rx.clone()));
-
-        let state =
+        let all_waiters = Arc::new(Mutex::new(Vec::new()));
+        let workers_built = Arc::new(AtomicUsize::new(0));
+        let callbacks = settings
+            .callbacks
+            .secret
+            .is_some()
+            .then(|| broker_core::callback::Policy::new(settings.callbacks.allowlist.clone()));
+        let auth = auth::Auth::new(settings.api.keys.clone(), settings.api.insecure_no_auth);
+        // One actix worker per core, each with its share of REDIS_POOL_SIZE.
+        let workers = api_workers();
+        let mut worker_settings = settings.clone();
+        worker_settings.redis.pool_size = settings.redis.pool_size.div_ceil(workers).max(1);
+        let worker_state = move || {
+            let settings = &worker_settings;
+            let n = workers_built.fetch_add(1, Ordering::Relaxed);
+            let pool = redis_conn::local_pool(&settings.redis).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "worker pool: using the process's shared pool");
+                shared_pool.clone()
+            });
+            let waiters = waiters::Waiters::new(
+                keys.reply_channel(&format!("{}-{n}", settings.api.instance_id)),
+                keys.events(""),
+            );
+            if let Ok(mut all) = all_waiters.lock() {
+                all.retain(|w: &Weak<waiters::Waiters>| w.strong_count() > 0);
+                all.push(Arc::downgrade(&waiters));
+            }
+            // On this worker's runtime: it ends with the worker.
+            tokio::spawn(waiters.clone().run(client.clone(), stop_rx.clone()));
             web::Data::new(AppState {
                 api: settings.api.clone(),
-                queue: Queue::new(pool, keys),
+                queue: Queue::new(pool, keys.clone()),
                 limits: ValidationLimits::default(),
                 dead_after: settings.drainer.dead_after,
-                callbacks: settings.callbacks.secret.is_some().then(|| {
-                    broker_core::callback::Policy::new(settings.callbacks.allowlist.clone())
-                }),
-                auth: auth::Auth::new(settings.api.keys.clone(), settings.api.insecure_no_auth),
+                callbacks: callbacks.clone(),
+                auth: auth.clone(),
                 waiters,
-                shutdown: stop_rx,
-            });
+                all_waiters: all_waiters.clone(),
+                shutdown: stop_rx.clone(),
+            })
+        };
         let addr = format!("{}:{}", settings.host, settings.port_or(8000));
         let listener =
             TcpListener::bind(&addr).with_context(|| format!("bind the API on {addr}"))?;
@@ -99,7 +155,7 @@ impl Application {
         );
         let server = HttpServer::new(move || {
             App::new()
-                .app_data(state.clone())
+                .app_data(worker_state())
                 .app_data(
                     web::QueryConfig::default()
                         .error_handler(|e, _| ApiError::Invalid(format!("query: {e}")).into()),
@@ -121,6 +177,7 @@ impl Application {
                 )
                 .default_service(web::to(routes::not_found))
         })
+        .workers(workers)
         .disable_signals()
         .shutdown_timeout(30)
         // Answers go out at once: with Nagle's algorithm a response written while the client
@@ -132,7 +189,6 @@ impl Application {
             port,
             server,
             stop_tx,
-            waiters_task,
         })
     }
 
@@ -147,10 +203,7 @@ impl Application {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let Self {
-            server,
-            stop_tx,
-            waiters_task,
-            ..
+            server, stop_tx, ..
         } = self;
         let handle = server.handle();
         let stopper = tokio::spawn(async move {
@@ -160,10 +213,14 @@ impl Application {
         });
         server.await?;
         stopper.abort();
-        waiters_task.abort();
         tracing::info!("broker-api stopped");
         Ok(())
     }
+}
+
+/// How many actix workers (threads) serve requests: one per core.
+pub fn api_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
 /// One span per request, and a log line with status and duration.

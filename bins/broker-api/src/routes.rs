@@ -272,13 +272,13 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         "broker_sync_waiters",
         "gauge",
         "sync requests waiting on this API process",
-        state.waiters.waiting() as i64,
+        state.sync_waiters() as i64,
     );
     metric(
         "broker_sse_readers",
         "gauge",
         "SSE clients reading a message's events on this API process",
-        state.waiters.readers() as i64,
+        state.sse_readers() as i64,
     );
     for (stat_name, name, help) in [
         (
@@ -418,8 +418,8 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
                 "active_queues": figures.active_queues,
                 "messages_processing": figures.processing,
                 "messages_queued": figures.queued,
-                "sync_waiters": state.waiters.waiting(),
-                "reply_subscription": state.waiters.is_connected(),
+                "sync_waiters": state.sync_waiters(),
+                "reply_subscription": state.subscribed(),
                 "version": version,
             }))
         }

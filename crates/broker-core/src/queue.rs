@@ -13,6 +13,28 @@ use crate::redis_conn::Pool;
 use crate::scripts::Scripts;
 
 /// A Redis failure: the pool could not give a connection, or a command failed.
+/// Runs a read (`|$conn| $body`, on a pooled connection), and once more if its connection
+/// turned out broken: a read is safe to repeat, and the second try gets a connection opened
+/// since, as the pool replaces every older one after such a failure. Evaluates to
+/// `Result<_, QueueError>`.
+macro_rules! read {
+    ($queue:expr, |$conn:ident| $body:expr) => {{
+        let mut retried = false;
+        loop {
+            #[allow(unused_mut)]
+            let mut $conn = $queue.conn().await?;
+            let result: Result<_, QueueError> = async { Ok($body) }.await;
+            match result {
+                Err(QueueError::Redis(e)) if !retried && retry_read(&e) => {
+                    retried = true;
+                    tracing::debug!(error = %e, "a read on a broken connection: once more");
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("redis unavailable: {0}")]
@@ -513,21 +535,21 @@ impl Queue {
         after: Option<&str>,
         count: usize,
     ) -> Result<(Vec<Event>, Option<String>), QueueError> {
-        let mut conn = self.conn().await?;
         let start = match after {
             Some(id) => format!("({id}"),
             None => "-".to_owned(),
         };
-        let (entries, status): (Vec<(String, Vec<String>)>, Option<String>) = redis::pipe()
-            .cmd("XRANGE")
-            .arg(self.keys.events(message_id))
-            .arg(start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(count)
-            .hget(self.keys.message(message_id), "status")
-            .query_async(&mut conn)
-            .await?;
+        let (entries, status): (Vec<(String, Vec<String>)>, Option<String>) =
+            read!(self, |conn| redis::pipe()
+                .cmd("XRANGE")
+                .arg(self.keys.events(message_id))
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(count)
+                .hget(self.keys.message(message_id), "status")
+                .query_async(&mut conn)
+                .await?)?;
         let events = entries
             .into_iter()
             .map(|(id, fields)| {
@@ -647,8 +669,7 @@ impl Queue {
 
     /// The counters of the stats hash, for `GET /metrics`.
     pub async fn stats(&self) -> Result<HashMap<String, i64>, QueueError> {
-        let mut conn = self.conn().await?;
-        Ok(conn.hgetall(self.keys.stats()).await?)
+        read!(self, |conn| conn.hgetall(self.keys.stats()).await?)
     }
 
     /// Records a drainer's heartbeat on the Redis clock; returns that time (ms).
@@ -678,8 +699,9 @@ impl Queue {
 
     /// The conversations in a drainer's processing list.
     pub async fn processing_list(&self, drainer: &str) -> Result<Vec<String>, QueueError> {
-        let mut conn = self.conn().await?;
-        Ok(conn.lrange(self.keys.processing(drainer), 0, -1).await?)
+        read!(self, |conn| conn
+            .lrange(self.keys.processing(drainer), 0, -1)
+            .await?)
     }
 
     /// Drops a dead drainer whose processing list is empty.
@@ -706,15 +728,14 @@ impl Queue {
 
     /// Figures for `GET /health`: O(log n) in drainers, O(1) in users.
     pub async fn health(&self, dead_after: Duration) -> Result<HealthFigures, QueueError> {
-        let mut conn = self.conn().await?;
-        let v: (u64, i64, i64, i64) = self
+        let v: (u64, i64, i64, i64) = read!(self, |conn| self
             .scripts
             .health
             .key(self.keys.stats())
             .key(self.keys.drainers())
             .arg(dead_after.as_millis() as u64)
             .invoke_async(&mut conn)
-            .await?;
+            .await?)?;
         Ok(HealthFigures {
             drainers_alive: v.0,
             active_queues: v.1,
@@ -728,8 +749,7 @@ impl Queue {
         &self,
         message_id: &str,
     ) -> Result<(Option<String>, Option<String>), QueueError> {
-        let mut conn = self.conn().await?;
-        Ok(redis::cmd("HMGET")
+        read!(self, |conn| redis::cmd("HMGET")
             .arg(self.keys.message(message_id))
             .arg("status")
             .arg("outcome")
@@ -742,12 +762,11 @@ impl Queue {
         &self,
         message_id: &str,
     ) -> Result<Option<MessageRecord>, QueueError> {
-        let mut conn = self.conn().await?;
-        let values: Vec<Option<String>> = redis::cmd("HMGET")
+        let values: Vec<Option<String>> = read!(self, |conn| redis::cmd("HMGET")
             .arg(self.keys.message(message_id))
             .arg(&RECORD_FIELDS[..])
             .query_async(&mut conn)
-            .await?;
+            .await?)?;
         let field = |i: usize| values.get(i).cloned().flatten();
         let Some(status) = field(0) else {
             return Ok(None);
@@ -771,13 +790,13 @@ impl Queue {
         };
         if record.status == "queued" {
             let conv = Conversation::from_key(record.conversation.clone());
-            let (index, state): (Option<u64>, Option<String>) = redis::pipe()
+            let (index, state): (Option<u64>, Option<String>) = read!(self, |conn| redis::pipe()
                 .cmd("LPOS")
                 .arg(self.keys.queue(&conv))
                 .arg(message_id)
                 .hget(self.keys.conversation(&conv), "state")
                 .query_async(&mut conn)
-                .await?;
+                .await?)?;
             record.queue_position = index.map(|i| {
                 if state.as_deref() == Some("running") {
                     i
@@ -795,13 +814,13 @@ impl Queue {
         conversation: &Conversation,
         limit: u64,
     ) -> Result<QueueStatus, QueueError> {
-        let mut conn = self.conn().await?;
         let stop = i64::try_from(limit).unwrap_or(i64::MAX).saturating_sub(1);
-        let (ids, conv): (Vec<String>, HashMap<String, String>) = redis::pipe()
-            .lrange(self.keys.queue(conversation), 0, stop as isize)
-            .hgetall(self.keys.conversation(conversation))
-            .query_async(&mut conn)
-            .await?;
+        let (ids, conv): (Vec<String>, HashMap<String, String>) =
+            read!(self, |conn| redis::pipe()
+                .lrange(self.keys.queue(conversation), 0, stop as isize)
+                .hgetall(self.keys.conversation(conversation))
+                .query_async(&mut conn)
+                .await?)?;
         let running = conv.get("state").map(String::as_str) == Some("running");
         Ok(QueueStatus {
             conversation: conversation.as_str().to_owned(),
@@ -814,6 +833,12 @@ impl Queue {
             message_ids: ids,
         })
     }
+}
+
+/// Whether a failed read may be tried once more: its connection broke (Redis restarted, a
+/// proxy dropped it), which says nothing about the next one. A timeout is not retried.
+fn retry_read(e: &redis::RedisError) -> bool {
+    crate::redis_conn::may_break(e) && !e.is_timeout()
 }
 
 fn as_string(v: &Value) -> Result<String, QueueError> {

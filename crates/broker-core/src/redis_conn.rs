@@ -5,12 +5,13 @@
 //! connections get the configured timeout instead; a connection that runs `BLMOVE` gets none
 //! (its caller bounds the wait itself), and so does pub/sub.
 //!
-//! A multiplexed connection's driver is a task on the runtime that opened it. actix-web runs
-//! each worker thread on a runtime of its own, and a worker that stops (at shutdown) takes its
-//! runtime's tasks with it; so the pool opens every connection on the runtime that built the
-//! pool (the process's main runtime), where it lives as long as the process.
+//! A multiplexed connection's driver is a task on the runtime that opened it. [`pool`] opens
+//! every connection on the runtime that built the pool, where it lives as long as that runtime;
+//! [`local_pool`] opens each on the runtime of the task that asks, for a pool that only one
+//! thread uses (an actix worker's own): its commands then never wake another thread.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, RecycleResult};
@@ -37,6 +38,9 @@ pub struct Manager {
     config: AsyncConnectionConfig,
     runtime: Option<tokio::runtime::Handle>,
     ping: AtomicUsize,
+    /// Bumped when a connection of this pool is found dropped: the connections opened before
+    /// (after a Redis restart, every one of them) are then replaced, not tried one by one.
+    generation: Arc<AtomicU64>,
 }
 
 /// How long a pooled connection may sit unused before it is checked with `PING` when reused
@@ -47,6 +51,24 @@ pub const IDLE_CHECK: Duration = Duration::from_secs(5);
 pub struct Pooled {
     conn: MultiplexedConnection,
     broken: bool,
+    /// The pool's generation when this connection was opened.
+    generation: u64,
+    pool_generation: Arc<AtomicU64>,
+}
+
+impl Pooled {
+    /// Marks the connection unusable after `e`, and the pool's older connections too when
+    /// the connection itself was lost.
+    fn failed(&mut self, e: &RedisError) {
+        if !may_break(e) {
+            return;
+        }
+        self.broken = true;
+        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+            self.pool_generation
+                .fetch_max(self.generation + 1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl managed::Manager for Manager {
@@ -54,6 +76,7 @@ impl managed::Manager for Manager {
     type Error = RedisError;
 
     async fn create(&self) -> Result<Pooled, RedisError> {
+        let generation = self.generation.load(Ordering::SeqCst);
         let client = self.client.clone();
         let config = self.config.clone();
         let open = async move {
@@ -73,6 +96,8 @@ impl managed::Manager for Manager {
         Ok(Pooled {
             conn,
             broken: false,
+            generation,
+            pool_generation: self.generation.clone(),
         })
     }
 
@@ -80,12 +105,17 @@ impl managed::Manager for Manager {
         if pooled.broken {
             return Err(managed::RecycleError::message("a command on it failed"));
         }
+        if pooled.generation < self.generation.load(Ordering::SeqCst) {
+            return Err(managed::RecycleError::message(
+                "opened before a connection of the pool was lost",
+            ));
+        }
         if metrics.last_used() < IDLE_CHECK {
             return Ok(());
         }
         let token = self.ping.fetch_add(1, Ordering::Relaxed).to_string();
-        let answer: String = Box::pin(redis::cmd("PING").arg(&token).query_async(&mut pooled.conn))
-            .await?;
+        let answer: String =
+            Box::pin(redis::cmd("PING").arg(&token).query_async(&mut pooled.conn)).await?;
         if answer == token {
             Ok(())
         } else {
@@ -95,7 +125,7 @@ impl managed::Manager for Manager {
 }
 
 /// Could this failure have left the connection unusable? (A server error reply could not.)
-fn may_break(e: &RedisError) -> bool {
+pub fn may_break(e: &RedisError) -> bool {
     e.is_io_error()
         || e.is_connection_dropped()
         || e.is_unrecoverable_error()
@@ -116,8 +146,8 @@ impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let result = self.0.conn.req_packed_command(cmd).await;
-            if result.as_ref().is_err_and(may_break) {
-                self.0.broken = true;
+            if let Err(e) = &result {
+                self.0.failed(e);
             }
             result
         })
@@ -131,8 +161,8 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let result = self.0.conn.req_packed_commands(cmd, offset, count).await;
-            if result.as_ref().is_err_and(may_break) {
-                self.0.broken = true;
+            if let Err(e) = &result {
+                self.0.failed(e);
             }
             result
         })
@@ -150,14 +180,28 @@ pub async fn get(pool: &Pool) -> Result<Connection, PoolError> {
 
 /// The command pool. Its connections are opened on the runtime this is called on.
 pub fn pool(settings: &RedisSettings) -> Result<Pool, SetupError> {
+    build_pool(settings, tokio::runtime::Handle::try_current().ok())
+}
+
+/// A command pool for one thread: each connection is opened on the runtime of the task that
+/// needs it, so it must not outlive that runtime nor be used from another thread's.
+pub fn local_pool(settings: &RedisSettings) -> Result<Pool, SetupError> {
+    build_pool(settings, None)
+}
+
+fn build_pool(
+    settings: &RedisSettings,
+    runtime: Option<tokio::runtime::Handle>,
+) -> Result<Pool, SetupError> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(settings.connect_timeout))
         .set_response_timeout(Some(settings.response_timeout));
     let manager = Manager {
         client: client(settings)?,
         config,
-        runtime: tokio::runtime::Handle::try_current().ok(),
+        runtime,
         ping: AtomicUsize::new(0),
+        generation: Arc::new(AtomicU64::new(0)),
     };
     Pool::builder(manager)
         .max_size(settings.pool_size)
