@@ -68,15 +68,27 @@ async fn sync_waiters_survive_a_killed_reply_subscription() {
     let _d = TestDrainer::start(s).await;
     let http = Http::new();
     let mut conn = redis.conn().await;
+    let workers = broker_api::api_workers() as i64;
+    let probe = conn.clone();
+    let url = format!("{}/health", api.base);
+    // Every worker thread resubscribes on its own after a kill: wait until /health says so
+    // and Redis shows one reply channel per worker thread.
     let subscribed = || {
         let http = http.clone();
-        let url = format!("{}/health", api.base);
+        let url = url.clone();
+        let mut conn = probe.clone();
         async move {
-            (http.send("GET", &url, &[], None).await.ok()?.body["reply_subscription"] == true)
+            let health = http.send("GET", &url, &[], None).await.ok()?;
+            let channels: Vec<redis::Value> = redis::cmd("PUBSUB")
+                .arg("CHANNELS")
+                .arg("bt:reply:*")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (health.body["reply_subscription"] == true && channels.len() as i64 == workers)
                 .then_some(())
         }
     };
-    let workers = broker_api::api_workers() as i64;
     for round in 0..3 {
         eventually(
             "the reply subscription",
@@ -111,17 +123,13 @@ async fn sync_waiters_survive_a_killed_reply_subscription() {
         .unwrap();
         assert_eq!(answer.status, 200, "{}", answer.text);
     }
-    let subs: Vec<redis::Value> = redis::cmd("PUBSUB")
-        .arg("CHANNELS")
-        .arg("bt:reply:*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(
-        subs.len() as i64,
-        workers,
-        "one subscription per API worker thread, not one per request"
-    );
+    // Subscriptions left over per request would keep the count above one per worker thread.
+    eventually(
+        "one subscription per API worker thread, not one per request",
+        Duration::from_secs(10),
+        subscribed,
+    )
+    .await;
 }
 
 #[tokio::test]
