@@ -1,5 +1,5 @@
-//! Randomised model test of the scripts: thousands of interleavings of enqueue, BLMOVE,
-//! claim, finish, stale finishes, drainer deaths (reap), releases and cancels against a real
+//! Randomised model test of the scripts: thousands of interleavings of enqueue, the
+//! drainer's pipelined BLMOVE + claim, a BLMOVE whose claim was lost, claim, finish, stale finishes, drainer deaths (reap), releases and cancels against a real
 //! Redis, checking design §6's invariants and the counters against a simple model after
 //! every step. The seed is printed; `MODEL_SEED=<n>` replays a run.
 // Test helpers panic on purpose: a failed step fails the test.
@@ -59,6 +59,35 @@ async fn finish(
         )
         .await
         .unwrap()
+}
+
+/// Checks a claim against the model and records what it started.
+fn apply_claim(
+    hold: &mut Hold,
+    queued: &VecDeque<String>,
+    claim: Claim,
+    drainer: &'static str,
+    lease: String,
+    context: &str,
+) {
+    match claim {
+        Claim::Turn(c) => {
+            assert_eq!(
+                Some(&c.message_id),
+                queued.front(),
+                "{context}: only the head runs"
+            );
+            *hold = Hold::Running {
+                drainer,
+                lease,
+                message: c.message_id,
+            };
+        }
+        Claim::Empty => {
+            assert!(queued.is_empty(), "{context}");
+            *hold = Hold::Free;
+        }
+    }
 }
 
 #[tokio::test]
@@ -140,49 +169,77 @@ async fn random_interleavings_keep_the_invariants() {
             }
             2 => {
                 let drainer = DRAINERS[rng.usize(..DRAINERS.len())];
-                let taken = queue
-                    .take_ready(&mut blocking, drainer, Duration::from_millis(10))
-                    .await
-                    .unwrap();
                 let waiting: Vec<usize> = (0..CONVERSATIONS)
                     .filter(|&c| hold[c] == Hold::Free && !model[c].is_empty())
                     .collect();
-                match taken {
-                    Some(key) => {
-                        let c = convs.iter().position(|x| x.as_str() == key).unwrap();
-                        assert!(
-                            waiting.contains(&c),
-                            "{context}: took {key}, which was not waiting"
-                        );
-                        hold[c] = Hold::Taken(drainer);
+                if rng.bool() {
+                    // A BLMOVE whose pipelined claim never ran (the connection dropped between
+                    // the two): the conversation waits in the list, taken but not claimed.
+                    let moved: Option<String> = conn
+                        .lmove(
+                            keys.ready(),
+                            keys.processing(drainer),
+                            redis::Direction::Right,
+                            redis::Direction::Left,
+                        )
+                        .await
+                        .unwrap();
+                    match moved {
+                        Some(key) => {
+                            let c = convs.iter().position(|x| x.as_str() == key).unwrap();
+                            assert!(waiting.contains(&c), "{context}: moved {key}, not waiting");
+                            hold[c] = Hold::Taken(drainer);
+                        }
+                        None => assert!(waiting.is_empty(), "{context}: {waiting:?} wait"),
                     }
-                    None => assert!(
-                        waiting.is_empty(),
-                        "{context}: nothing taken though {waiting:?} wait"
-                    ),
+                } else {
+                    // The drainer's take: BLMOVE and the claim of the list's head, pipelined.
+                    let head: Option<String> =
+                        conn.lindex(keys.processing(drainer), 0).await.unwrap();
+                    let head_taken = head.as_ref().and_then(|key| {
+                        let c = convs.iter().position(|x| x.as_str() == key)?;
+                        (hold[c] == Hold::Taken(drainer)).then_some(c)
+                    });
+                    let lease = format!("l{step}");
+                    let taken = queue
+                        .take_ready(&mut blocking, drainer, Duration::from_millis(10), &lease)
+                        .await
+                        .unwrap();
+                    match taken {
+                        Some((key, claim)) => {
+                            let c = convs.iter().position(|x| x == &key).unwrap();
+                            if waiting.is_empty() {
+                                assert_eq!(
+                                    Some(c),
+                                    head_taken,
+                                    "{context}: nothing moved, so only a taken head is claimed"
+                                );
+                            } else {
+                                assert!(
+                                    waiting.contains(&c),
+                                    "{context}: took {key}, which was not waiting"
+                                );
+                            }
+                            apply_claim(&mut hold[c], &model[c], claim, drainer, lease, &context);
+                        }
+                        None => {
+                            assert!(
+                                waiting.is_empty(),
+                                "{context}: nothing taken though {waiting:?} wait"
+                            );
+                            assert_eq!(
+                                head_taken, None,
+                                "{context}: a taken head stayed unclaimed"
+                            );
+                        }
+                    }
                 }
             }
             3 => {
                 if let Hold::Taken(drainer) = hold[i] {
                     let lease = format!("l{step}");
-                    match queue.claim(drainer, conv, &lease).await.unwrap() {
-                        Claim::Turn(c) => {
-                            assert_eq!(
-                                Some(&c.message_id),
-                                model[i].front(),
-                                "{context}: only the head runs"
-                            );
-                            hold[i] = Hold::Running {
-                                drainer,
-                                lease,
-                                message: c.message_id,
-                            };
-                        }
-                        Claim::Empty => {
-                            assert!(model[i].is_empty(), "{context}");
-                            hold[i] = Hold::Free;
-                        }
-                    }
+                    let claim = queue.claim(drainer, conv, &lease).await.unwrap();
+                    apply_claim(&mut hold[i], &model[i], claim, drainer, lease, &context);
                 }
             }
             4 => {

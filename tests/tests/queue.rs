@@ -60,9 +60,16 @@ async fn enqueue(f: &Fixture, req: &MessageRequest, id: &str) -> Enqueued {
         .unwrap()
 }
 
+/// The `BLMOVE` half of the drainer's take, without its pipelined claim: the tests below then
+/// claim by name, to look at each step on its own.
 async fn take(f: &mut Fixture, drainer: &str) -> Option<String> {
-    f.queue
-        .take_ready(&mut f.blocking, drainer, Duration::from_millis(100))
+    f.blocking
+        .lmove(
+            f.keys.ready(),
+            f.keys.processing(drainer),
+            redis::Direction::Right,
+            redis::Direction::Left,
+        )
         .await
         .unwrap()
 }
@@ -198,6 +205,75 @@ async fn positions_claim_finish_and_the_invariants() {
         (health.active_queues, health.processing, health.queued),
         (0, 0, 0)
     );
+}
+
+#[tokio::test]
+async fn the_drainers_take_claims_what_blmove_moved_in_the_same_round_trip() {
+    let mut f = fixture().await;
+    let a = request("alice", "1", None);
+    let b = request("bob", "1", None);
+    enqueue(&f, &a, "a1").await;
+    enqueue(&f, &a, "a2").await;
+    enqueue(&f, &b, "b1").await;
+    let block = Duration::from_millis(100);
+
+    let (conv, claim) = f
+        .queue
+        .take_ready(&mut f.blocking, "d1", block, "la")
+        .await
+        .unwrap()
+        .expect("alice is ready");
+    assert_eq!(conv, a.conversation);
+    let Claim::Turn(c) = claim else {
+        panic!("alice has a message")
+    };
+    assert_eq!((c.message_id.as_str(), c.attempts), ("a1", 1));
+    check_invariants(&f, &[&a.conversation, &b.conversation], &["d1"]).await;
+
+    // A BLMOVE whose claim was lost leaves bob taken but not started; when the next take moves
+    // nothing, it claims him from the head of the list. Alice, running, is left alone.
+    assert_eq!(
+        take(&mut f, "d1").await.as_deref(),
+        Some(b.conversation.as_str())
+    );
+    let (conv, claim) = f
+        .queue
+        .take_ready(&mut f.blocking, "d1", block, "lb")
+        .await
+        .unwrap()
+        .expect("bob waits at the head of the list");
+    assert_eq!(conv, b.conversation);
+    assert!(matches!(claim, Claim::Turn(c) if c.message_id == "b1"));
+    assert!(
+        f.queue
+            .take_ready(&mut f.blocking, "d1", block, "lc")
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing ready, and the head of the list already runs"
+    );
+    let health = f.queue.health(Duration::from_secs(15)).await.unwrap();
+    assert_eq!((health.processing, health.queued), (2, 1));
+
+    // An emptied script cache (a restart, SCRIPT FLUSH) costs one more round trip, not a turn.
+    assert_eq!(
+        finish(&f, "d1", &a.conversation, "a1", "la").await,
+        Finished::Done { left: 1 }
+    );
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut f.redis.conn().await)
+        .await
+        .unwrap();
+    let (conv, claim) = f
+        .queue
+        .take_ready(&mut f.blocking, "d1", block, "ld")
+        .await
+        .unwrap()
+        .expect("alice is ready again");
+    assert_eq!(conv, a.conversation);
+    assert!(matches!(claim, Claim::Turn(c) if c.message_id == "a2" && c.attempts == 1));
+    check_invariants(&f, &[&a.conversation, &b.conversation], &["d1"]).await;
 }
 
 #[tokio::test]

@@ -3,7 +3,8 @@
 //!
 //! Tasks of one drainer process:
 //! - the claim loop ([`Drainer::claim_loop`]): one dedicated connection, `BLMOVE ready ->
-//!   processing:<id>`, one spawned turn per conversation up to `DRAINER_CONCURRENCY`; between
+//!   processing:<id>` pipelined with the claim of what it moved, one spawned turn per claimed
+//!   message up to `DRAINER_CONCURRENCY`; between
 //!   two `BLMOVE`s it reconciles its processing list against the turns it really runs;
 //! - the heartbeat, on the Redis clock;
 //! - the reaper, which gives the conversations of silent drainers back to `ready`;
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use broker_core::clock::now_ms;
 use broker_core::config::Settings;
-use broker_core::queue::Queue;
+use broker_core::queue::{Claim, Queue};
 use broker_core::worker::WorkerClient;
 use broker_core::{redis_conn, Keys};
 use broker_proto::Conversation;
@@ -265,28 +266,36 @@ async fn claim_loop(
         let Some(c) = conn.as_mut() else { continue };
         // The BLMOVE is never abandoned half-way: a command the server already runs could still
         // move a conversation after the client stopped listening. Its own timeout bounds it.
+        let lease = uuid::Uuid::new_v4().simple().to_string();
         let outcome = tokio::time::timeout(
             d.block + Duration::from_secs(5),
-            shared.queue.take_ready(c, shared.id(), d.block),
+            shared.queue.take_ready(c, shared.id(), d.block, &lease),
         )
         .await;
         match outcome {
-            Ok(Ok(Some(conv))) => {
+            Ok(Ok(Some((conversation, claim)))) => {
                 failures = 0;
                 if *stop.borrow() {
-                    // Taken just as shutdown began: put it straight back.
-                    let _ = shared
-                        .queue
-                        .release(shared.id(), &Conversation::from_key(conv), None)
-                        .await;
+                    // Taken just as shutdown began: put it straight back, keeping its place.
+                    if matches!(claim, Claim::Turn(_)) {
+                        let _ = shared
+                            .queue
+                            .release(shared.id(), &conversation, Some(&lease))
+                            .await;
+                    }
                     return;
                 }
+                let Claim::Turn(claimed) = claim else {
+                    continue;
+                };
                 if let Ok(mut running) = shared.running.lock() {
-                    *running.entry(conv.clone()).or_insert(0) += 1;
+                    *running.entry(conversation.as_str().to_owned()).or_insert(0) += 1;
                 }
                 turns.spawn(turn::run(
                     shared.clone(),
-                    Conversation::from_key(conv),
+                    conversation,
+                    *claimed,
+                    lease,
                     permit,
                 ));
             }

@@ -1,11 +1,11 @@
-//! One turn: claim the head message, run it at the worker, store and publish the outcome.
+//! One turn of a claimed message: run it at the worker, store and publish the outcome.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use broker_core::clock::now_ms;
-use broker_core::queue::{Claim, Claimed, Finish, Finished, Mode, QueueError};
+use broker_core::queue::{Claimed, Finish, Finished, Mode, QueueError};
 use broker_core::worker::{backoff, TurnResult};
 use broker_proto::sse::Frame;
 use broker_proto::{Conversation, Failure, Outcome};
@@ -15,14 +15,18 @@ use tracing::Instrument;
 
 use crate::Shared;
 
-/// Runs the turn of a conversation this drainer has just moved into its processing list.
+/// Runs the turn of a message this drainer has just claimed under `lease`.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     conversation: Conversation,
+    claimed: Claimed,
+    lease: String,
     permit: OwnedSemaphorePermit,
 ) {
     let span = tracing::info_span!("turn", conversation = %conversation, message_id = tracing::field::Empty);
-    run_inner(&shared, &conversation).instrument(span).await;
+    run_inner(&shared, &conversation, claimed, &lease)
+        .instrument(span)
+        .await;
     if let Ok(mut running) = shared.running.lock() {
         if let Some(n) = running.get_mut(conversation.as_str()) {
             *n -= 1;
@@ -34,19 +38,8 @@ pub(crate) async fn run(
     drop(permit);
 }
 
-async fn run_inner(shared: &Shared, conversation: &Conversation) {
-    let lease = uuid::Uuid::new_v4().simple().to_string();
+async fn run_inner(shared: &Shared, conversation: &Conversation, claimed: Claimed, lease: &str) {
     let id = shared.id().to_owned();
-    let Some(claim) = until_stopped(shared, || shared.queue.claim(&id, conversation, &lease)).await
-    else {
-        // Hard stop while Redis was unreachable: the entry stays in the processing list and
-        // goes back to ready by reconcile or reap.
-        return;
-    };
-    let claimed = match claim {
-        Claim::Empty => return,
-        Claim::Turn(c) => *c,
-    };
     tracing::Span::current().record("message_id", claimed.message_id.as_str());
     tracing::debug!(attempt = claimed.attempts, "turn started");
 
@@ -65,10 +58,10 @@ async fn run_inner(shared: &Shared, conversation: &Conversation) {
     } else {
         let mut hard_stop = shared.hard_stop.clone();
         tokio::select! {
-            outcome = run_worker(shared, conversation, &claimed, &lease) => outcome,
+            outcome = run_worker(shared, conversation, &claimed, lease) => outcome,
             () = crate::flag_set(&mut hard_stop) => {
                 // Grace period over: give the conversation back, keeping its place.
-                match shared.queue.release(&id, conversation, Some(&lease)).await {
+                match shared.queue.release(&id, conversation, Some(lease)).await {
                     Ok(r) => tracing::warn!(released = ?r, "turn cut by shutdown; it will run again"),
                     Err(e) => tracing::warn!(error = %e, "could not release at shutdown; reap will"),
                 }
@@ -78,7 +71,7 @@ async fn run_inner(shared: &Shared, conversation: &Conversation) {
     };
     // Boxed: a turn waiting on the worker then holds only what waiting needs (10,000 waiting
     // turns are a drainer's memory).
-    Box::pin(finish(shared, conversation, &claimed, &lease, result, left)).await;
+    Box::pin(finish(shared, conversation, &claimed, lease, result, left)).await;
 }
 
 /// Runs the turn at the worker. A message that keeps its frames (stream, async) has them

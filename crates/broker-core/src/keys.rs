@@ -42,12 +42,13 @@ impl Keys {
 
     /// One message's record.
     pub fn message(&self, message_id: &str) -> String {
-        format!("{}{message_id}", self.message_prefix())
+        format!("{}:msg:{message_id}", self.base)
     }
 
-    /// What every message key starts with (the claim script appends the head id).
-    pub fn message_prefix(&self) -> String {
-        format!("{}:msg:", self.base)
+    /// What every key starts with, `<prefix>:{<shard>}:`: the claim script builds the names
+    /// of the conversation it took and of its head message from it.
+    pub fn script_base(&self) -> String {
+        format!("{}:", self.base)
     }
 
     /// One message's SSE frames.

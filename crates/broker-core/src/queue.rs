@@ -373,14 +373,25 @@ impl Queue {
     }
 
     /// Moves the oldest ready conversation into the drainer's processing list, waiting up to
-    /// `block`. Runs on a dedicated connection without a response timeout.
+    /// `block`, and starts its head message under `lease`: one round trip, as `BLMOVE` and the
+    /// claim script go in one pipeline and Redis runs the script the moment `BLMOVE` returns.
+    /// Runs on a dedicated connection without a response timeout. `None` when nothing became
+    /// ready within `block`.
+    ///
+    /// The script claims the head of the processing list unless that head already runs, so
+    /// it also starts a conversation a lost reply left there; what the pipeline could not
+    /// claim stays listed for reconcile.
     pub async fn take_ready(
         &self,
         conn: &mut MultiplexedConnection,
         drainer: &str,
         block: Duration,
-    ) -> Result<Option<String>, QueueError> {
-        let conv: Option<String> = conn
+        lease: &str,
+    ) -> Result<Option<(Conversation, Claim)>, QueueError> {
+        let now = now_ms();
+        let mut claim = self.scripts.claim.prepare_invoke();
+        self.claim_args(&mut claim, drainer, "", lease, now);
+        let mut replies: Vec<Value> = redis::pipe()
             .blmove(
                 self.keys.ready(),
                 self.keys.processing(drainer),
@@ -388,11 +399,34 @@ impl Queue {
                 redis::Direction::Left,
                 block.as_secs_f64(),
             )
+            .invoke_script(&claim)
+            .ignore_errors()
+            .query_async(conn)
             .await?;
-        Ok(conv)
+        let claimed = replies.pop();
+        match replies.pop() {
+            Some(Value::ServerError(e)) => return Err(QueueError::Redis(e.into())),
+            Some(_) => {}
+            None => return Err(QueueError::Protocol("BLMOVE pipeline: no reply".into())),
+        }
+        let reply = match claimed {
+            Some(Value::ServerError(e)) => {
+                let e: redis::RedisError = e.into();
+                if e.kind() != redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
+                    return Err(e.into());
+                }
+                // The script cache was emptied (a restart or SCRIPT FLUSH): load it and claim
+                // what the BLMOVE moved, if anything.
+                claim.invoke_async(conn).await?
+            }
+            Some(Value::Array(reply)) => reply,
+            other => return Err(QueueError::Protocol(format!("claim returned {other:?}"))),
+        };
+        parse_claim(&reply, now)
     }
 
-    /// Starts the head message of a conversation this drainer has just taken.
+    /// Starts the head message of a conversation this drainer has taken (the claim of
+    /// [`Queue::take_ready`], for a conversation known by name).
     pub async fn claim(
         &self,
         drainer: &str,
@@ -401,43 +435,33 @@ impl Queue {
     ) -> Result<Claim, QueueError> {
         let mut conn = self.conn().await?;
         let now = now_ms();
-        let reply: Vec<Value> = self
-            .scripts
-            .claim
-            .key(self.keys.conversation(conversation))
-            .key(self.keys.queue(conversation))
+        let mut claim = self.scripts.claim.prepare_invoke();
+        self.claim_args(&mut claim, drainer, conversation.as_str(), lease, now);
+        let reply: Vec<Value> = claim.invoke_async(&mut conn).await?;
+        match parse_claim(&reply, now)? {
+            Some((_, claim)) => Ok(claim),
+            None => Err(QueueError::Protocol(
+                "claim of a named conversation returned none".into(),
+            )),
+        }
+    }
+
+    fn claim_args(
+        &self,
+        invocation: &mut redis::ScriptInvocation<'_>,
+        drainer: &str,
+        conversation: &str,
+        lease: &str,
+        now: u64,
+    ) {
+        invocation
             .key(self.keys.processing(drainer))
             .key(self.keys.stats())
-            .arg(conversation.as_str())
+            .arg(conversation)
             .arg(drainer)
             .arg(lease)
             .arg(now)
-            .arg(self.keys.message_prefix())
-            .invoke_async(&mut conn)
-            .await?;
-        let field = |i: usize| {
-            reply
-                .get(i)
-                .map(as_string)
-                .transpose()
-                .map(Option::unwrap_or_default)
-        };
-        match field(0)?.as_str() {
-            "ok" => Ok(Claim::Turn(Box::new(Claimed {
-                message_id: field(1)?,
-                attempts: field(2)?.parse().unwrap_or(1),
-                body: field(3)?,
-                enqueued_at: field(4)?.parse().unwrap_or(now),
-                started_at: now,
-                reply: field(5)?,
-                mode: field(6)?,
-                user_id: field(7)?,
-                client_message_id: field(8)?,
-                callback_url: field(9)?,
-            }))),
-            "empty" => Ok(Claim::Empty),
-            other => Err(QueueError::Protocol(format!("claim returned {other}"))),
-        }
+            .arg(self.keys.script_base());
     }
 
     /// Stores a turn's outcome, appends its terminal frame to the message's events and
@@ -839,6 +863,35 @@ impl Queue {
 /// proxy dropped it), which says nothing about the next one. A timeout is not retried.
 fn retry_read(e: &redis::RedisError) -> bool {
     crate::redis_conn::may_break(e) && !e.is_timeout()
+}
+
+/// Reads the claim script's reply (see `lua/claim.lua`); `now` is when the claim was sent.
+fn parse_claim(reply: &[Value], now: u64) -> Result<Option<(Conversation, Claim)>, QueueError> {
+    let field = |i: usize| {
+        reply
+            .get(i)
+            .map(as_string)
+            .transpose()
+            .map(Option::unwrap_or_default)
+    };
+    let claim = match field(0)?.as_str() {
+        "ok" => Claim::Turn(Box::new(Claimed {
+            message_id: field(2)?,
+            attempts: field(3)?.parse().unwrap_or(1),
+            body: field(4)?,
+            enqueued_at: field(5)?.parse().unwrap_or(now),
+            started_at: now,
+            reply: field(6)?,
+            mode: field(7)?,
+            user_id: field(8)?,
+            client_message_id: field(9)?,
+            callback_url: field(10)?,
+        })),
+        "empty" => Claim::Empty,
+        "none" => return Ok(None),
+        other => return Err(QueueError::Protocol(format!("claim returned {other}"))),
+    };
+    Ok(Some((Conversation::from_key(field(1)?), claim)))
 }
 
 fn as_string(v: &Value) -> Result<String, QueueError> {
