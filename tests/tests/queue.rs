@@ -274,6 +274,48 @@ async fn the_drainers_take_claims_what_blmove_moved_in_the_same_round_trip() {
     assert_eq!(conv, a.conversation);
     assert!(matches!(claim, Claim::Turn(c) if c.message_id == "a2" && c.attempts == 1));
     check_invariants(&f, &[&a.conversation, &b.conversation], &["d1"]).await;
+
+    // A message that arrives while the BLMOVE blocks starts after it was enqueued: the claim
+    // takes the time when it runs, not when the pipeline was sent.
+    let c = request("carol", "1", None);
+    let mut blocking = f.blocking.clone();
+    let queue = f.queue.clone();
+    let take = queue.take_ready(&mut blocking, "d1", Duration::from_secs(5), "le");
+    let arrive = async {
+        let conn = f.redis.conn().await;
+        broker_tests::eventually("the BLMOVE to block", Duration::from_secs(5), || {
+            let mut conn = conn.clone();
+            async move {
+                let info: String = redis::cmd("INFO")
+                    .arg("clients")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                info.contains("blocked_clients:1").then_some(())
+            }
+        })
+        .await;
+        // Let the BLMOVE's pipeline age by a few milliseconds before anything is ready.
+        let blocked_at = broker_core::clock::now_ms();
+        broker_tests::eventually("a later millisecond", Duration::from_secs(1), || async {
+            (broker_core::clock::now_ms() >= blocked_at + 20).then_some(())
+        })
+        .await;
+        enqueue(&f, &c, "c1").await;
+    };
+    let (taken, ()) = tokio::join!(take, arrive);
+    let (_, claim) = taken.unwrap().expect("carol arrived while it blocked");
+    let Claim::Turn(claimed) = claim else {
+        panic!("carol has a message")
+    };
+    let record = f.queue.message_record("c1").await.unwrap().unwrap();
+    let enqueued = record.enqueued_at.unwrap();
+    assert!(
+        claimed.started_at >= enqueued && record.started_at.unwrap() >= enqueued,
+        "started {} (record {:?}) before it was enqueued at {enqueued}",
+        claimed.started_at,
+        record.started_at
+    );
 }
 
 #[tokio::test]

@@ -16,12 +16,18 @@
 -- KEYS[1] processing:<drainer>
 -- KEYS[2] stats
 -- ARGV[1] conversation ('' for the head of KEYS[1])   ARGV[2] drainer id   ARGV[3] lease token
--- ARGV[4] now (ms)   ARGV[5] key base (`<prefix>:{<shard>}:`)
+-- ARGV[4] now (ms), or '' for the Redis clock: behind a BLMOVE that blocked, the caller's
+--         clock at sending is up to the block time old   ARGV[5] key base (`<prefix>:{<shard>}:`)
 -- Returns {'ok', conversation, head id, attempts, body, enqueued_at, reply, mode, user_id,
 --          client_message_id, callback_url}
 --       | {'empty', conversation}   nothing queued: the stray entry was removed
 --       | {'none'}                  ARGV[1] == '' and nothing new at the head
 
+local now = ARGV[4]
+if now == '' then
+  local t = redis.call('TIME')
+  now = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
+end
 local conv = ARGV[1]
 local state
 if conv == '' then
@@ -57,9 +63,9 @@ if state ~= 'running' then
   redis.call('HINCRBY', KEYS[2], 'queued', -1)
 end
 redis.call('HSET', conv_key, 'state', 'running', 'message_id', head, 'drainer', ARGV[2],
-  'since', ARGV[4], 'lease', ARGV[3])
+  'since', now, 'lease', ARGV[3])
 local attempts = redis.call('HINCRBY', msg, 'attempts', 1)
-redis.call('HSET', msg, 'status', 'running', 'started_at', ARGV[4], 'drainer', ARGV[2])
+redis.call('HSET', msg, 'status', 'running', 'started_at', now, 'drainer', ARGV[2])
 local m = redis.call('HMGET', msg, 'body', 'enqueued_at', 'reply', 'mode', 'user_id',
   'client_message_id', 'callback_url')
 return {'ok', conv, head, attempts, m[1] or '', m[2] or '0', m[3] or '', m[4] or '', m[5] or '',

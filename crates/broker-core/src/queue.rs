@@ -388,9 +388,9 @@ impl Queue {
         block: Duration,
         lease: &str,
     ) -> Result<Option<(Conversation, Claim)>, QueueError> {
-        let now = now_ms();
         let mut claim = self.scripts.claim.prepare_invoke();
-        self.claim_args(&mut claim, drainer, "", lease, now);
+        // No time of our own: the claim runs when BLMOVE returns, and takes the Redis clock.
+        self.claim_args(&mut claim, drainer, "", lease, "");
         let mut replies: Vec<Value> = redis::pipe()
             .blmove(
                 self.keys.ready(),
@@ -422,7 +422,8 @@ impl Queue {
             Some(Value::Array(reply)) => reply,
             other => return Err(QueueError::Protocol(format!("claim returned {other:?}"))),
         };
-        parse_claim(&reply, now)
+        // The turn's own timings (queue wait, processing) stay on this process's clock.
+        parse_claim(&reply, now_ms())
     }
 
     /// Starts the head message of a conversation this drainer has taken (the claim of
@@ -436,7 +437,13 @@ impl Queue {
         let mut conn = self.conn().await?;
         let now = now_ms();
         let mut claim = self.scripts.claim.prepare_invoke();
-        self.claim_args(&mut claim, drainer, conversation.as_str(), lease, now);
+        self.claim_args(
+            &mut claim,
+            drainer,
+            conversation.as_str(),
+            lease,
+            &now.to_string(),
+        );
         let reply: Vec<Value> = claim.invoke_async(&mut conn).await?;
         match parse_claim(&reply, now)? {
             Some((_, claim)) => Ok(claim),
@@ -452,7 +459,7 @@ impl Queue {
         drainer: &str,
         conversation: &str,
         lease: &str,
-        now: u64,
+        now: &str,
     ) {
         invocation
             .key(self.keys.processing(drainer))
