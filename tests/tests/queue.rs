@@ -74,6 +74,14 @@ async fn take(f: &mut Fixture, drainer: &str) -> Option<String> {
         .unwrap()
 }
 
+/// The drainer's take: `BLMOVE` and the claim of the list's head in one pipeline.
+async fn take_and_claim(f: &mut Fixture, lease: &str) -> Option<(Conversation, Claim)> {
+    f.queue
+        .take_ready(&mut f.blocking, "d1", Duration::from_millis(100), lease)
+        .await
+        .unwrap()
+}
+
 async fn claim(f: &Fixture, drainer: &str, conv: &Conversation, lease: &str) -> Claimed {
     match f.queue.claim(drainer, conv, lease).await.unwrap() {
         Claim::Turn(c) => *c,
@@ -215,14 +223,8 @@ async fn the_drainers_take_claims_what_blmove_moved_in_the_same_round_trip() {
     enqueue(&f, &a, "a1").await;
     enqueue(&f, &a, "a2").await;
     enqueue(&f, &b, "b1").await;
-    let block = Duration::from_millis(100);
 
-    let (conv, claim) = f
-        .queue
-        .take_ready(&mut f.blocking, "d1", block, "la")
-        .await
-        .unwrap()
-        .expect("alice is ready");
+    let (conv, claim) = take_and_claim(&mut f, "la").await.expect("alice is ready");
     assert_eq!(conv, a.conversation);
     let Claim::Turn(c) = claim else {
         panic!("alice has a message")
@@ -236,20 +238,13 @@ async fn the_drainers_take_claims_what_blmove_moved_in_the_same_round_trip() {
         take(&mut f, "d1").await.as_deref(),
         Some(b.conversation.as_str())
     );
-    let (conv, claim) = f
-        .queue
-        .take_ready(&mut f.blocking, "d1", block, "lb")
+    let (conv, claim) = take_and_claim(&mut f, "lb")
         .await
-        .unwrap()
         .expect("bob waits at the head of the list");
     assert_eq!(conv, b.conversation);
     assert!(matches!(claim, Claim::Turn(c) if c.message_id == "b1"));
     assert!(
-        f.queue
-            .take_ready(&mut f.blocking, "d1", block, "lc")
-            .await
-            .unwrap()
-            .is_none(),
+        take_and_claim(&mut f, "lc").await.is_none(),
         "nothing ready, and the head of the list already runs"
     );
     let health = f.queue.health(Duration::from_secs(15)).await.unwrap();
@@ -265,11 +260,8 @@ async fn the_drainers_take_claims_what_blmove_moved_in_the_same_round_trip() {
         .query_async(&mut f.redis.conn().await)
         .await
         .unwrap();
-    let (conv, claim) = f
-        .queue
-        .take_ready(&mut f.blocking, "d1", block, "ld")
+    let (conv, claim) = take_and_claim(&mut f, "ld")
         .await
-        .unwrap()
         .expect("alice is ready again");
     assert_eq!(conv, a.conversation);
     assert!(matches!(claim, Claim::Turn(c) if c.message_id == "a2" && c.attempts == 1));

@@ -29,20 +29,17 @@ if now == '' then
   now = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 end
 local conv = ARGV[1]
-local state
 if conv == '' then
   conv = redis.call('LINDEX', KEYS[1], 0)
   if not conv then
     return {'none'}
   end
-  state = redis.call('HGET', ARGV[5] .. 'conv:' .. conv, 'state')
-  if state == 'running' then
-    return {'none'}
-  end
 end
 local conv_key = ARGV[5] .. 'conv:' .. conv
-if ARGV[1] ~= '' then
-  state = redis.call('HGET', conv_key, 'state')
+local state = redis.call('HGET', conv_key, 'state')
+if ARGV[1] == '' and state == 'running' then
+  -- the BLMOVE moved nothing: the head is a turn already under way
+  return {'none'}
 end
 
 local head = redis.call('LINDEX', ARGV[5] .. 'q:' .. conv, 0)
