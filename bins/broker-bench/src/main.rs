@@ -136,7 +136,7 @@ fn main() {
         }
     };
     stack::raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -1,6 +1,6 @@
 //! `mock-worker`: serves the mock worker until SIGTERM/SIGINT. Settings: see `MockSettings::from_env`.
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_target(false)
