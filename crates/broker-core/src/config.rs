@@ -125,7 +125,7 @@ impl Default for Raw {
     fn default() -> Self {
         Self {
             redis_url: "redis://127.0.0.1:6379".into(),
-            redis_pool_size: 32,
+            redis_pool_size: 1,
             redis_timeout_ms: 5_000,
             redis_connect_timeout_ms: 2_000,
             broker_key_prefix: "bt".into(),
@@ -193,6 +193,8 @@ pub struct ApiKey {
 pub struct RedisSettings {
     /// May carry a password: never log it, use [`RedisSettings::redacted_url`].
     pub url: SecretString,
+    /// The most command connections the pool opens. Commands share a connection, so one is
+    /// normal; a second opens only while the first is being checked or opened.
     pub pool_size: usize,
     pub response_timeout: Duration,
     pub connect_timeout: Duration,

@@ -1,6 +1,14 @@
 //! Connections to Redis: a pool for ordinary commands, dedicated connections for blocking
 //! commands and pub/sub.
 //!
+//! A command does not own its pooled connection: it takes a handle to a multiplexed
+//! connection and gives the connection back to the pool at once, so the commands of every
+//! task of a process (of an actix worker) share one connection, many in flight at a time.
+//! Under load the commands written in one pass of the runtime go out in one write, and Redis
+//! reads them in one read and answers them in one write: a syscall and a wake-up per batch,
+//! not per command. (With a connection per command in flight, a sync run spent a quarter more
+//! CPU per message, most of it in Redis; see `docs/performance.md`.)
+//!
 //! The `redis` crate gives async connections a 500 ms response timeout by default. Pooled
 //! connections get the configured timeout instead; a connection that runs `BLMOVE` gets none
 //! (its caller bounds the wait itself), and so does pub/sub.
@@ -10,7 +18,7 @@
 //! [`local_pool`] opens each on the runtime of the task that asks, for a pool that only one
 //! thread uses (an actix worker's own): its commands then never wake another thread.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,23 +55,26 @@ pub struct Manager {
 /// (a managed Redis or a proxy may have closed it in the meantime).
 pub const IDLE_CHECK: Duration = Duration::from_secs(5);
 
-/// A pooled connection and whether a failure may have broken it.
+/// A pooled connection and whether a failure may have broken it; every command's handle
+/// shares the flag.
+#[derive(Clone)]
 pub struct Pooled {
     conn: MultiplexedConnection,
-    broken: bool,
+    broken: Arc<AtomicBool>,
     /// The pool's generation when this connection was opened.
     generation: u64,
     pool_generation: Arc<AtomicU64>,
 }
 
 impl Pooled {
-    /// Marks the connection unusable after `e`, and the pool's older connections too when
+    /// Marks the connection unusable after `e` (the pool opens a new one for the commands
+    /// after; those in flight finish on this one), and the pool's older connections too when
     /// the connection itself was lost.
-    fn failed(&mut self, e: &RedisError) {
+    fn failed(&self, e: &RedisError) {
         if !may_break(e) {
             return;
         }
-        self.broken = true;
+        self.broken.store(true, Ordering::SeqCst);
         if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
             self.pool_generation
                 .fetch_max(self.generation + 1, Ordering::SeqCst);
@@ -95,14 +106,14 @@ impl managed::Manager for Manager {
         }?;
         Ok(Pooled {
             conn,
-            broken: false,
+            broken: Arc::new(AtomicBool::new(false)),
             generation,
             pool_generation: self.generation.clone(),
         })
     }
 
     async fn recycle(&self, pooled: &mut Pooled, metrics: &Metrics) -> RecycleResult<RedisError> {
-        if pooled.broken {
+        if pooled.broken.load(Ordering::SeqCst) {
             return Err(managed::RecycleError::message("a command on it failed"));
         }
         if pooled.generation < self.generation.load(Ordering::SeqCst) {
@@ -139,8 +150,8 @@ pub type Pool = managed::Pool<Manager>;
 /// Why the pool gave no connection.
 pub type PoolError = managed::PoolError<RedisError>;
 
-/// A pooled connection, returned to the pool when dropped.
-pub struct Connection(managed::Object<Manager>);
+/// A handle to a pooled connection, which is already back in the pool for others to share.
+pub struct Connection(Pooled);
 
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
@@ -173,9 +184,11 @@ impl ConnectionLike for Connection {
     }
 }
 
-/// A connection from the pool.
+/// A handle to a connection from the pool, which goes straight back into the pool: the next
+/// command shares it (it is checked or replaced as the pool reuses it).
 pub async fn get(pool: &Pool) -> Result<Connection, PoolError> {
-    Ok(Connection(pool.get().await?))
+    let pooled = pool.get().await?;
+    Ok(Connection(Pooled::clone(&pooled)))
 }
 
 /// The command pool. Its connections are opened on the runtime this is called on.
@@ -205,6 +218,8 @@ fn build_pool(
     };
     Pool::builder(manager)
         .max_size(settings.pool_size)
+        // The connection given back last is handed out next: commands gather on one.
+        .queue_mode(managed::QueueMode::Lifo)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(settings.response_timeout))
         .create_timeout(Some(settings.connect_timeout))
