@@ -1,7 +1,8 @@
 //! Randomised model test of the scripts: thousands of interleavings of enqueue, the
-//! drainer's pipelined BLMOVE + claim, a BLMOVE whose claim was lost, claim, finish, stale finishes, drainer deaths (reap), releases and cancels against a real
-//! Redis, checking design §6's invariants and the counters against a simple model after
-//! every step. The seed is printed; `MODEL_SEED=<n>` replays a run.
+//! drainer's pipelined BLMOVE + claim (taking up to three conversations), a BLMOVE whose claim
+//! was lost, claim, finish, stale finishes, drainer deaths (reap), releases and cancels
+//! against a real Redis, checking design §6's invariants and the counters against a simple
+//! model after every step. The seed is printed; `MODEL_SEED=<n>` replays a run.
 // Test helpers panic on purpose: a failed step fails the test.
 #![allow(clippy::unwrap_used)]
 
@@ -193,45 +194,52 @@ async fn random_interleavings_keep_the_invariants() {
                         None => assert!(waiting.is_empty(), "{context}: {waiting:?} wait"),
                     }
                 } else {
-                    // The drainer's take: BLMOVE and the claim of the list's head, pipelined.
+                    // The drainer's take: BLMOVE and the claim of the list's head, pipelined,
+                    // with room for up to three turns.
                     let head: Option<String> =
                         conn.lindex(keys.processing(drainer), 0).await.unwrap();
                     let head_taken = head.as_ref().and_then(|key| {
                         let c = convs.iter().position(|x| x.as_str() == key)?;
                         (hold[c] == Hold::Taken(drainer)).then_some(c)
                     });
+                    // Ready is taken from its right end: the longest waiting first.
+                    let ready: Vec<String> = conn.lrange(keys.ready(), 0, -1).await.unwrap();
+                    let room = rng.usize(1..=3);
                     let lease = format!("l{step}");
                     let taken = queue
-                        .take_ready(&mut blocking, drainer, Duration::from_millis(10), &lease)
+                        .take_ready(
+                            &mut blocking,
+                            drainer,
+                            Duration::from_millis(10),
+                            &lease,
+                            room,
+                        )
                         .await
                         .unwrap();
-                    match taken {
-                        Some((key, claim)) => {
-                            let c = convs.iter().position(|x| x == &key).unwrap();
-                            if waiting.is_empty() {
-                                assert_eq!(
-                                    Some(c),
-                                    head_taken,
-                                    "{context}: nothing moved, so only a taken head is claimed"
-                                );
-                            } else {
-                                assert!(
-                                    waiting.contains(&c),
-                                    "{context}: took {key}, which was not waiting"
-                                );
-                            }
-                            apply_claim(&mut hold[c], &model[c], claim, drainer, lease, &context);
-                        }
-                        None => {
-                            assert!(
-                                waiting.is_empty(),
-                                "{context}: nothing taken though {waiting:?} wait"
-                            );
-                            assert_eq!(
-                                head_taken, None,
-                                "{context}: a taken head stayed unclaimed"
-                            );
-                        }
+                    let order: Vec<usize> = taken
+                        .iter()
+                        .map(|t| convs.iter().position(|x| x == &t.conversation).unwrap())
+                        .collect();
+                    if waiting.is_empty() {
+                        let expected: Vec<usize> = head_taken.into_iter().collect();
+                        assert_eq!(
+                            order, expected,
+                            "{context}: nothing moved, so only a taken head is claimed"
+                        );
+                    } else {
+                        let expected: Vec<usize> = ready
+                            .iter()
+                            .rev()
+                            .take(room)
+                            .map(|key| convs.iter().position(|x| x.as_str() == key).unwrap())
+                            .collect();
+                        assert_eq!(
+                            order, expected,
+                            "{context}: takes the longest waiting, up to the room"
+                        );
+                    }
+                    for (t, c) in taken.into_iter().zip(order) {
+                        apply_claim(&mut hold[c], &model[c], t.claim, drainer, t.lease, &context);
                     }
                 }
             }

@@ -76,10 +76,16 @@ async fn take(f: &mut Fixture, drainer: &str) -> Option<String> {
 
 /// The drainer's take: `BLMOVE` and the claim of the list's head in one pipeline.
 async fn take_and_claim(f: &mut Fixture, lease: &str) -> Option<(Conversation, Claim)> {
-    f.queue
-        .take_ready(&mut f.blocking, "d1", Duration::from_millis(100), lease)
+    let mut taken = f
+        .queue
+        .take_ready(&mut f.blocking, "d1", Duration::from_millis(100), lease, 1)
         .await
-        .unwrap()
+        .unwrap();
+    assert!(taken.len() <= 1, "room for one, took {taken:?}");
+    taken.pop().map(|t| {
+        assert_eq!(t.lease, lease);
+        (t.conversation, t.claim)
+    })
 }
 
 async fn claim(f: &Fixture, drainer: &str, conv: &Conversation, lease: &str) -> Claimed {
@@ -272,7 +278,7 @@ async fn the_drainers_take_claims_what_blmove_moved_in_the_same_round_trip() {
     let c = request("carol", "1", None);
     let mut blocking = f.blocking.clone();
     let queue = f.queue.clone();
-    let take = queue.take_ready(&mut blocking, "d1", Duration::from_secs(5), "le");
+    let take = queue.take_ready(&mut blocking, "d1", Duration::from_secs(5), "le", 1);
     let arrive = async {
         let conn = f.redis.conn().await;
         broker_tests::eventually("the BLMOVE to block", Duration::from_secs(5), || {
@@ -296,7 +302,11 @@ async fn the_drainers_take_claims_what_blmove_moved_in_the_same_round_trip() {
         enqueue(&f, &c, "c1").await;
     };
     let (taken, ()) = tokio::join!(take, arrive);
-    let (_, claim) = taken.unwrap().expect("carol arrived while it blocked");
+    let claim = taken
+        .unwrap()
+        .pop()
+        .expect("carol arrived while it blocked")
+        .claim;
     let Claim::Turn(claimed) = claim else {
         panic!("carol has a message")
     };
@@ -308,6 +318,90 @@ async fn the_drainers_take_claims_what_blmove_moved_in_the_same_round_trip() {
         claimed.started_at,
         record.started_at
     );
+}
+
+#[tokio::test]
+async fn a_take_with_room_starts_the_longest_waiting_conversations_under_their_own_leases() {
+    let mut f = fixture().await;
+    let users = ["ann", "ben", "cat", "dan", "eve"];
+    let requests: Vec<MessageRequest> = users.iter().map(|u| request(u, "1", None)).collect();
+    for (r, u) in requests.iter().zip(users) {
+        enqueue(&f, r, &format!("{u}1")).await;
+    }
+    enqueue(&f, &request("ann", "2", None), "ann2").await;
+    let convs: Vec<&Conversation> = requests.iter().map(|r| &r.conversation).collect();
+
+    // Room for three: ann, ben and cat, in the order they became ready, each running its head.
+    let taken = f
+        .queue
+        .take_ready(&mut f.blocking, "d1", Duration::from_millis(100), "lb", 3)
+        .await
+        .unwrap();
+    let got: Vec<(&str, String, String)> = taken
+        .iter()
+        .map(|t| match &t.claim {
+            Claim::Turn(c) => (
+                t.conversation.as_str(),
+                c.message_id.clone(),
+                t.lease.clone(),
+            ),
+            Claim::Empty => panic!("{} has a message", t.conversation),
+        })
+        .collect();
+    let expected: Vec<(&str, String, String)> = vec![
+        (convs[0].as_str(), "ann1".into(), "lb".into()),
+        (convs[1].as_str(), "ben1".into(), "lb.2".into()),
+        (convs[2].as_str(), "cat1".into(), "lb.3".into()),
+    ];
+    assert_eq!(got, expected);
+    check_invariants(&f, &convs, &["d1"]).await;
+    let health = f.queue.health(Duration::from_secs(15)).await.unwrap();
+    assert_eq!((health.processing, health.queued), (3, 3));
+
+    // Each runs under the lease it was given, and no other: the first's does not finish ben.
+    assert_eq!(
+        finish(&f, "d1", convs[1], "ben1", "lb").await,
+        Finished::Stale
+    );
+    assert_eq!(
+        finish(&f, "d1", convs[1], "ben1", "lb.2").await,
+        Finished::Done { left: 0 }
+    );
+    assert_eq!(
+        finish(&f, "d1", convs[0], "ann1", "lb").await,
+        Finished::Done { left: 1 }
+    );
+
+    // More room than is ready: dan and eve, then ann again (she became ready after them); a
+    // take that finds nothing more stops there.
+    let taken = f
+        .queue
+        .take_ready(&mut f.blocking, "d1", Duration::from_millis(100), "lc", 10)
+        .await
+        .unwrap();
+    let got: Vec<(&str, &str)> = taken
+        .iter()
+        .map(|t| (t.conversation.as_str(), t.lease.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (convs[3].as_str(), "lc"),
+            (convs[4].as_str(), "lc.2"),
+            (convs[0].as_str(), "lc.3"),
+        ]
+    );
+    assert!(matches!(&taken[2].claim, Claim::Turn(c) if c.message_id == "ann2"));
+    check_invariants(&f, &convs, &["d1"]).await;
+
+    // Nothing ready: the take times out and leaves the running head alone.
+    let taken = f
+        .queue
+        .take_ready(&mut f.blocking, "d1", Duration::from_millis(50), "ld", 10)
+        .await
+        .unwrap();
+    assert!(taken.is_empty(), "took {taken:?}");
+    check_invariants(&f, &convs, &["d1"]).await;
 }
 
 #[tokio::test]

@@ -3,7 +3,8 @@
 //!
 //! Tasks of one drainer process:
 //! - the claim loop ([`Drainer::claim_loop`]): one dedicated connection, `BLMOVE ready ->
-//!   processing:<id>` pipelined with the claim of what it moved, one spawned turn per claimed
+//!   processing:<id>` pipelined with the claim of what it moved (and of up to 31 more ready
+//!   conversations the script moves itself, when there is room), one spawned turn per claimed
 //!   message up to `DRAINER_CONCURRENCY`; between
 //!   two `BLMOVE`s it reconciles its processing list against the turns it really runs;
 //! - the heartbeat, on the Redis clock;
@@ -32,6 +33,11 @@ use broker_proto::Conversation;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+
+/// The most conversations one take starts (when that many are ready and there is room for
+/// their turns). Under load a drainer then pays one round trip per few turns instead of one
+/// per turn; the claim script's cost grows with what it takes, so a take stays short.
+const MAX_TAKE: usize = 32;
 
 /// State shared by the drainer's tasks.
 pub(crate) struct Shared {
@@ -243,6 +249,14 @@ async fn claim_loop(
                 () = crate::flag_set(&mut stop) => return,
             }
         };
+        // Room for more turns lets one take start several conversations when they are ready.
+        let mut permits = vec![permit];
+        while permits.len() < MAX_TAKE {
+            match semaphore.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
         if Instant::now() >= reconcile_at {
             match reconcile(&shared).await {
                 Ok(()) => reconcile_at = Instant::now() + d.reconcile_interval,
@@ -269,37 +283,46 @@ async fn claim_loop(
         let lease = uuid::Uuid::new_v4().simple().to_string();
         let outcome = tokio::time::timeout(
             d.block + Duration::from_secs(5),
-            shared.queue.take_ready(c, shared.id(), d.block, &lease),
+            shared
+                .queue
+                .take_ready(c, shared.id(), d.block, &lease, permits.len()),
         )
         .await;
         match outcome {
-            Ok(Ok(Some((conversation, claim)))) => {
+            Ok(Ok(taken)) => {
                 failures = 0;
-                if *stop.borrow() {
-                    // Taken just as shutdown began: put it straight back, keeping its place.
-                    if matches!(claim, Claim::Turn(_)) {
+                let stopping = *stop.borrow();
+                for t in taken {
+                    let Claim::Turn(claimed) = t.claim else {
+                        continue;
+                    };
+                    let permit = if stopping { None } else { permits.pop() };
+                    let Some(permit) = permit else {
+                        // Taken just as shutdown began (or, never expected, beyond the room
+                        // asked for): put it straight back, keeping its place.
                         let _ = shared
                             .queue
-                            .release(shared.id(), &conversation, Some(&lease))
+                            .release(shared.id(), &t.conversation, Some(&t.lease))
                             .await;
+                        continue;
+                    };
+                    if let Ok(mut running) = shared.running.lock() {
+                        *running
+                            .entry(t.conversation.as_str().to_owned())
+                            .or_insert(0) += 1;
                     }
+                    turns.spawn(turn::run(
+                        shared.clone(),
+                        t.conversation,
+                        *claimed,
+                        t.lease,
+                        permit,
+                    ));
+                }
+                if stopping {
                     return;
                 }
-                let Claim::Turn(claimed) = claim else {
-                    continue;
-                };
-                if let Ok(mut running) = shared.running.lock() {
-                    *running.entry(conversation.as_str().to_owned()).or_insert(0) += 1;
-                }
-                turns.spawn(turn::run(
-                    shared.clone(),
-                    conversation,
-                    *claimed,
-                    lease,
-                    permit,
-                ));
             }
-            Ok(Ok(None)) => failures = 0,
             Ok(Err(e)) => {
                 failures += 1;
                 tracing::warn!(error = %e, "BLMOVE failed; reconnecting");

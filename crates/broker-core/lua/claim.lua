@@ -1,5 +1,5 @@
 -- claim: start the head message of a conversation this drainer has just taken into its
--- processing list.
+-- processing list, and, while there is room, of more ready conversations taken here.
 --
 -- The drainer sends it in one pipeline right behind its `BLMOVE ready -> processing:<drainer>`
 -- (ARGV[1] == ''): Redis runs it as soon as the BLMOVE returns, on the same connection, so a
@@ -8,62 +8,89 @@
 -- timed out and moved nothing). A conversation a lost reply left there in state `ready` is
 -- claimed by the next call: its turn runs then.
 --
--- The one script that touches keys not given in KEYS: the conversation's state and queue and
--- its head message's hash, whose names depend on what BLMOVE moved and on the head id. They
+-- Under load many conversations are ready at once. Up to ARGV[6] - 1 more are then moved
+-- (`LMOVE`, the same ends as the BLMOVE) and claimed here, atomically: a drainer with room for
+-- k turns starts k of them in one round trip instead of k. The lease of the conversation
+-- returned at position p >= 2 is ARGV[3] .. '.' .. p; the first one's is ARGV[3] itself.
+--
+-- The one script that touches keys not given in KEYS: the conversations' state and queues and
+-- their head messages' hashes, whose names depend on what was moved and on the head ids. They
 -- are built from ARGV[5], which carries the same `{shard}` hash tag as every key here, so on a
 -- Redis Cluster they live in the same slot.
 --
--- KEYS[1] processing:<drainer>
--- KEYS[2] stats
+-- KEYS[1] processing:<drainer>   KEYS[2] stats   KEYS[3] ready
 -- ARGV[1] conversation ('' for the head of KEYS[1])   ARGV[2] drainer id   ARGV[3] lease token
 -- ARGV[4] now (ms), or '' for the Redis clock: behind a BLMOVE that blocked, the caller's
 --         clock at sending is up to the block time old   ARGV[5] key base (`<prefix>:{<shard>}:`)
--- Returns {'ok', conversation, head id, attempts, body, enqueued_at, reply, mode, user_id,
+-- ARGV[6] (ARGV[1] == '' only) how many turns the drainer has room for, at least 1
+-- Returns, for a named conversation, one entry:
+--         {'ok', conversation, head id, attempts, body, enqueued_at, reply, mode, user_id,
 --          client_message_id, callback_url}
 --       | {'empty', conversation}   nothing queued: the stray entry was removed
---       | {'none'}                  ARGV[1] == '' and nothing new at the head
+--   and for ARGV[1] == '' a list of such entries, in the order taken: empty when nothing new
+--   was at the head.
 
 local now = ARGV[4]
 if now == '' then
   local t = redis.call('TIME')
   now = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
 end
-local conv = ARGV[1]
-if conv == '' then
-  conv = redis.call('LINDEX', KEYS[1], 0)
+
+-- Claims `conv`, the head of KEYS[1], under `lease`; nil when `taken` and it already runs.
+local function claim(conv, lease, taken)
+  local conv_key = ARGV[5] .. 'conv:' .. conv
+  local state = redis.call('HGET', conv_key, 'state')
+  if taken and state == 'running' then
+    return nil
+  end
+
+  local head = redis.call('LINDEX', ARGV[5] .. 'q:' .. conv, 0)
+  if not head then
+    redis.call('LREM', KEYS[1], 0, conv)
+    if state == 'running' then
+      redis.call('HINCRBY', KEYS[2], 'processing', -1)
+    end
+    if redis.call('DEL', conv_key) == 1 then
+      redis.call('HINCRBY', KEYS[2], 'active_queues', -1)
+    end
+    return {'empty', conv}
+  end
+  local msg = ARGV[5] .. 'msg:' .. head
+
+  if state ~= 'running' then
+    redis.call('HINCRBY', KEYS[2], 'processing', 1)
+    redis.call('HINCRBY', KEYS[2], 'queued', -1)
+  end
+  redis.call('HSET', conv_key, 'state', 'running', 'message_id', head, 'drainer', ARGV[2],
+    'since', now, 'lease', lease)
+  local attempts = redis.call('HINCRBY', msg, 'attempts', 1)
+  redis.call('HSET', msg, 'status', 'running', 'started_at', now, 'drainer', ARGV[2])
+  local m = redis.call('HMGET', msg, 'body', 'enqueued_at', 'reply', 'mode', 'user_id',
+    'client_message_id', 'callback_url')
+  return {'ok', conv, head, attempts, m[1] or '', m[2] or '0', m[3] or '', m[4] or '',
+    m[5] or '', m[6] or '', m[7] or ''}
+end
+
+if ARGV[1] ~= '' then
+  return claim(ARGV[1], ARGV[3], false)
+end
+
+local claimed = {}
+local conv = redis.call('LINDEX', KEYS[1], 0)
+local first = conv and claim(conv, ARGV[3], true)
+if not first then
+  -- the BLMOVE moved nothing: the head is a turn already under way, or there is none
+  return claimed
+end
+claimed[1] = first
+for _ = 2, tonumber(ARGV[6]) or 1 do
+  conv = redis.call('LMOVE', KEYS[3], KEYS[1], 'RIGHT', 'LEFT')
   if not conv then
-    return {'none'}
+    break
   end
+  -- A conversation already running elsewhere (listed twice by mistake) is left for
+  -- reconcile, as the BLMOVE's would be; the next one is tried.
+  local p = #claimed + 1
+  claimed[p] = claim(conv, ARGV[3] .. '.' .. p, true)
 end
-local conv_key = ARGV[5] .. 'conv:' .. conv
-local state = redis.call('HGET', conv_key, 'state')
-if ARGV[1] == '' and state == 'running' then
-  -- the BLMOVE moved nothing: the head is a turn already under way
-  return {'none'}
-end
-
-local head = redis.call('LINDEX', ARGV[5] .. 'q:' .. conv, 0)
-if not head then
-  redis.call('LREM', KEYS[1], 0, conv)
-  if state == 'running' then
-    redis.call('HINCRBY', KEYS[2], 'processing', -1)
-  end
-  if redis.call('DEL', conv_key) == 1 then
-    redis.call('HINCRBY', KEYS[2], 'active_queues', -1)
-  end
-  return {'empty', conv}
-end
-local msg = ARGV[5] .. 'msg:' .. head
-
-if state ~= 'running' then
-  redis.call('HINCRBY', KEYS[2], 'processing', 1)
-  redis.call('HINCRBY', KEYS[2], 'queued', -1)
-end
-redis.call('HSET', conv_key, 'state', 'running', 'message_id', head, 'drainer', ARGV[2],
-  'since', now, 'lease', ARGV[3])
-local attempts = redis.call('HINCRBY', msg, 'attempts', 1)
-redis.call('HSET', msg, 'status', 'running', 'started_at', now, 'drainer', ARGV[2])
-local m = redis.call('HMGET', msg, 'body', 'enqueued_at', 'reply', 'mode', 'user_id',
-  'client_message_id', 'callback_url')
-return {'ok', conv, head, attempts, m[1] or '', m[2] or '0', m[3] or '', m[4] or '', m[5] or '',
-  m[6] or '', m[7] or ''}
+return claimed

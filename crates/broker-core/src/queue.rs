@@ -114,6 +114,27 @@ pub enum Claim {
     Empty,
 }
 
+/// A conversation [`Queue::take_ready`] took, what its claim found, and the lease it runs
+/// under.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub conversation: Conversation,
+    pub claim: Claim,
+    pub lease: String,
+}
+
+impl Taken {
+    /// The lease of the conversation a take returned at `position` (from 1): the take's own
+    /// for the first, `<lease>.<position>` for the others (as the claim script sets them).
+    pub fn lease(lease: &str, position: usize) -> String {
+        if position <= 1 {
+            lease.to_owned()
+        } else {
+            format!("{lease}.{position}")
+        }
+    }
+}
+
 /// What finish did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finished {
@@ -375,8 +396,9 @@ impl Queue {
     /// Moves the oldest ready conversation into the drainer's processing list, waiting up to
     /// `block`, and starts its head message under `lease`: one round trip, as `BLMOVE` and the
     /// claim script go in one pipeline and Redis runs the script the moment `BLMOVE` returns.
-    /// Runs on a dedicated connection without a response timeout. `None` when nothing became
-    /// ready within `block`.
+    /// When more conversations are ready, the script takes and starts up to `room` in all,
+    /// each under its own lease (see [`Taken::lease`]). Runs on a dedicated connection without
+    /// a response timeout. Empty when nothing became ready within `block`.
     ///
     /// The script claims the head of the processing list unless that head already runs, so
     /// it also starts a conversation a lost reply left there; what the pipeline could not
@@ -387,10 +409,12 @@ impl Queue {
         drainer: &str,
         block: Duration,
         lease: &str,
-    ) -> Result<Option<(Conversation, Claim)>, QueueError> {
+        room: usize,
+    ) -> Result<Vec<Taken>, QueueError> {
         let mut claim = self.scripts.claim.prepare_invoke();
         // No time of our own: the claim runs when BLMOVE returns, and takes the Redis clock.
         self.claim_args(&mut claim, drainer, "", lease, "");
+        claim.arg(room.max(1));
         let mut replies: Vec<Value> = redis::pipe()
             .blmove(
                 self.keys.ready(),
@@ -409,7 +433,7 @@ impl Queue {
             Some(_) => {}
             None => return Err(QueueError::Protocol("BLMOVE pipeline: no reply".into())),
         }
-        let reply = match claimed {
+        let entries = match claimed {
             Some(Value::ServerError(e)) => {
                 let e: redis::RedisError = e.into();
                 if e.kind() != redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
@@ -419,11 +443,25 @@ impl Queue {
                 // what the BLMOVE moved, if anything.
                 claim.invoke_async(conn).await?
             }
-            Some(Value::Array(reply)) => reply,
+            Some(Value::Array(entries)) => entries,
             other => return Err(QueueError::Protocol(format!("claim returned {other:?}"))),
         };
-        // The turn's own timings (queue wait, processing) stay on this process's clock.
-        parse_claim(&reply, now_ms())
+        // The turns' own timings (queue wait, processing) stay on this process's clock.
+        let now = now_ms();
+        let mut taken = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.iter().enumerate() {
+            let Value::Array(entry) = entry else {
+                return Err(QueueError::Protocol(format!("claim returned {entry:?}")));
+            };
+            if let Some((conversation, claim)) = parse_claim(entry, now)? {
+                taken.push(Taken {
+                    conversation,
+                    claim,
+                    lease: Taken::lease(lease, i + 1),
+                });
+            }
+        }
+        Ok(taken)
     }
 
     /// Starts the head message of a conversation this drainer has taken (the claim of
@@ -464,6 +502,7 @@ impl Queue {
         invocation
             .key(self.keys.processing(drainer))
             .key(self.keys.stats())
+            .key(self.keys.ready())
             .arg(conversation)
             .arg(drainer)
             .arg(lease)
