@@ -250,9 +250,15 @@ pub async fn closed_loop(
     all
 }
 
+/// The most requests the open loop keeps in flight: each holds a socket in this process and
+/// one in the API, and past the knee they pile up until the file-descriptor limit (20,000
+/// here) would fail sends that the broker never saw.
+const OPEN_LOOP_IN_FLIGHT: usize = 4_000;
+
 /// Open loop: messages sent at `rate` per second for `duration`, whatever the answers do,
 /// spread round-robin over `conversations`. Latency counts from the planned send time, so a
-/// late send is charged to the system, not hidden.
+/// late send is charged to the system, not hidden; so is a send that waits because
+/// [`OPEN_LOOP_IN_FLIGHT`] requests are already unanswered.
 pub async fn open_loop(
     target: &Target,
     mode: Mode,
@@ -263,6 +269,7 @@ pub async fn open_loop(
 ) -> Results {
     let total = (rate * duration.as_secs_f64()).round() as usize;
     let start = Instant::now();
+    let slots = Arc::new(Semaphore::new(OPEN_LOOP_IN_FLIGHT));
     let mut tasks = tokio::task::JoinSet::new();
     let mut sent = 0usize;
     while sent < total {
@@ -272,10 +279,15 @@ pub async fn open_loop(
             let (c, i) = (sent % conversations, sent / conversations);
             let target = target.clone();
             let run = run.to_owned();
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
             tasks.spawn(async move {
-                send_one(&target, mode, &run, c, i)
+                let answer = send_one(&target, mode, &run, c, i)
                     .await
-                    .map(|_| planned.elapsed())
+                    .map(|_| planned.elapsed());
+                drop(slot);
+                answer
             });
             sent += 1;
         }
