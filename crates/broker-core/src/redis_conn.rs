@@ -6,8 +6,8 @@
 //! task of a process (of an actix worker) share one connection, many in flight at a time.
 //! Under load the commands written in one pass of the runtime go out in one write, and Redis
 //! reads them in one read and answers them in one write: a syscall and a wake-up per batch,
-//! not per command. (With a connection per command in flight, a sync run spent a quarter more
-//! CPU per message, most of it in Redis; see `docs/performance.md`.)
+//! not per command. (With a connection per command in flight, sync runs reached about a
+//! quarter less throughput; see `docs/performance.md`.)
 //!
 //! The `redis` crate gives async connections a 500 ms response timeout by default. Pooled
 //! connections get the configured timeout instead; a connection that runs `BLMOVE` gets none
