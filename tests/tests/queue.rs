@@ -53,11 +53,27 @@ fn request(user: &str, text: &str, cmid: Option<&str>) -> MessageRequest {
 
 const DAY: Duration = Duration::from_secs(86_400);
 
+/// Enqueues in async mode, whose frames are recorded. The `queued` frame an accepted message
+/// comes back with must be its stream's first entry, as a reader would read it; it is checked
+/// here and left out of the answer, which the tests compare by position.
 async fn enqueue(f: &Fixture, req: &MessageRequest, id: &str) -> Enqueued {
-    f.queue
+    let r = f
+        .queue
         .enqueue(req, id, Mode::Async, None, 50, DAY)
         .await
-        .unwrap()
+        .unwrap();
+    let Enqueued::Accepted { position, queued } = r else {
+        return r;
+    };
+    let (events, _) = f.queue.read_events(id, None, 10).await.unwrap();
+    assert_eq!(queued.as_ref(), events.first(), "{id}: the queued frame");
+    assert_eq!(events.len(), 1, "{id}: one frame so far");
+    let data: serde_json::Value = serde_json::from_str(&events[0].data).unwrap();
+    assert_eq!(data["queue_position"], position, "{id}: {data}");
+    Enqueued::Accepted {
+        position,
+        queued: None,
+    }
 }
 
 /// The `BLMOVE` half of the drainer's take, without its pipelined claim: the tests below then
@@ -154,11 +170,17 @@ async fn positions_claim_finish_and_the_invariants() {
     let conv = a.conversation.clone();
     assert_eq!(
         enqueue(&f, &a, "m1").await,
-        Enqueued::Accepted { position: 1 }
+        Enqueued::Accepted {
+            position: 1,
+            queued: None
+        }
     );
     assert_eq!(
         enqueue(&f, &a, "m2").await,
-        Enqueued::Accepted { position: 2 }
+        Enqueued::Accepted {
+            position: 2,
+            queued: None
+        }
     );
     check_invariants(&f, &[&conv], &["d1"]).await;
 
@@ -169,7 +191,10 @@ async fn positions_claim_finish_and_the_invariants() {
     // A running message is not counted: m3 waits behind m2 only.
     assert_eq!(
         enqueue(&f, &a, "m3").await,
-        Enqueued::Accepted { position: 2 }
+        Enqueued::Accepted {
+            position: 2,
+            queued: None
+        }
     );
     check_invariants(&f, &[&conv], &["d1"]).await;
     // Only the head can run, and nobody else can take the conversation while it runs.
@@ -518,7 +543,10 @@ async fn dedup_and_depth_limits() {
     let a = request("alice", "x", Some("wamid.1"));
     assert_eq!(
         enqueue(&f, &a, "m1").await,
-        Enqueued::Accepted { position: 1 }
+        Enqueued::Accepted {
+            position: 1,
+            queued: None
+        }
     );
     assert_eq!(
         enqueue(&f, &a, "m2").await,
@@ -534,7 +562,10 @@ async fn dedup_and_depth_limits() {
     let b = request("bob", "x", Some("wamid.1"));
     assert_eq!(
         enqueue(&f, &b, "m3").await,
-        Enqueued::Accepted { position: 1 }
+        Enqueued::Accepted {
+            position: 1,
+            queued: None
+        }
     );
 
     let c = request("carol", "x", None);
@@ -577,4 +608,62 @@ async fn finish_publishes_to_the_reply_channel() {
         .expect("a message");
     let payload: String = message.get_payload().unwrap();
     assert_eq!(payload, "m1\n{\"status\":\"completed\"}");
+}
+
+#[tokio::test]
+async fn recorded_frames_are_announced_on_the_reply_channel_too() {
+    let mut f = fixture().await;
+    let a = request("alice", "x", None);
+    f.queue
+        .enqueue(&a, "m1", Mode::Stream, Some("bt:reply:api-x"), 50, DAY)
+        .await
+        .unwrap();
+    let client = redis::Client::open(f.redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    let events = f.keys.events("m1");
+    pubsub.subscribe("bt:reply:api-x").await.unwrap();
+    pubsub.subscribe(&events).await.unwrap();
+    take(&mut f, "d1").await;
+    let c = claim(&f, "d1", &a.conversation, "l").await;
+    assert_eq!(
+        (c.mode.as_str(), c.reply.as_str()),
+        ("stream", "bt:reply:api-x")
+    );
+    let frames = [("status".to_owned(), "{\"type\":\"status\"}".to_owned())];
+    let written = f
+        .queue
+        .record_events(&a.conversation, "m1", "l", &frames, 100, &c.reply)
+        .await
+        .unwrap();
+    assert!(written);
+    // Without a reply channel, only the events channel hears of them.
+    let more = [("progress".to_owned(), "{\"type\":\"progress\"}".to_owned())];
+    assert!(f
+        .queue
+        .record_events(&a.conversation, "m1", "l", &more, 100, "")
+        .await
+        .unwrap());
+    let (recorded, _) = f.queue.read_events("m1", None, 10).await.unwrap();
+    let kinds: Vec<&str> = recorded.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["queued", "status", "progress"]);
+
+    use futures_util::StreamExt;
+    let mut heard = Vec::new();
+    let mut messages = pubsub.on_message();
+    while heard.len() < 3 {
+        let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("an announcement within 5 s")
+            .expect("a message");
+        let payload: String = message.get_payload().unwrap();
+        heard.push((message.get_channel_name().to_owned(), payload));
+    }
+    assert_eq!(
+        heard,
+        [
+            (events.clone(), recorded[1].id.clone()),
+            ("bt:reply:api-x".to_owned(), "m1\n".to_owned()),
+            (events, recorded[2].id.clone()),
+        ]
+    );
 }

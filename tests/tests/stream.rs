@@ -464,3 +464,43 @@ async fn a_gone_client_leaves_no_reader_behind() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_posted_stream_hears_of_frames_on_its_reply_channel_without_subscribing() {
+    // No periodic re-read to fall back on: the reader must be told of each frame.
+    let s = setup(&[("BROKER_WAITER_RECHECK_SECS", "3600")]).await;
+    let mut sse = post_stream(&s.api.base, &body("gina", "slow [mock:sleep=2000]")).await;
+    assert_eq!(sse.status, 200, "{}", sse.error_body);
+    let mut conn = s.redis.conn().await;
+    let mut id = String::new();
+    for expected in ["queued", "status", "progress"] {
+        let frame = loop {
+            let frame = sse.next(LIMIT).await.expect("a frame");
+            if frame.kind() != "keepalive" {
+                break frame;
+            }
+        };
+        assert_eq!(frame.kind(), expected, "{frame:?}");
+        if expected == "queued" {
+            id = frame.json()["message_id"].as_str().unwrap().to_owned();
+            continue;
+        }
+        // The frame came while the turn still ran: it was announced, not read after the end.
+        let record = s
+            .http
+            .get(&format!("{}/api/v1/message/{id}", s.api.base))
+            .await
+            .unwrap();
+        assert_eq!(record.body["status"], "running", "after {expected}");
+        // The API process that took the message listens on its reply channel only.
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("*events*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(channels, Vec::<String>::new());
+    }
+    let rest = without_keepalives(&sse.read_to_end(LIMIT).await);
+    assert_eq!(kinds(&rest), ["complete"], "{rest:#?}");
+}

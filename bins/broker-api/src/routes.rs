@@ -77,9 +77,12 @@ pub async fn post_message(
         Mode::Sync
     };
     let message_id = uuid::Uuid::new_v4().to_string();
-    // Register before enqueueing, so that a fast result cannot be published unheard.
+    // Register before enqueueing, so that a fast result cannot be published unheard. Sync
+    // results and stream frames are announced on this process's reply channel.
     let waiter = (mode == Mode::Sync).then(|| state.waiters.register(&message_id));
-    let reply = (mode == Mode::Sync).then(|| state.waiters.channel().to_owned());
+    let mut watch = (mode == Mode::Stream).then(|| state.waiters.watch(&message_id, false));
+    let reply =
+        matches!(mode, Mode::Sync | Mode::Stream).then(|| state.waiters.channel().to_owned());
     let enqueued = state
         .queue
         .enqueue(
@@ -95,8 +98,16 @@ pub async fn post_message(
     span.record("conversation", request.conversation.as_str());
 
     let (message_id, position, waiter) = match enqueued {
-        Enqueued::Accepted { position } => {
+        Enqueued::Accepted { position, queued } => {
             tracing::info!(%message_id, conversation = %request.conversation, position, mode = mode.as_str(), "message accepted");
+            if let (Some(watch), Some(queued)) = (watch.take(), queued) {
+                return Ok(crate::stream::sse_response(
+                    state,
+                    message_id,
+                    crate::stream::After::First(queued),
+                    watch,
+                ));
+            }
             (message_id, Some(position), waiter)
         }
         Enqueued::Full { depth } => {
@@ -114,7 +125,16 @@ pub async fn post_message(
     };
 
     if mode == Mode::Stream {
-        return Ok(crate::stream::sse_response(state, message_id, None));
+        // A repeat (the original may run on any process): its frames from the start, as its
+        // events channel announces them.
+        drop(watch);
+        let watch = state.waiters.watch(&message_id, true);
+        return Ok(crate::stream::sse_response(
+            state,
+            message_id,
+            crate::stream::After::Id(None),
+            watch,
+        ));
     }
     let Some(mut waiter) = waiter else {
         return status_response(&state, &message_id, position, StatusCode::ACCEPTED).await;

@@ -11,12 +11,12 @@ use std::convert::Infallible;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use broker_core::queue::Mode;
+use broker_core::queue::{Event, Mode};
 
 use crate::error::ApiError;
+use crate::waiters::EventWatch;
 use crate::AppState;
 
 /// Frames read from Redis per round trip.
@@ -71,7 +71,8 @@ pub async fn get_stream(
             record.mode
         )));
     }
-    Ok(sse_response(state, message_id, after))
+    let watch = state.waiters.watch(&message_id, true);
+    Ok(sse_response(state, message_id, After::Id(after), watch))
 }
 
 /// The `Last-Event-ID` header, if any: an id this API sent (`<ms>-<seq>`).
@@ -95,18 +96,50 @@ fn last_event_id(req: &HttpRequest) -> Result<Option<String>, String> {
     }
 }
 
-/// A `200 text/event-stream` answer that serves `message_id`'s frames after `after`.
-/// The frames are pumped by a task of their own; it ends when the client goes away, so a
-/// disconnecting client changes nothing about the message.
+/// Where a reader starts in a message's frames.
+pub enum After {
+    /// After this entry id (`Last-Event-ID`), or from the beginning.
+    Id(Option<String>),
+    /// With this frame, the first of the stream (the `queued` frame enqueue wrote and
+    /// returned): it is sent as it is, and the stream is read only once told of more.
+    First(Event),
+}
+
+/// A `200 text/event-stream` answer that serves `message_id`'s frames from `after`, woken by
+/// `watch` (registered before anything could have been announced).
+///
+/// The body is the reader itself: each time the connection wants more, it reads what is new
+/// and hands over every frame of that read as one chunk. When the client goes away the body
+/// is dropped, and the reader with it; nothing about the message changes.
 pub fn sse_response(
     state: web::Data<AppState>,
     message_id: String,
-    after: Option<String>,
+    after: After,
+    watch: EventWatch,
 ) -> HttpResponse {
-    let (tx, rx) = mpsc::channel::<Bytes>(32);
-    actix_web::rt::spawn(pump(state, message_id, after, tx));
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    let (after, first) = match after {
+        After::Id(after) => (after, None),
+        After::First(event) => (Some(event.id.clone()), Some(Bytes::from(sse_frame(&event)))),
+    };
+    let reader = Reader {
+        keepalive: state.api.sse_keepalive,
+        recheck: state.api.waiter_recheck.min(state.api.sse_keepalive),
+        shutdown: state.shutdown.clone(),
+        state,
+        message_id,
+        after,
+        // With the first frame in hand, the stream has nothing else yet: wait to be told.
+        read_now: first.is_none(),
+        first,
+        watch,
+        last_sent: Instant::now(),
+        ended: false,
+    };
+    let body = futures_util::stream::unfold(reader, |mut reader| async move {
+        reader
+            .next()
+            .await
+            .map(|b| (Ok::<_, Infallible>(b), reader))
     });
     HttpResponse::Ok()
         .content_type("text/event-stream")
@@ -115,72 +148,109 @@ pub fn sse_response(
         .streaming(body)
 }
 
-async fn pump(
+/// One recorded frame as SSE, with its id for resuming.
+fn sse_frame(event: &Event) -> String {
+    format!("id: {}\ndata: {}\n\n", event.id, event.data)
+}
+
+/// One SSE client's progress through a message's frames.
+struct Reader {
     state: web::Data<AppState>,
     message_id: String,
-    mut after: Option<String>,
-    tx: mpsc::Sender<Bytes>,
-) {
-    let mut watch = state.waiters.watch(&message_id);
-    let keepalive = state.api.sse_keepalive;
-    let recheck = state.api.waiter_recheck.min(keepalive);
-    let mut shutdown = state.shutdown.clone();
-    let mut last_sent = Instant::now();
-    loop {
-        match state
+    /// The id of the last frame sent.
+    after: Option<String>,
+    /// A frame to send before anything else.
+    first: Option<Bytes>,
+    /// Read the stream before waiting (false right after a read that found the end of it).
+    read_now: bool,
+    watch: EventWatch,
+    keepalive: std::time::Duration,
+    recheck: std::time::Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    last_sent: Instant,
+    /// The terminal frame (or the stream's end) was sent.
+    ended: bool,
+}
+
+impl Reader {
+    /// The next chunk of the body, once there is one; `None` ends the response.
+    async fn next(&mut self) -> Option<Bytes> {
+        if let Some(first) = self.first.take() {
+            self.last_sent = Instant::now();
+            return Some(first);
+        }
+        if self.ended {
+            return None;
+        }
+        loop {
+            if self.read_now {
+                if let Some(chunk) = self.read().await {
+                    self.last_sent = Instant::now();
+                    return Some(chunk);
+                }
+                if self.ended {
+                    return None;
+                }
+            }
+            self.read_now = true;
+            tokio::select! {
+                () = self.watch.notify.notified() => {}
+                _ = self.watch.resubscribed.changed() => {}
+                () = tokio::time::sleep_until(self.last_sent + self.keepalive) => {
+                    self.last_sent = Instant::now();
+                    self.read_now = false;
+                    return Some(Bytes::from_static(KEEPALIVE.as_bytes()));
+                }
+                () = tokio::time::sleep(self.recheck) => {}
+                // The client resumes on another API process with Last-Event-ID.
+                _ = self.shutdown.changed() => return None,
+            }
+        }
+    }
+
+    /// Reads the frames after `after`: all of them as one chunk, or `None` when there are
+    /// none (then `ended` says whether more can come).
+    async fn read(&mut self) -> Option<Bytes> {
+        let (events, status) = match self
+            .state
             .queue
-            .read_events(&message_id, after.as_deref(), BATCH)
+            .read_events(&self.message_id, self.after.as_deref(), BATCH)
             .await
         {
-            Ok((events, status)) => {
-                let full = events.len() == BATCH;
-                let none = events.is_empty();
-                for event in events {
-                    let frame = format!("id: {}\ndata: {}\n\n", event.id, event.data);
-                    if tx.send(Bytes::from(frame)).await.is_err() {
-                        return;
-                    }
-                    last_sent = Instant::now();
-                    if event.is_terminal() {
-                        return;
-                    }
-                    after = Some(event.id);
-                }
-                if full {
-                    continue;
-                }
-                if none {
-                    match status.as_deref() {
-                        // The record is gone (its result expired): nothing more will come.
-                        None => {
-                            let frame = format!(
-                                "data: {}\n\n",
-                                serde_json::json!({"type": "error", "error": "the message is unknown or its result expired", "code": "NOT_FOUND", "message_id": message_id})
-                            );
-                            let _ = tx.send(Bytes::from(frame)).await;
-                            return;
-                        }
-                        // Finished, and its terminal frame was at or before Last-Event-ID.
-                        Some("completed" | "failed" | "cancelled") => return,
-                        Some(_) => {}
-                    }
-                }
+            Ok(read) => read,
+            Err(e) => {
+                tracing::debug!(error = %e, message_id = %self.message_id, "events not readable yet; retrying");
+                self.read_now = false;
+                return None;
             }
-            Err(e) => tracing::debug!(error = %e, %message_id, "events not readable yet; retrying"),
-        }
-        tokio::select! {
-            () = watch.notify.notified() => {}
-            _ = watch.resubscribed.changed() => {}
-            () = tokio::time::sleep_until(last_sent + keepalive) => {
-                if tx.send(Bytes::from_static(KEEPALIVE.as_bytes())).await.is_err() {
-                    return;
+        };
+        // A full batch may have more behind it: read again at once.
+        self.read_now = events.len() == BATCH;
+        if events.is_empty() {
+            match status.as_deref() {
+                // The record is gone (its result expired): nothing more will come.
+                None => {
+                    self.ended = true;
+                    return Some(Bytes::from(format!(
+                        "data: {}\n\n",
+                        serde_json::json!({"type": "error", "error": "the message is unknown or its result expired", "code": "NOT_FOUND", "message_id": self.message_id})
+                    )));
                 }
-                last_sent = Instant::now();
+                // Finished, and its terminal frame was at or before Last-Event-ID.
+                Some("completed" | "failed" | "cancelled") => self.ended = true,
+                Some(_) => {}
             }
-            () = tokio::time::sleep(recheck) => {}
-            // The client resumes on another API process with Last-Event-ID.
-            _ = shutdown.changed() => return,
-            () = tx.closed() => return,
+            return None;
         }
+        let mut chunk = String::new();
+        for event in events {
+            chunk.push_str(&sse_frame(&event));
+            if event.is_terminal() {
+                self.ended = true;
+                break;
+            }
+            self.after = Some(event.id);
+        }
+        Some(Bytes::from(chunk))
     }
 }

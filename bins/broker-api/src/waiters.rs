@@ -5,6 +5,9 @@
 //! - Stream readers: each message's events have a channel of the same name as their stream
 //!   key, on which the drainer publishes the id of every new frame. This process subscribes
 //!   to it while at least one of its SSE clients reads that message.
+//! - A stream message this process enqueued carries its reply channel too: the drainer
+//!   announces its frames there (`<message id>\n`), and the finish its outcome, so the
+//!   reader of a `POST … Accept: text/event-stream` needs no subscription of its own.
 //!
 //! Pub/sub is at-most-once, so waiters and readers also re-read Redis on a slow timer and
 //! whenever the subscription is (re)established.
@@ -20,8 +23,15 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 /// The requests waiting for one message: a token per request, and where to send the outcome.
 type Pending = HashMap<String, Vec<(u64, oneshot::Sender<String>)>>;
 
-/// SSE readers of one message: a token per reader, and how to wake it.
-type Watched = HashMap<String, Vec<(u64, Arc<Notify>)>>;
+/// SSE readers of one message: a token per reader and how to wake it, and whether this
+/// process subscribed to the message's events channel for them.
+#[derive(Default)]
+struct Readers {
+    subscribed: bool,
+    readers: Vec<(u64, Arc<Notify>)>,
+}
+
+type Watched = HashMap<String, Readers>;
 
 /// A change to the set of event channels, applied in order by the subscription task.
 enum Command {
@@ -54,29 +64,17 @@ pub struct Waiter {
     pub resubscribed: watch::Receiver<u64>,
 }
 
-/// Removes one registration; true when it was the message's last.
-fn unregister<T>(
-    map: &Mutex<HashMap<String, Vec<(u64, T)>>>,
-    message_id: &str,
-    token: u64,
-) -> bool {
-    let Ok(mut map) = map.lock() else {
-        return false;
-    };
-    let Some(list) = map.get_mut(message_id) else {
-        return false;
-    };
-    list.retain(|(t, _)| *t != token);
-    if list.is_empty() {
-        map.remove(message_id);
-        return true;
-    }
-    false
-}
-
 impl Drop for Waiter {
     fn drop(&mut self) {
-        unregister(&self.waiters.pending, &self.message_id, self.token);
+        let Ok(mut pending) = self.waiters.pending.lock() else {
+            return;
+        };
+        if let Some(list) = pending.get_mut(&self.message_id) {
+            list.retain(|(t, _)| *t != self.token);
+            if list.is_empty() {
+                pending.remove(&self.message_id);
+            }
+        }
     }
 }
 
@@ -92,11 +90,22 @@ pub struct EventWatch {
 
 impl Drop for EventWatch {
     fn drop(&mut self) {
-        if unregister(&self.waiters.watched, &self.message_id, self.token) {
-            let _ = self
-                .waiters
-                .commands
-                .send(Command::Unsubscribe(self.message_id.clone()));
+        let Ok(mut watched) = self.waiters.watched.lock() else {
+            return;
+        };
+        let Some(entry) = watched.get_mut(&self.message_id) else {
+            return;
+        };
+        entry.readers.retain(|(t, _)| *t != self.token);
+        if entry.readers.is_empty() {
+            let subscribed = entry.subscribed;
+            watched.remove(&self.message_id);
+            if subscribed {
+                let _ = self
+                    .waiters
+                    .commands
+                    .send(Command::Unsubscribe(self.message_id.clone()));
+            }
         }
     }
 }
@@ -155,19 +164,23 @@ impl Waiters {
     pub fn readers(&self) -> usize {
         self.watched
             .lock()
-            .map(|w| w.values().map(Vec::len).sum())
+            .map(|w| w.values().map(|r| r.readers.len()).sum())
             .unwrap_or(0)
     }
 
-    /// Registers an SSE reader of a message's events.
-    pub fn watch(self: &Arc<Self>, message_id: &str) -> EventWatch {
+    /// Registers an SSE reader of a message's events. With `subscribe`, this process listens
+    /// on the message's events channel while the reader lasts; without, the message must
+    /// carry this process's reply channel, where the drainer announces its frames too.
+    pub fn watch(self: &Arc<Self>, message_id: &str, subscribe: bool) -> EventWatch {
         let notify = Arc::new(Notify::new());
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let first = match self.watched.lock() {
             Ok(mut watched) => {
-                let list = watched.entry(message_id.to_owned()).or_default();
-                list.push((token, notify.clone()));
-                list.len() == 1
+                let entry = watched.entry(message_id.to_owned()).or_default();
+                entry.readers.push((token, notify.clone()));
+                let first = subscribe && !entry.subscribed;
+                entry.subscribed |= subscribe;
+                first
             }
             Err(_) => false,
         };
@@ -187,7 +200,7 @@ impl Waiters {
 
     fn wake(&self, message_id: &str) {
         if let Ok(watched) = self.watched.lock() {
-            for (_, notify) in watched.get(message_id).into_iter().flatten() {
+            for (_, notify) in watched.get(message_id).into_iter().flat_map(|r| &r.readers) {
                 notify.notify_one();
             }
         }
@@ -201,11 +214,17 @@ impl Waiters {
         }
     }
 
+    /// A reply: `<message id>\n<outcome JSON>` when the message finished, `<message id>\n`
+    /// when a stream message got new frames. Either wakes the message's readers.
     fn deliver(&self, payload: &str) {
         let Some((message_id, outcome)) = payload.split_once('\n') else {
             tracing::warn!("reply without a message id");
             return;
         };
+        self.wake(message_id);
+        if outcome.is_empty() {
+            return;
+        }
         let senders = self
             .pending
             .lock()
@@ -257,7 +276,12 @@ impl Waiters {
         let (mut sink, mut messages) = pubsub.split();
         let mut channels = vec![self.channel.clone()];
         if let Ok(watched) = self.watched.lock() {
-            channels.extend(watched.keys().map(|id| self.events_channel(id)));
+            channels.extend(
+                watched
+                    .iter()
+                    .filter(|(_, r)| r.subscribed)
+                    .map(|(id, _)| self.events_channel(id)),
+            );
         }
         sink.subscribe(&channels).await.map_err(|e| e.to_string())?;
         self.connected.store(true, Ordering::SeqCst);
@@ -274,7 +298,7 @@ impl Waiters {
                 },
                 Some(command) = commands.recv() => match command {
                     Command::Subscribe(id) => {
-                        let watched = self.watched.lock().is_ok_and(|w| w.contains_key(&id));
+                        let watched = self.subscribed(&id);
                         if watched {
                             sink.subscribe(self.events_channel(&id)).await.map_err(|e| e.to_string())?;
                             // Frames may have come before the subscription: readers re-read.
@@ -282,7 +306,7 @@ impl Waiters {
                         }
                     }
                     Command::Unsubscribe(id) => {
-                        let watched = self.watched.lock().is_ok_and(|w| w.contains_key(&id));
+                        let watched = self.subscribed(&id);
                         if !watched {
                             sink.unsubscribe(self.events_channel(&id)).await.map_err(|e| e.to_string())?;
                         }
@@ -291,6 +315,13 @@ impl Waiters {
                 _ = stop.changed() => return Ok(()),
             }
         }
+    }
+
+    /// Does a reader of this message still want its events channel?
+    fn subscribed(&self, message_id: &str) -> bool {
+        self.watched
+            .lock()
+            .is_ok_and(|w| w.get(message_id).is_some_and(|r| r.subscribed))
     }
 
     fn events_channel(&self, message_id: &str) -> String {

@@ -107,7 +107,7 @@ async fn run_worker(
     let recorder = Box::pin(record_frames(
         shared,
         conversation,
-        &claimed.message_id,
+        claimed,
         lease,
         frames_rx,
     ));
@@ -134,7 +134,7 @@ struct Unrecorded {
 async fn record_frames(
     shared: &Shared,
     conversation: &Conversation,
-    message_id: &str,
+    claimed: &Claimed,
     lease: &str,
     mut frames: mpsc::UnboundedReceiver<(String, String)>,
 ) -> Unrecorded {
@@ -156,10 +156,11 @@ async fn record_frames(
                     let written = until_stopped(shared, || {
                         shared.queue.record_events(
                             conversation,
-                            message_id,
+                            &claimed.message_id,
                             lease,
                             &batch,
                             events_max,
+                            &claimed.reply,
                         )
                     })
                     .await;

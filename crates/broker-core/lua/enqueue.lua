@@ -11,8 +11,10 @@
 -- ARGV[1] message id   ARGV[2] conversation   ARGV[3] now (ms)   ARGV[4] max queue depth
 -- ARGV[5] dedup ttl (s)   ARGV[6] '1' when a client_message_id was given
 -- ARGV[7] '1' when the message's frames are recorded   ARGV[8..] field, value pairs of the message hash
--- Returns {'ok', position} | {'dup', original message id} | {'full', depth}
---   position 1 means next to run (a running message is not counted).
+-- Returns {'ok', position[, queued frame id, queued frame data]} | {'dup', original message id}
+--   | {'full', depth}
+--   position 1 means next to run (a running message is not counted). The queued frame comes
+--   back when it was recorded, so the API can send it without reading the stream.
 
 if ARGV[6] == '1' then
   local original = redis.call('GET', KEYS[5])
@@ -51,10 +53,11 @@ elseif state == 'running' then
 else
   position = depth + 1
 end
-if ARGV[7] == '1' then
-  redis.call('XADD', KEYS[7], '*', 'type', 'queued', 'data',
-    '{"type":"queued","message_id":"' .. ARGV[1] .. '","queue_position":' .. position .. '}')
-end
 redis.call('HINCRBY', KEYS[6], 'queued', 1)
 redis.call('HINCRBY', KEYS[6], 'enqueued_total', 1)
+if ARGV[7] == '1' then
+  local data = '{"type":"queued","message_id":"' .. ARGV[1] .. '","queue_position":' .. position .. '}'
+  local id = redis.call('XADD', KEYS[7], '*', 'type', 'queued', 'data', data)
+  return {'ok', position, id, data}
+end
 return {'ok', position}

@@ -83,8 +83,12 @@ impl Mode {
 /// What enqueue did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enqueued {
-    /// Accepted; position 1 means next to run.
-    Accepted { position: u64 },
+    /// Accepted; position 1 means next to run. `queued` is the broker's `queued` frame when
+    /// the message's frames are recorded (stream and async), as the stream holds it.
+    Accepted {
+        position: u64,
+        queued: Option<Event>,
+    },
     /// The client message id was seen within the dedup window: nothing was written.
     Duplicate { original: String },
     /// The conversation already holds the maximum number of messages.
@@ -378,16 +382,29 @@ impl Queue {
             invocation.arg("callback_url").arg(url);
         }
         let mut conn = self.conn().await?;
-        let reply: (String, Value) = invocation.invoke_async(&mut conn).await?;
-        match reply.0.as_str() {
+        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        let field = |i: usize| {
+            reply
+                .get(i)
+                .ok_or_else(|| QueueError::Protocol(format!("enqueue: no field {i}")))
+        };
+        match as_string(field(0)?)?.as_str() {
             "ok" => Ok(Enqueued::Accepted {
-                position: as_u64(&reply.1)?,
+                position: as_u64(field(1)?)?,
+                queued: match (reply.get(2), reply.get(3)) {
+                    (Some(id), Some(data)) => Some(Event {
+                        id: as_string(id)?,
+                        kind: "queued".into(),
+                        data: as_string(data)?,
+                    }),
+                    _ => None,
+                },
             }),
             "dup" => Ok(Enqueued::Duplicate {
-                original: as_string(&reply.1)?,
+                original: as_string(field(1)?)?,
             }),
             "full" => Ok(Enqueued::Full {
-                depth: as_u64(&reply.1)?,
+                depth: as_u64(field(1)?)?,
             }),
             other => Err(QueueError::Protocol(format!("enqueue returned {other}"))),
         }
@@ -566,7 +583,8 @@ impl Queue {
     }
 
     /// Appends worker frames (`(type, data)`) to a running message's events, if the lease is
-    /// still ours. Returns `false` when it is not (nothing was written).
+    /// still ours, and announces them to its readers, on `reply` too when the message has a
+    /// reply channel (not empty). Returns `false` when the lease is gone (nothing was written).
     pub async fn record_events(
         &self,
         conversation: &Conversation,
@@ -574,6 +592,7 @@ impl Queue {
         lease: &str,
         frames: &[(String, String)],
         events_max: u64,
+        reply: &str,
     ) -> Result<bool, QueueError> {
         if frames.is_empty() {
             return Ok(true);
@@ -585,7 +604,9 @@ impl Queue {
             .key(self.keys.events(message_id))
             .arg(lease)
             .arg(events_max.max(1))
-            .arg(self.keys.events(message_id));
+            .arg(self.keys.events(message_id))
+            .arg(reply)
+            .arg(message_id);
         for (kind, data) in frames {
             invocation.arg(kind).arg(data);
         }
