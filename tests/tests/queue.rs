@@ -586,20 +586,37 @@ async fn dedup_and_depth_limits() {
     assert!(f.queue.message_record("c2").await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn finish_publishes_to_the_reply_channel() {
-    let mut f = fixture().await;
+/// Enqueues alice's `m1` in `mode` with the reply channel `bt:reply:api-x`, listens on that
+/// channel and on `also`, and starts `m1` under the lease `l`.
+async fn running_with_reply(
+    f: &mut Fixture,
+    mode: Mode,
+    also: &[&str],
+) -> (MessageRequest, redis::aio::PubSub, Claimed) {
     let a = request("alice", "x", None);
     f.queue
-        .enqueue(&a, "m1", Mode::Sync, Some("bt:reply:api-x"), 50, DAY)
+        .enqueue(&a, "m1", mode, Some("bt:reply:api-x"), 50, DAY)
         .await
         .unwrap();
     let client = redis::Client::open(f.redis.url()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub.subscribe("bt:reply:api-x").await.unwrap();
-    take(&mut f, "d1").await;
-    let c = claim(&f, "d1", &a.conversation, "l").await;
-    assert_eq!(c.reply, "bt:reply:api-x");
+    for channel in also {
+        pubsub.subscribe(*channel).await.unwrap();
+    }
+    take(f, "d1").await;
+    let c = claim(f, "d1", &a.conversation, "l").await;
+    assert_eq!(
+        (c.mode.as_str(), c.reply.as_str()),
+        (mode.as_str(), "bt:reply:api-x")
+    );
+    (a, pubsub, c)
+}
+
+#[tokio::test]
+async fn finish_publishes_to_the_reply_channel() {
+    let mut f = fixture().await;
+    let (a, mut pubsub, _) = running_with_reply(&mut f, Mode::Sync, &[]).await;
     finish(&f, "d1", &a.conversation, "m1", "l").await;
     use futures_util::StreamExt;
     let message = tokio::time::timeout(Duration::from_secs(5), pubsub.on_message().next())
@@ -613,22 +630,8 @@ async fn finish_publishes_to_the_reply_channel() {
 #[tokio::test]
 async fn recorded_frames_are_announced_on_the_reply_channel_too() {
     let mut f = fixture().await;
-    let a = request("alice", "x", None);
-    f.queue
-        .enqueue(&a, "m1", Mode::Stream, Some("bt:reply:api-x"), 50, DAY)
-        .await
-        .unwrap();
-    let client = redis::Client::open(f.redis.url()).unwrap();
-    let mut pubsub = client.get_async_pubsub().await.unwrap();
     let events = f.keys.events("m1");
-    pubsub.subscribe("bt:reply:api-x").await.unwrap();
-    pubsub.subscribe(&events).await.unwrap();
-    take(&mut f, "d1").await;
-    let c = claim(&f, "d1", &a.conversation, "l").await;
-    assert_eq!(
-        (c.mode.as_str(), c.reply.as_str()),
-        ("stream", "bt:reply:api-x")
-    );
+    let (a, mut pubsub, c) = running_with_reply(&mut f, Mode::Stream, &[&events]).await;
     let frames = [("status".to_owned(), "{\"type\":\"status\"}".to_owned())];
     let written = f
         .queue
