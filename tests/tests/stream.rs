@@ -364,13 +364,7 @@ async fn a_sync_message_is_not_streamable_and_leaves_no_events() {
         .unwrap();
     assert_eq!(sync.status, 200, "{}", sync.text);
     let id = sync.body["message_id"].as_str().unwrap().to_owned();
-    let sse = Sse::open(
-        "GET",
-        &format!("{base}/api/v1/stream?message_id={id}"),
-        &[],
-        None,
-    )
-    .await;
+    let sse = Sse::attach(base, &id, None).await;
     assert_eq!(sse.status, 409, "{}", sse.error_body);
     assert!(
         sse.error_body.contains("NOT_STREAMABLE") && sse.error_body.contains("sync mode"),
