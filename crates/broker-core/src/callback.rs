@@ -6,25 +6,21 @@
 //! public, and connects to the address it checked. TLS still verifies the host name. Hosts on
 //! `BROKER_CALLBACK_ALLOWLIST` are exempt from both rules (plain `http` and private addresses).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
-use hyper::{Method, Request, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioIo;
+use hyper::Uri;
 use secrecy::ExposeSecret;
 use tokio::net::TcpStream;
 
 use crate::config::{Allowlist, CallbackSettings};
+use crate::http1;
 use crate::worker::backoff;
 
 /// The longest a host name may take to resolve.
@@ -219,45 +215,31 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
 #[error("{0}")]
 pub struct Refused(pub String);
 
-/// A connector for the callback client: checks the policy for every new connection and
-/// connects to the checked address.
-#[derive(Clone)]
-pub struct CheckedConnector {
-    policy: Policy,
-    connect_timeout: Duration,
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl tower_service::Service<Uri> for CheckedConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let policy = self.policy.clone();
-        let timeout = self.connect_timeout;
+/// Opens a callback connection to `target`: resolves it through the policy (every new
+/// connection, so a name that later resolves elsewhere is checked again), then connects to the
+/// addresses it checked, in turn. A refusal comes back as an [`io::Error`] carrying
+/// [`Refused`].
+fn checked_dial(policy: Policy, target: Target, connect_timeout: Duration) -> http1::Dial {
+    let target = Arc::new(target);
+    Arc::new(move || {
+        let policy = policy.clone();
+        let target = target.clone();
         Box::pin(async move {
-            let target = policy.target(&uri.to_string()).map_err(Refused)?;
-            let addresses = policy.addresses(&target).await.map_err(Refused)?;
+            let addresses = policy
+                .addresses(&target)
+                .await
+                .map_err(|e| io::Error::other(Refused(e)))?;
             let mut last = io::Error::other("no address to connect to");
             for address in addresses {
-                match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = stream.set_nodelay(true);
-                        return Ok(TokioIo::new(stream));
-                    }
+                match tokio::time::timeout(connect_timeout, TcpStream::connect(address)).await {
+                    Ok(Ok(stream)) => return Ok(stream),
                     Ok(Err(e)) => last = e,
                     Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
                 }
             }
-            Err(last.into())
+            Err(last)
         })
-    }
+    })
 }
 
 /// Standard-Webhooks signing: `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
@@ -319,15 +301,29 @@ enum Attempt {
     GiveUp(String),
 }
 
-type CallbackClient = Client<hyper_rustls::HttpsConnector<CheckedConnector>, Full<Bytes>>;
+/// The most receiving origins whose connections are kept; beyond it, one origin's pool is
+/// dropped for each new origin.
+const MAX_ORIGINS: usize = 64;
+/// How often idle connections past their time are closed.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// The most of a receiver's answer body read (and dropped) so its connection can be reused.
+const MAX_ANSWER_BODY: usize = 64 * 1024;
+
+/// Keep-alive connections to the receivers, one pool per origin (scheme, host and port).
+struct Pools {
+    by_origin: HashMap<String, http1::Client>,
+    swept: Instant,
+}
 
 /// Sends signed callbacks, retrying connection errors, 408, 429 and 5xx within the budget.
 #[derive(Clone)]
 pub struct Sender {
-    client: CallbackClient,
+    policy: Policy,
+    pools: Arc<Mutex<Pools>>,
     signer: Option<Signer>,
     budget: Duration,
     attempt_timeout: Duration,
+    connect_timeout: Duration,
     retry_base: Duration,
 }
 
@@ -337,20 +333,55 @@ impl Sender {
     }
 
     pub fn with_policy(settings: &CallbackSettings, policy: Policy) -> Self {
-        let connector = CheckedConnector {
-            policy,
-            connect_timeout: settings.attempt_timeout.min(Duration::from_secs(10)),
-        };
         Self {
-            client: crate::worker::pooled_client(connector),
+            policy,
+            pools: Arc::new(Mutex::new(Pools {
+                by_origin: HashMap::new(),
+                swept: Instant::now(),
+            })),
             signer: settings
                 .secret
                 .as_ref()
                 .map(|s| Signer::new(s.expose_secret())),
             budget: settings.budget,
             attempt_timeout: settings.attempt_timeout,
+            connect_timeout: settings.attempt_timeout.min(Duration::from_secs(10)),
             retry_base: Duration::from_millis(200),
         }
+    }
+
+    /// The client for the origin of `uri`, made on first use. Every new connection it opens
+    /// goes through the policy again.
+    fn client_for(&self, uri: &Uri, target: &Target) -> Result<http1::Client, String> {
+        let origin = format!(
+            "{}://{}:{}",
+            if target.https { "https" } else { "http" },
+            target.host,
+            target.port
+        );
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if pools.swept.elapsed() >= SWEEP_EVERY {
+            pools.swept = Instant::now();
+            pools
+                .by_origin
+                .values()
+                .for_each(http1::Client::close_expired);
+        }
+        if let Some(client) = pools.by_origin.get(&origin) {
+            return Ok(client.clone());
+        }
+        let dial = checked_dial(self.policy.clone(), target.clone(), self.connect_timeout);
+        // The dial bounds each address by the connect timeout; the attempt's own timeout
+        // bounds the whole.
+        let client = http1::Client::with_dial(uri, self.attempt_timeout, dial)
+            .map_err(|e| format!("callback_url: {e}"))?;
+        if pools.by_origin.len() >= MAX_ORIGINS {
+            if let Some(some) = pools.by_origin.keys().next().cloned() {
+                pools.by_origin.remove(&some);
+            }
+        }
+        pools.by_origin.insert(origin, client.clone());
+        Ok(client)
     }
 
     /// Whether deliveries can be signed (a secret is configured).
@@ -377,14 +408,32 @@ impl Sender {
         let Ok(uri) = url.parse::<Uri>() else {
             return Delivery::failed(0, "callback_url is not a valid URL");
         };
-        let body = Bytes::copy_from_slice(body);
+        // The shape checks, as the API ran them; the address is checked for every connection.
+        let client = match self
+            .policy
+            .target(url)
+            .and_then(|target| self.client_for(&uri, &target))
+        {
+            Ok(client) => client,
+            Err(refused) => return Delivery::failed(1, refused),
+        };
+        if !webhook_id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Delivery::failed(0, "the webhook id is not a valid header value");
+        }
+        let request = Request {
+            client: &client,
+            head: request_head(&uri),
+            webhook_id,
+            body,
+            signer,
+        };
         let deadline = Instant::now() + self.budget;
         let mut attempts = 0u32;
         loop {
             attempts += 1;
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = tokio::select! {
-                a = self.attempt(&uri, webhook_id, body.clone(), signer, left.min(self.attempt_timeout)) => a,
+                a = request.attempt(left.min(self.attempt_timeout)) => a,
                 () = &mut stop => Attempt::GiveUp("the drainer stopped before the callback was delivered".into()),
             };
             let (error, hint) = match attempt {
@@ -417,91 +466,74 @@ impl Sender {
             }
         }
     }
+}
 
-    async fn attempt(
-        &self,
-        uri: &Uri,
-        webhook_id: &str,
-        body: Bytes,
-        signer: &Signer,
-        timeout: Duration,
-    ) -> Attempt {
+/// The request line and the headers every attempt of a callback shares, up to the
+/// `webhook-id` header's value.
+fn request_head(uri: &Uri) -> String {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    // The policy refused credentials, so the authority is host and port.
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nUser-Agent: bt-servant-broker/{}\r\nwebhook-id: ",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// One callback's request, sent once per attempt.
+struct Request<'a> {
+    client: &'a http1::Client,
+    head: String,
+    webhook_id: &'a str,
+    body: &'a [u8],
+    signer: &'a Signer,
+}
+
+impl Request<'_> {
+    async fn attempt(&self, timeout: Duration) -> Attempt {
         let timestamp = crate::clock::now_ms() / 1000;
-        let signature = signer.signature(webhook_id, timestamp, &body);
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(uri.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header(
-                USER_AGENT,
-                concat!("bt-servant-broker/", env!("CARGO_PKG_VERSION")),
-            )
-            .header("webhook-id", webhook_id)
-            .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature)
-            .body(Full::new(body));
-        let Ok(request) = request else {
-            return Attempt::GiveUp("the callback request could not be built".into());
-        };
-        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
+        let signature = self.signer.signature(self.webhook_id, timestamp, self.body);
+        let head = format!(
+            "{}{}\r\nwebhook-timestamp: {timestamp}\r\nwebhook-signature: {signature}\r\nContent-Length: {}\r\n\r\n",
+            self.head,
+            self.webhook_id,
+            self.body.len()
+        );
+        let sent = tokio::time::timeout(timeout, self.client.request(head.as_bytes(), self.body));
+        let mut response = match sent.await {
             Err(_) => {
                 return Attempt::Retry(format!("no answer within {} ms", timeout.as_millis()), None)
             }
             Ok(Err(e)) => {
-                if let Some(refused) = find_refusal(&e) {
+                if let Some(refused) = e.get_ref().and_then(|e| e.downcast_ref::<Refused>()) {
                     return Attempt::GiveUp(refused.0.clone());
                 }
-                return Attempt::Retry(format!("connection failed: {}", describe(&e)), None);
+                return Attempt::Retry(format!("connection failed: {e}"), None);
             }
             Ok(Ok(response)) => response,
         };
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v: &HeaderValue| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        // Read (and drop) a bounded part of the body so the connection can be reused.
+        let status = response.status;
+        let retry_after = response.retry_after.map(Duration::from_secs);
+        // Read (and drop) a bounded part of the body: read to its end, the connection goes
+        // back to the pool; otherwise it is closed.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut body = response.into_body();
             let mut read = 0usize;
-            while let Some(Ok(frame)) = body.frame().await {
-                read += frame.data_ref().map_or(0, Bytes::len);
-                if read > 64 * 1024 {
+            while let Ok(Some(piece)) = response.next().await {
+                read += piece.len();
+                if read > MAX_ANSWER_BODY {
                     break;
                 }
             }
         })
         .await;
-        if status.is_success() {
+        if (200..300).contains(&status) {
             Attempt::Delivered
-        } else if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+        } else if status >= 500 || status == 429 || status == 408 {
             Attempt::Retry(format!("the receiver answered {status}"), retry_after)
         } else {
             Attempt::GiveUp(format!("the receiver answered {status}"))
         }
     }
-}
-
-fn find_refusal<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Refused> {
-    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = current {
-        if let Some(refused) = err.downcast_ref::<Refused>() {
-            return Some(refused);
-        }
-        current = err.source();
-    }
-    None
-}
-
-/// The innermost cause of a client error, which says what really went wrong.
-fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = e;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    current.to_string()
 }
 
 #[cfg(test)]
@@ -598,19 +630,130 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_connector_checks_again_at_delivery() {
-        let mut connector = CheckedConnector {
-            policy: policy("", &["127.0.0.1"]),
-            connect_timeout: Duration::from_secs(1),
+    async fn the_dial_checks_again_at_delivery() {
+        // The name passed the API's check, and now resolves to loopback.
+        let p = policy("", &["127.0.0.1"]);
+        let target = Target {
+            host: "rebound.example".into(),
+            port: 443,
+            https: true,
+            allow_listed: false,
         };
-        let e = tower_service::Service::call(
-            &mut connector,
-            "https://rebound.example/".parse().unwrap(),
-        )
-        .await
-        .err()
-        .unwrap();
-        assert!(e.downcast_ref::<Refused>().is_some(), "{e}");
+        let e = checked_dial(p, target, Duration::from_secs(1))()
+            .await
+            .expect_err("refused");
+        let refused = e.get_ref().and_then(|e| e.downcast_ref::<Refused>());
+        assert!(refused.is_some_and(|r| r.0.contains("127.0.0.1")), "{e}");
+    }
+
+    /// A receiver on loopback answering each request with the next of `answers` on one
+    /// keep-alive connection; returns its port and the requests it read.
+    async fn receiver(
+        answers: Vec<&'static str>,
+    ) -> (u16, Arc<Mutex<Vec<String>>>, Arc<Mutex<usize>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (seen, accepted) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(0)));
+        let (requests, count) = (seen.clone(), accepted.clone());
+        tokio::spawn(async move {
+            let mut answers = answers.into_iter();
+            while let Ok((mut socket, _)) = listener.accept().await {
+                *count.lock().expect("lock") += 1;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                for answer in answers.by_ref() {
+                    // One request: its head, then Content-Length bytes of body.
+                    let request = loop {
+                        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&got[..end]).to_string();
+                            let length: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("Content-Length: "))
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0);
+                            if got.len() >= end + 4 + length {
+                                let all: Vec<u8> = got.drain(..end + 4 + length).collect();
+                                break String::from_utf8_lossy(&all).to_string();
+                            }
+                        }
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    requests.lock().expect("lock").push(request);
+                    if socket.write_all(answer.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        (port, seen, accepted)
+    }
+
+    #[tokio::test]
+    async fn callbacks_are_signed_retried_and_sent_on_one_kept_connection() {
+        let (port, seen, accepted) = receiver(vec![
+            "HTTP/1.1 503 Busy\r\nRetry-After: 0\r\nContent-Length: 4\r\n\r\nbusy",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+        ])
+        .await;
+        let settings = CallbackSettings {
+            secret: Some("whsec_c2VjcmV0".to_owned().into()),
+            allowlist: Allowlist::parse(&format!("127.0.0.1:{port}")).expect("allowlist"),
+            budget: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(5),
+        };
+        let sender = Sender::new(&settings);
+        let url = format!("http://127.0.0.1:{port}/hooks/in?token=t");
+        let never = std::future::pending::<()>;
+        let delivery = sender.deliver(&url, "msg_1", b"{\"a\":1}", never()).await;
+        assert_eq!(
+            (delivery.delivered, delivery.attempts),
+            (true, 2),
+            "{delivery:?}"
+        );
+        let refused = sender.deliver(&url, "msg_2", b"{}", never()).await;
+        assert_eq!(
+            (
+                refused.delivered,
+                refused.attempts,
+                refused.last_error.as_deref()
+            ),
+            (false, 1, Some("the receiver answered 404"))
+        );
+        assert_eq!(
+            *accepted.lock().expect("lock"),
+            1,
+            "one connection for all three"
+        );
+
+        let seen = seen.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 3);
+        let header = |request: &str, name: &str| {
+            request
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_owned))
+                .unwrap_or_else(|| panic!("no {name} in {request}"))
+        };
+        let first = &seen[0];
+        assert!(
+            first.starts_with("POST /hooks/in?token=t HTTP/1.1\r\n"),
+            "{first}"
+        );
+        assert_eq!(header(first, "Host"), format!("127.0.0.1:{port}"));
+        assert_eq!(header(first, "webhook-id"), "msg_1");
+        assert!(first.ends_with("\r\n\r\n{\"a\":1}"), "{first}");
+        let timestamp: u64 = header(first, "webhook-timestamp")
+            .parse()
+            .expect("timestamp");
+        let expected = Signer::new("secret").signature("msg_1", timestamp, b"{\"a\":1}");
+        assert_eq!(header(first, "webhook-signature"), expected);
+        assert_eq!(header(&seen[2], "webhook-id"), "msg_2");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! A lean HTTP/1.1 client for the worker leg: one `POST` and its streamed answer per turn, on
-//! pooled keep-alive connections, over TCP or TLS (rustls, webpki roots).
+//! A lean HTTP/1.1 client for the worker leg and for callbacks: one `POST` and its (streamed)
+//! answer per exchange, on pooled keep-alive connections, over TCP or TLS (rustls, webpki
+//! roots).
 //!
 //! Why not hyper's client: a drainer holds one worker connection per running turn, and runs
 //! thousands at once while the worker thinks. hyper gives each connection its own task, a
@@ -16,7 +17,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,11 @@ const IDLE_TTL: Duration = Duration::from_secs(30);
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
+/// Opens the TCP connection for a new keep-alive connection, in place of a plain connect to
+/// the origin's host and port (the callback sender's checks the address first).
+pub type Dial =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>> + Send + Sync>;
+
 /// Where requests go, and how to reach it.
 struct Target {
     host: String,
@@ -51,6 +57,7 @@ struct Target {
 #[derive(Clone)]
 pub struct Client {
     target: Arc<Target>,
+    dial: Option<Dial>,
     connect_timeout: Duration,
     idle: Arc<Mutex<Vec<Conn>>>,
 }
@@ -104,6 +111,17 @@ fn invalid(what: impl Into<String>) -> io::Error {
 impl Client {
     /// A client for the origin of `url` (`http` or `https`).
     pub fn new(url: &Uri, connect_timeout: Duration) -> Result<Self, String> {
+        Self::build(url, connect_timeout, None)
+    }
+
+    /// A client for the origin of `url` whose connections `dial` opens (TLS, when the scheme
+    /// asks for it, still verifies the URL's host name). `connect_timeout` bounds the dial and
+    /// the TLS handshake together.
+    pub fn with_dial(url: &Uri, connect_timeout: Duration, dial: Dial) -> Result<Self, String> {
+        Self::build(url, connect_timeout, Some(dial))
+    }
+
+    fn build(url: &Uri, connect_timeout: Duration, dial: Option<Dial>) -> Result<Self, String> {
         let host = url
             .host()
             .ok_or_else(|| "no host".to_owned())?
@@ -125,9 +143,18 @@ impl Client {
                 host,
                 tls,
             }),
+            dial,
             connect_timeout,
             idle: Arc::new(Mutex::new(Vec::new())),
         })
+    }
+
+    /// Closes the idle connections that have been idle too long (they are otherwise closed
+    /// only when the next request comes).
+    pub fn close_expired(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|conn| conn.idle_since.elapsed() < IDLE_TTL);
+        }
     }
 
     /// Sends `head` (request line and headers, ending in the empty line) and `body`, and reads
@@ -176,7 +203,10 @@ impl Client {
     async fn connect(&self) -> io::Result<Conn> {
         let target = &self.target;
         let open = async {
-            let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+            let tcp = match &self.dial {
+                Some(dial) => dial().await?,
+                None => TcpStream::connect((target.host.as_str(), target.port)).await?,
+            };
             tcp.set_nodelay(true)?;
             let io: Box<dyn Io> = match &target.tls {
                 None => Box::new(tcp),
@@ -197,8 +227,14 @@ impl Client {
     }
 }
 
-/// A TLS connector trusting the webpki roots, speaking HTTP/1.1.
+/// A TLS connector trusting the webpki roots, speaking HTTP/1.1; built once, shared by every
+/// client.
 fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
+    static CONNECTOR: OnceLock<Result<tokio_rustls::TlsConnector, String>> = OnceLock::new();
+    CONNECTOR.get_or_init(new_tls_connector).clone()
+}
+
+fn new_tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(

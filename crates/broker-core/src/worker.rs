@@ -16,12 +16,8 @@ use std::time::Duration;
 
 use broker_proto::sse::{Frame, FrameParser};
 use broker_proto::Failure;
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::header::HeaderValue;
 use hyper::Uri;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use secrecy::ExposeSecret;
 use serde_json::Value;
 
@@ -280,31 +276,6 @@ impl WorkerClient {
 /// How long after the terminal frame the end of the worker's stream may take before its
 /// connection is given up rather than reused.
 const STREAM_END_WAIT: Duration = Duration::from_secs(1);
-
-/// A pooled HTTP/1 client over `connector`, speaking TLS (webpki roots) to `https` URLs
-/// (the callback sender's).
-pub fn pooled_client<C>(connector: C) -> Client<hyper_rustls::HttpsConnector<C>, Full<Bytes>>
-where
-    C: tower_service::Service<Uri> + Clone + Send + Sync + 'static,
-    C::Response: hyper::rt::Read
-        + hyper::rt::Write
-        + hyper_util::client::legacy::connect::Connection
-        + Send
-        + Unpin
-        + 'static,
-    C::Future: Send + Unpin + 'static,
-    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(connector);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(64)
-        .build(https)
-}
 
 /// Exponential back-off with jitter: half fixed, half random, capped.
 pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
