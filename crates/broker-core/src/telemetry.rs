@@ -16,6 +16,8 @@ pub fn init(level: &str, format: LogFormat) {
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            // The innermost span only: the list repeated it on every line (no span here nests).
+            .with_span_list(false)
             .try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
