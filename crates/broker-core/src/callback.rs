@@ -408,6 +408,9 @@ impl Sender {
         let Ok(uri) = url.parse::<Uri>() else {
             return Delivery::failed(0, "callback_url is not a valid URL");
         };
+        if !webhook_id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Delivery::failed(0, "the webhook id is not a valid header value");
+        }
         // The shape checks, as the API ran them; the address is checked for every connection.
         let client = match self
             .policy
@@ -417,9 +420,6 @@ impl Sender {
             Ok(client) => client,
             Err(refused) => return Delivery::failed(1, refused),
         };
-        if !webhook_id.bytes().all(|b| b.is_ascii_graphic()) {
-            return Delivery::failed(0, "the webhook id is not a valid header value");
-        }
         let request = Request {
             client: &client,
             head: request_head(&uri),
@@ -528,7 +528,7 @@ impl Request<'_> {
         .await;
         if (200..300).contains(&status) {
             Attempt::Delivered
-        } else if status >= 500 || status == 429 || status == 408 {
+        } else if (500..600).contains(&status) || status == 429 || status == 408 {
             Attempt::Retry(format!("the receiver answered {status}"), retry_after)
         } else {
             Attempt::GiveUp(format!("the receiver answered {status}"))
