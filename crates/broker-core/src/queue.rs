@@ -316,6 +316,9 @@ impl Queue {
     }
 
     async fn conn(&self) -> Result<crate::redis_conn::Connection, QueueError> {
+        if let Some(conn) = self.pool.ready() {
+            return Ok(conn);
+        }
         // Boxed: the pool's checkout future (which may open a connection) is kilobytes, and
         // would otherwise sit inside every future that awaits a queue operation.
         Ok(Box::pin(crate::redis_conn::get(&self.pool)).await?)

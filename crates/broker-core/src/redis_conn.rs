@@ -19,8 +19,8 @@
 //! thread uses (an actix worker's own): its commands then never wake another thread.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, RecycleResult};
 use deadpool::Runtime;
@@ -144,8 +144,48 @@ pub fn may_break(e: &RedisError) -> bool {
         || e.is_connection_refusal()
 }
 
-/// The command pool.
-pub type Pool = managed::Pool<Manager>;
+/// The command pool, with the connection it handed out last kept at hand: while that one is
+/// sound and was used within [`IDLE_CHECK`], [`Pool::ready`] hands it out again at once,
+/// without a checkout from the pool. (A checkout is a future of kilobytes, allocated for
+/// every command; see `docs/performance.md`.)
+#[derive(Clone)]
+pub struct Pool {
+    pool: managed::Pool<Manager>,
+    last: Arc<Mutex<Option<(Pooled, Instant)>>>,
+}
+
+impl Pool {
+    fn new(pool: managed::Pool<Manager>) -> Self {
+        Self {
+            pool,
+            last: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The connection handed out last, when the pool would hand it out again unchecked: no
+    /// command on it failed, no connection of the pool was lost since it was opened, and it
+    /// was used within [`IDLE_CHECK`]. Otherwise `None`: then [`get`] goes through the pool.
+    pub fn ready(&self) -> Option<Connection> {
+        let mut last = self.last.lock().ok()?;
+        let (pooled, used) = last.as_mut()?;
+        let now = Instant::now();
+        if pooled.broken.load(Ordering::SeqCst)
+            || pooled.generation < pooled.pool_generation.load(Ordering::SeqCst)
+            || now.duration_since(*used) >= IDLE_CHECK
+        {
+            *last = None;
+            return None;
+        }
+        *used = now;
+        Some(Connection(pooled.clone()))
+    }
+
+    fn keep(&self, pooled: &Pooled) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((pooled.clone(), Instant::now()));
+        }
+    }
+}
 
 /// Why the pool gave no connection.
 pub type PoolError = managed::PoolError<RedisError>;
@@ -153,10 +193,12 @@ pub type PoolError = managed::PoolError<RedisError>;
 /// A handle to a pooled connection, which is already back in the pool for others to share.
 pub struct Connection(Pooled);
 
+/// The connection's own `send_packed_command(s)` are awaited in place: going through its
+/// `ConnectionLike` would box each command's future a second time.
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let result = self.0.conn.req_packed_command(cmd).await;
+            let result = self.0.conn.send_packed_command(cmd).await;
             if let Err(e) = &result {
                 self.0.failed(e);
             }
@@ -171,7 +213,7 @@ impl ConnectionLike for Connection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let result = self.0.conn.req_packed_commands(cmd, offset, count).await;
+            let result = self.0.conn.send_packed_commands(cmd, offset, count).await;
             if let Err(e) = &result {
                 self.0.failed(e);
             }
@@ -185,9 +227,11 @@ impl ConnectionLike for Connection {
 }
 
 /// A handle to a connection from the pool, which goes straight back into the pool: the next
-/// command shares it (it is checked or replaced as the pool reuses it).
+/// command shares it (it is checked or replaced as the pool reuses it). Callers try
+/// [`Pool::ready`] first.
 pub async fn get(pool: &Pool) -> Result<Connection, PoolError> {
-    let pooled = pool.get().await?;
+    let pooled = pool.pool.get().await?;
+    pool.keep(&pooled);
     Ok(Connection(Pooled::clone(&pooled)))
 }
 
@@ -216,7 +260,7 @@ fn build_pool(
         ping: AtomicUsize::new(0),
         generation: Arc::new(AtomicU64::new(0)),
     };
-    Pool::builder(manager)
+    managed::Pool::builder(manager)
         .max_size(settings.pool_size)
         // The connection given back last is handed out next: commands gather on one.
         .queue_mode(managed::QueueMode::Lifo)
@@ -225,6 +269,7 @@ fn build_pool(
         .create_timeout(Some(settings.connect_timeout))
         .recycle_timeout(Some(settings.connect_timeout))
         .build()
+        .map(Pool::new)
         .map_err(|e| SetupError(e.to_string()))
 }
 
