@@ -18,15 +18,15 @@ if status ~= 'queued' then
   return {'not_queued', status}
 end
 -- The head of a running conversation is never 'queued', so this cannot take a running turn.
-if redis.call('LREM', KEYS[2], 1, ARGV[1]) == 0 then
+if redis.call('LREM', KEYS[2], '1', ARGV[1]) == 0 then
   return {'not_queued', status}
 end
 
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'outcome', ARGV[4], 'finished_at', ARGV[3])
 redis.call('HDEL', KEYS[1], 'body')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('HINCRBY', KEYS[5], 'queued', -1)
-redis.call('HINCRBY', KEYS[5], 'cancelled_total', 1)
+redis.call('HINCRBY', KEYS[5], 'queued', '-1')
+redis.call('HINCRBY', KEYS[5], 'cancelled_total', '1')
 local reply = redis.call('HGET', KEYS[1], 'reply')
 if reply and reply ~= '' then
   redis.call('PUBLISH', reply, ARGV[1] .. '\n' .. ARGV[4])
@@ -38,9 +38,9 @@ redis.call('PUBLISH', ARGV[7], id)
 if redis.call('LLEN', KEYS[2]) == 0 then
   -- Nothing left: an idle conversation leaves ready. One a drainer has just taken (in its
   -- processing list, not yet claimed) is cleaned up by that drainer's claim.
-  if redis.call('LREM', KEYS[4], 0, ARGV[2]) > 0 then
+  if redis.call('LREM', KEYS[4], '0', ARGV[2]) > 0 then
     redis.call('DEL', KEYS[3])
-    redis.call('HINCRBY', KEYS[5], 'active_queues', -1)
+    redis.call('HINCRBY', KEYS[5], 'active_queues', '-1')
   end
 end
 return {'ok'}

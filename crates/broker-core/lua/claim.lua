@@ -44,29 +44,30 @@ local function claim(conv, lease, taken)
     return nil
   end
 
-  local head = redis.call('LINDEX', ARGV[5] .. 'q:' .. conv, 0)
+  local head = redis.call('LINDEX', ARGV[5] .. 'q:' .. conv, '0')
   if not head then
-    redis.call('LREM', KEYS[1], 0, conv)
+    redis.call('LREM', KEYS[1], '0', conv)
     if state == 'running' then
-      redis.call('HINCRBY', KEYS[2], 'processing', -1)
+      redis.call('HINCRBY', KEYS[2], 'processing', '-1')
     end
     if redis.call('DEL', conv_key) == 1 then
-      redis.call('HINCRBY', KEYS[2], 'active_queues', -1)
+      redis.call('HINCRBY', KEYS[2], 'active_queues', '-1')
     end
     return {'empty', conv}
   end
   local msg = ARGV[5] .. 'msg:' .. head
 
   if state ~= 'running' then
-    redis.call('HINCRBY', KEYS[2], 'processing', 1)
-    redis.call('HINCRBY', KEYS[2], 'queued', -1)
+    redis.call('HINCRBY', KEYS[2], 'processing', '1')
+    redis.call('HINCRBY', KEYS[2], 'queued', '-1')
   end
   redis.call('HSET', conv_key, 'state', 'running', 'message_id', head, 'drainer', ARGV[2],
     'since', now, 'lease', lease)
-  local attempts = redis.call('HINCRBY', msg, 'attempts', 1)
-  redis.call('HSET', msg, 'status', 'running', 'started_at', now, 'drainer', ARGV[2])
   local m = redis.call('HMGET', msg, 'body', 'enqueued_at', 'reply', 'mode', 'user_id',
-    'client_message_id', 'callback_url')
+    'client_message_id', 'callback_url', 'attempts')
+  local attempts = (tonumber(m[8]) or 0) + 1
+  redis.call('HSET', msg, 'attempts', attempts, 'status', 'running', 'started_at', now,
+    'drainer', ARGV[2])
   return {'ok', conv, head, attempts, m[1] or '', m[2] or '0', m[3] or '', m[4] or '',
     m[5] or '', m[6] or '', m[7] or ''}
 end
@@ -76,7 +77,7 @@ if ARGV[1] ~= '' then
 end
 
 local claimed = {}
-local conv = redis.call('LINDEX', KEYS[1], 0)
+local conv = redis.call('LINDEX', KEYS[1], '0')
 local first = conv and claim(conv, ARGV[3], true)
 if not first then
   -- the BLMOVE moved nothing: the head is a turn already under way, or there is none

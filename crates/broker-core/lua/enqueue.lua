@@ -19,22 +19,18 @@
 if ARGV[6] == '1' then
   local original = redis.call('GET', KEYS[5])
   if original then
-    redis.call('HINCRBY', KEYS[6], 'deduplicated_total', 1)
+    redis.call('HINCRBY', KEYS[6], 'deduplicated_total', '1')
     return {'dup', original}
   end
 end
 
 local depth = redis.call('LLEN', KEYS[2])
 if depth >= tonumber(ARGV[4]) then
-  redis.call('HINCRBY', KEYS[6], 'rejected_full_total', 1)
+  redis.call('HINCRBY', KEYS[6], 'rejected_full_total', '1')
   return {'full', depth}
 end
 
-local fields = {}
-for i = 8, #ARGV do
-  fields[#fields + 1] = ARGV[i]
-end
-redis.call('HSET', KEYS[1], 'status', 'queued', 'enqueued_at', ARGV[3], 'attempts', 0, unpack(fields))
+redis.call('HSET', KEYS[1], 'status', 'queued', 'enqueued_at', ARGV[3], 'attempts', '0', unpack(ARGV, 8))
 redis.call('RPUSH', KEYS[2], ARGV[1])
 if ARGV[6] == '1' then
   redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[5])
@@ -46,15 +42,15 @@ if not state then
   -- idle conversation: it becomes ready, at the back of the line
   redis.call('HSET', KEYS[3], 'state', 'ready', 'since', ARGV[3])
   redis.call('LPUSH', KEYS[4], ARGV[2])
-  redis.call('HINCRBY', KEYS[6], 'active_queues', 1)
+  redis.call('HINCRBY', KEYS[6], 'active_queues', '1')
   position = 1
 elseif state == 'running' then
   position = depth
 else
   position = depth + 1
 end
-redis.call('HINCRBY', KEYS[6], 'queued', 1)
-redis.call('HINCRBY', KEYS[6], 'enqueued_total', 1)
+redis.call('HINCRBY', KEYS[6], 'queued', '1')
+redis.call('HINCRBY', KEYS[6], 'enqueued_total', '1')
 if ARGV[7] == '1' then
   local data = '{"type":"queued","message_id":"' .. ARGV[1] .. '","queue_position":' .. position .. '}'
   local id = redis.call('XADD', KEYS[7], '*', 'type', 'queued', 'data', data)

@@ -22,21 +22,19 @@
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[3] then
   return {'stale'}
 end
-if redis.call('LINDEX', KEYS[2], 0) ~= ARGV[2] then
+if redis.call('LINDEX', KEYS[2], '0') ~= ARGV[2] then
   return {'stale'}
 end
 
 local n = tonumber(ARGV[13])
 local f = tonumber(ARGV[14])
-local fields = {}
-for i = 15 + n + 2 * f, #ARGV do
-  fields[#fields + 1] = ARGV[i]
-end
-redis.call('HSET', KEYS[3], 'status', ARGV[5], 'outcome', ARGV[6], 'finished_at', ARGV[4], unpack(fields))
-for i = 1, #fields, 2 do
-  if fields[i] == 'callback' then
+local first_field = 15 + n + 2 * f
+redis.call('HSET', KEYS[3], 'status', ARGV[5], 'outcome', ARGV[6], 'finished_at', ARGV[4],
+  unpack(ARGV, first_field))
+for i = first_field, #ARGV, 2 do
+  if ARGV[i] == 'callback' then
     -- 'delivered' or 'failed'
-    redis.call('HINCRBY', KEYS[6], 'callbacks_' .. fields[i + 1] .. '_total', 1)
+    redis.call('HINCRBY', KEYS[6], 'callbacks_' .. ARGV[i + 1] .. '_total', '1')
   end
 end
 redis.call('HDEL', KEYS[3], 'body')
@@ -55,9 +53,9 @@ if ARGV[9] ~= '' then
   redis.call('EXPIRE', KEYS[8], ARGV[7])
   redis.call('PUBLISH', ARGV[12], id)
 end
-redis.call('LREM', KEYS[4], 0, ARGV[1])
-redis.call('HINCRBY', KEYS[6], 'processing', -1)
-redis.call('HINCRBY', KEYS[6], ARGV[5] .. '_total', 1)
+redis.call('LREM', KEYS[4], '0', ARGV[1])
+redis.call('HINCRBY', KEYS[6], 'processing', '-1')
+redis.call('HINCRBY', KEYS[6], ARGV[5] .. '_total', '1')
 if n > 0 then
   for i = 15, 14 + n do
     redis.call('LPUSH', KEYS[7], ARGV[i])
@@ -73,6 +71,6 @@ if left > 0 then
   redis.call('LPUSH', KEYS[5], ARGV[1])
 else
   redis.call('DEL', KEYS[1])
-  redis.call('HINCRBY', KEYS[6], 'active_queues', -1)
+  redis.call('HINCRBY', KEYS[6], 'active_queues', '-1')
 end
 return {'ok', left}

@@ -20,7 +20,7 @@ end
 if state == 'running' and running ~= ARGV[2] then
   return {'retry', running}
 end
-if redis.call('LREM', KEYS[3], 0, ARGV[1]) == 0 then
+if redis.call('LREM', KEYS[3], '0', ARGV[1]) == 0 then
   return {'absent'}
 end
 
@@ -28,8 +28,8 @@ if state == 'running' then
   if redis.call('HGET', KEYS[6], 'status') == 'running' then
     redis.call('HSET', KEYS[6], 'status', 'queued')
   end
-  redis.call('HINCRBY', KEYS[5], 'processing', -1)
-  redis.call('HINCRBY', KEYS[5], 'queued', 1)
+  redis.call('HINCRBY', KEYS[5], 'processing', '-1')
+  redis.call('HINCRBY', KEYS[5], 'queued', '1')
 end
 if redis.call('LLEN', KEYS[2]) > 0 then
   redis.call('HSET', KEYS[1], 'state', 'ready', 'since', ARGV[4])
@@ -37,8 +37,8 @@ if redis.call('LLEN', KEYS[2]) > 0 then
   redis.call('RPUSH', KEYS[4], ARGV[1])
 else
   if redis.call('DEL', KEYS[1]) == 1 then
-    redis.call('HINCRBY', KEYS[5], 'active_queues', -1)
+    redis.call('HINCRBY', KEYS[5], 'active_queues', '-1')
   end
 end
-redis.call('HINCRBY', KEYS[5], 'released_total', 1)
+redis.call('HINCRBY', KEYS[5], 'released_total', '1')
 return {'ok'}
