@@ -65,6 +65,7 @@ local function claim(conv, lease, taken)
     'since', now, 'lease', lease)
   local m = redis.call('HMGET', msg, 'body', 'enqueued_at', 'reply', 'mode', 'user_id',
     'client_message_id', 'callback_url', 'attempts')
+  -- The one computed number passed to redis.call (formatted once, as HINCRBY's 1 was).
   local attempts = (tonumber(m[8]) or 0) + 1
   redis.call('HSET', msg, 'attempts', attempts, 'status', 'running', 'started_at', now,
     'drainer', ARGV[2])

@@ -1,4 +1,8 @@
 //! The Lua scripts, loaded from `lua/*.lua`; each file's header names its KEYS, ARGV and return.
+//!
+//! Constants a script passes to `redis.call` are written as strings (`'1'`, `'0'`), not Lua
+//! numbers: Redis 7.0 formats every number argument with `snprintf("%.17g")`, which made a
+//! `HINCRBY` by `1` about half again as costly as by `'1'` (`docs/performance.md`, item 18).
 
 use redis::Script;
 
