@@ -8,17 +8,21 @@
 
 mod auth;
 mod error;
+mod http;
 mod routes;
 mod stream;
 mod waiters;
 
 use std::net::TcpListener;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use actix_web::dev::Server;
-use actix_web::{web, App, HttpServer};
+use actix_service::{fn_factory, fn_service, IntoServiceFactory, ServiceFactory};
+use actix_web::dev::{AppConfig, Server};
+use actix_web::rt::net::TcpStream;
+use actix_web::{web, App};
 use anyhow::Context;
 use broker_core::config::{ApiSettings, Settings};
 use broker_core::queue::Queue;
@@ -104,6 +108,8 @@ impl Application {
         let (stop_tx, stop_rx) = watch::channel(false);
         let all_waiters = Arc::new(Mutex::new(Vec::new()));
         let workers_built = Arc::new(AtomicUsize::new(0));
+        // Idle connections close when the API stops.
+        let idle_stop = stop_rx.clone();
         let callbacks = settings
             .callbacks
             .secret
@@ -153,7 +159,7 @@ impl Application {
             instance = %settings.api.instance_id,
             "broker-api listening"
         );
-        let server = HttpServer::new(move || {
+        let make_app = move || {
             App::new()
                 .app_data(worker_state())
                 .app_data(
@@ -176,15 +182,38 @@ impl Application {
                         .route("/stream", web::get().to(stream::get_stream)),
                 )
                 .default_service(web::to(routes::not_found))
-        })
-        .workers(workers)
-        .disable_signals()
-        .shutdown_timeout(30)
-        // Answers go out at once: with Nagle's algorithm a response written while the client
-        // has not yet acknowledged the previous one waits for its delayed ACK (~40 ms).
-        .tcp_nodelay(true)
-        .listen(listener)?
-        .run();
+        };
+        // actix-server runs the workers; each builds its App and serves its connections with
+        // the broker's own HTTP/1.1 transport (`http.rs`, which says why).
+        let limits = http::Limits::new(settings.api.max_body_bytes);
+        let server = Server::build()
+            .workers(workers)
+            .disable_signals()
+            .shutdown_timeout(30)
+            .listen("broker-api", listener, move || {
+                let make_app = make_app.clone();
+                let idle_stop = idle_stop.clone();
+                fn_factory(move || {
+                    let app = make_app();
+                    let idle_stop = idle_stop.clone();
+                    async move {
+                        let app = app
+                            .into_factory()
+                            .new_service(AppConfig::default())
+                            .await
+                            .map_err(|()| tracing::error!("the API's routes could not be built"))?;
+                        let app = Rc::new(app);
+                        Ok::<_, ()>(fn_service(move |io: TcpStream| {
+                            let serving = http::serve(io, app.clone(), limits, idle_stop.clone());
+                            async move {
+                                serving.await;
+                                Ok::<(), ()>(())
+                            }
+                        }))
+                    }
+                })
+            })?
+            .run();
         Ok(Self {
             port,
             server,

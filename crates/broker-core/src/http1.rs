@@ -555,8 +555,9 @@ impl Response {
     }
 }
 
-/// The size in a chunk-size line (hex, before any `;extension`).
-fn chunk_size(line: &[u8]) -> io::Result<u64> {
+/// The size in a chunk-size line (hex, before any `;extension`). The API's transport decodes
+/// request bodies with it too.
+pub fn chunk_size(line: &[u8]) -> io::Result<u64> {
     let digits = line
         .split(|b| *b == b';' || *b == b'\r')
         .next()
