@@ -444,11 +444,20 @@ impl Conn {
     ) -> io::Result<bool> {
         let (head, body) = response.into_parts();
         let keep_alive = how.keep_alive && head.head().keep_alive();
-        let size = body.size();
+        // 1xx, 204 and 304 answers carry no body and no length (RFC 9110, 8.6 and 15).
+        let status = head.status();
+        let bodiless = status.is_informational()
+            || status == actix_web::http::StatusCode::NO_CONTENT
+            || status == actix_web::http::StatusCode::NOT_MODIFIED;
+        let size = if bodiless {
+            BodySize::None
+        } else {
+            body.size()
+        };
         let mut out = Vec::with_capacity(256);
         write_head(&mut out, head.head(), size, keep_alive, how.http10);
         drop(head);
-        if how.head_only {
+        if how.head_only || bodiless {
             self.io.write_all(&out).await?;
             return Ok(keep_alive);
         }
@@ -748,6 +757,10 @@ mod tests {
         let app = App::new()
             .route("/echo", web::post().to(echo))
             .route("/pieces", web::get().to(pieces))
+            .route(
+                "/nothing",
+                web::get().to(|| async { HttpResponse::NoContent().finish() }),
+            )
             .into_factory()
             .new_service(AppConfig::default())
             .await
@@ -908,6 +921,12 @@ mod tests {
         assert!(
             answer.ends_with("\r\n\r\n4\r\none \r\n3\r\ntwo\r\n0\r\n\r\n"),
             "{answer}"
+        );
+        let answer = exchange(addr, b"GET /nothing HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+        assert!(
+            !answer.contains("content-length"),
+            "a 204 has no length: {answer}"
         );
         let answer = exchange(addr, b"HEAD /pieces HTTP/1.1\r\nConnection: close\r\n\r\n").await;
         assert!(
