@@ -1020,7 +1020,9 @@ mod tests {
     }
 
     /// The connection's future lives as long as the connection; while its request is served
-    /// it should hold little more than the app's own future (boxed phases, see `serve`).
+    /// it should hold little more than the app's own future (boxed phases, see `Conn::run`).
+    /// 376 bytes with a 16-byte app future when written; with the read phase inline it would be
+    /// over 1,200, so the 512 allowed leaves room for compiler changes without hiding that.
     #[actix_web::test]
     async fn the_connection_future_holds_only_the_wait() {
         let app = Rc::new(
@@ -1040,7 +1042,7 @@ mod tests {
         let serving = serve(io, app, Limits::new(MAX_BODY), stop);
         let size = std::mem::size_of_val(&serving);
         assert!(
-            size <= call + 400,
+            size <= call + 512,
             "serve's future is {size} bytes, the app's call {call}"
         );
     }
