@@ -7,13 +7,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use broker_core::http1;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
@@ -38,30 +37,57 @@ impl Mode {
     }
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// The most bytes of an answer the bench reads.
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
 
 /// Where and how to send.
 #[derive(Clone)]
 pub struct Target {
-    api: String,
-    client: HttpClient,
+    /// `host:port` of the API, for the `Host` header.
+    authority: String,
+    /// The broker's own HTTP/1.1 client (the drainer's): kept-alive connections, no task or
+    /// channel per request, so the load costs the machine little beside what it measures.
+    client: http1::Client,
     receiver: Option<Receiver>,
 }
 
 impl Target {
-    pub fn new(api: String, receiver: Option<Receiver>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            // Shorter than the API's keep-alive (actix-web's 5 s): a connection the server
-            // closes just as the client reuses it fails the request (`IncompleteMessage`).
-            .pool_idle_timeout(Duration::from_secs(3))
-            .build(connector);
-        Self {
-            api,
+    pub fn new(api: &str, receiver: Option<Receiver>) -> anyhow::Result<Self> {
+        let uri: hyper::Uri = api.parse()?;
+        let authority = uri
+            .authority()
+            .map(|a| a.to_string())
+            .ok_or_else(|| anyhow::anyhow!("{api}: no host"))?;
+        let client = http1::Client::new(&uri, Duration::from_secs(10))
+            .map_err(|e| anyhow::anyhow!("{api}: {e}"))?
+            // one kept connection per client: a run has up to 10,000 at once
+            .keep_idle(20_000);
+        Ok(Self {
+            authority,
             client,
             receiver,
-        }
+        })
+    }
+
+    /// Posts `body` to the API's message endpoint with the `extra` header lines; returns the
+    /// status and the whole answer.
+    async fn post(&self, extra: &str, body: &[u8]) -> Result<(u16, Vec<u8>), String> {
+        let head = format!(
+            "POST /api/v1/message HTTP/1.1\r\nhost: {}\r\nx-api-key: {API_KEY}\r\n\
+             content-type: application/json\r\n{extra}content-length: {}\r\n\r\n",
+            self.authority,
+            body.len()
+        );
+        let mut response = self
+            .client
+            .request(head.as_bytes(), body)
+            .await
+            .map_err(|e| format!("{e}"))?;
+        let bytes = response
+            .collect(MAX_ANSWER)
+            .await
+            .map_err(|e| format!("body: {e}"))?;
+        Ok((response.status, bytes))
     }
 }
 
@@ -94,28 +120,17 @@ pub async fn send_one(
         (Mode::Callback, None) => return Err("callback mode needs the receiver".into()),
         _ => None,
     };
-    let mut request = Request::post(format!("{}/api/v1/message", target.api))
-        .header("x-api-key", API_KEY)
-        .header("content-type", "application/json");
-    if mode == Mode::Stream {
-        request = request.header("accept", "text/event-stream");
-    }
-    let request = request
-        .body(Full::new(Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())?;
+    let extra = if mode == Mode::Stream {
+        "accept: text/event-stream\r\n"
+    } else {
+        ""
+    };
+    let body = body.to_string();
     let start = Instant::now();
-    let response = target
-        .client
-        .request(request)
+    let (status, bytes) = target
+        .post(extra, body.as_bytes())
         .await
-        .map_err(|e| format!("{text}: {e:?}"))?;
-    let status = response.status().as_u16();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("{text}: body: {e}"))?
-        .to_bytes();
+        .map_err(|e| format!("{text}: {e}"))?;
     let done = Instant::now();
     match mode {
         Mode::Sync => {
@@ -330,19 +345,9 @@ pub async fn preload(
             tasks.spawn(async move {
                 let body =
                     serde_json::json!({"user_id": user, "client_id": "bench", "message": text});
-                let request = Request::post(format!("{}/api/v1/message", target.api))
-                    .header("x-api-key", API_KEY)
-                    .header("content-type", "application/json")
-                    .header("prefer", "respond-async")
-                    .body(Full::new(Bytes::from(body.to_string())))
-                    .map_err(|e| e.to_string())?;
-                let response = target
-                    .client
-                    .request(request)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let status = response.status().as_u16();
-                let _ = response.into_body().collect().await;
+                let (status, _) = target
+                    .post("prefer: respond-async\r\n", body.to_string().as_bytes())
+                    .await?;
                 drop(permit);
                 if status == 202 {
                     Ok(())
@@ -369,16 +374,18 @@ pub async fn check_order(
     conversations: usize,
     messages: usize,
 ) -> Vec<String> {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let uri = format!("http://127.0.0.1:{mock_port}/mock/stats");
     let stats: Value = match async {
-        let r = client
-            .get(uri.parse().map_err(|e| format!("{e}"))?)
+        let uri: hyper::Uri = format!("http://127.0.0.1:{mock_port}/mock/stats")
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let client = http1::Client::new(&uri, Duration::from_secs(10))?;
+        let head = format!("GET /mock/stats HTTP/1.1\r\nhost: 127.0.0.1:{mock_port}\r\n\r\n");
+        let mut r = client
+            .request(head.as_bytes(), b"")
             .await
             .map_err(|e| e.to_string())?;
-        let b = r.into_body().collect().await.map_err(|e| e.to_string())?;
-        serde_json::from_slice(&b.to_bytes()).map_err(|e| e.to_string())
+        let b = r.collect(MAX_ANSWER).await.map_err(|e| e.to_string())?;
+        serde_json::from_slice(&b).map_err(|e| e.to_string())
     }
     .await
     {

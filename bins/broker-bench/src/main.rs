@@ -223,7 +223,7 @@ async fn closed(
 ) -> anyhow::Result<bool> {
     let receiver = receiver_for(mode).await?;
     let stack = Stack::start(stack_options(o, receiver.as_ref().map(Receiver::port)))?;
-    let target = Target::new(stack.api_url(), receiver.clone());
+    let target = Target::new(&stack.api_url(), receiver.clone())?;
     warm_up(&target, mode, conversations).await?;
     let begin = stack.begin()?;
     let mut results = load::closed_loop(&target, mode, run, conversations, messages).await;
@@ -250,7 +250,7 @@ async fn closed(
 async fn commands(o: &Options) -> anyhow::Result<bool> {
     let (conversations, messages) = (50, 20);
     let stack = Stack::start(stack_options(o, None))?;
-    let target = Target::new(stack.api_url(), None);
+    let target = Target::new(&stack.api_url(), None)?;
     warm_up(&target, Mode::Sync, conversations).await?;
     let monitor = report::Monitor::start(stack.redis_port).await?;
     let begin = stack.begin()?;
@@ -288,7 +288,7 @@ async fn commands(o: &Options) -> anyhow::Result<bool> {
 async fn sweep(o: &Options) -> anyhow::Result<bool> {
     let conversations = 2000;
     let stack = Stack::start(stack_options(o, None))?;
-    let target = Target::new(stack.api_url(), None);
+    let target = Target::new(&stack.api_url(), None)?;
     warm_up(&target, Mode::Sync, 200).await?;
     let mut points = Vec::new();
     let mut all_right = true;
@@ -346,7 +346,7 @@ async fn wide(o: &Options) -> anyhow::Result<bool> {
         ..stack_options(o, None)
     };
     let stack = Stack::start(options)?;
-    let target = Target::new(stack.api_url(), None);
+    let target = Target::new(&stack.api_url(), None)?;
     let begin = stack.begin()?;
     let results = load::closed_loop(&target, Mode::Sync, "wide", conversations, 1).await;
     let usage = stack.end(&begin)?;
@@ -371,7 +371,7 @@ async fn backlog(o: &Options) -> anyhow::Result<bool> {
             defer_drainers: true,
             ..stack_options(o, None)
         })?;
-        let target = Target::new(stack.api_url(), None);
+        let target = Target::new(&stack.api_url(), None)?;
         let loaded = Instant::now();
         if let Err(e) = load::preload(&target, "backlog", conversations, messages, 256).await {
             bail!("backlog preload: {e}");

@@ -31,7 +31,7 @@ const MAX_HEAD: usize = 64 * 1024;
 const INITIAL_BUFFER: usize = 1024;
 /// The least free room a read is given.
 const MIN_READ: usize = 512;
-/// Idle connections kept, and for how long.
+/// Idle connections kept (unless [`Client::keep_idle`] says otherwise), and for how long.
 const MAX_IDLE: usize = 64;
 const IDLE_TTL: Duration = Duration::from_secs(30);
 
@@ -59,7 +59,13 @@ pub struct Client {
     target: Arc<Target>,
     dial: Option<Dial>,
     connect_timeout: Duration,
-    idle: Arc<Mutex<Vec<Conn>>>,
+    idle: Arc<Pool>,
+}
+
+/// The idle connections of a client and its clones, at most `max` of them.
+struct Pool {
+    idle: Mutex<Vec<Conn>>,
+    max: usize,
 }
 
 struct Conn {
@@ -92,7 +98,7 @@ pub struct Response {
     conn: Option<Conn>,
     body: Body,
     keep_alive: bool,
-    idle: Arc<Mutex<Vec<Conn>>>,
+    idle: Arc<Pool>,
 }
 
 impl std::fmt::Debug for Response {
@@ -145,14 +151,28 @@ impl Client {
             }),
             dial,
             connect_timeout,
-            idle: Arc::new(Mutex::new(Vec::new())),
+            idle: Arc::new(Pool {
+                idle: Mutex::new(Vec::new()),
+                max: MAX_IDLE,
+            }),
         })
+    }
+
+    /// The same client keeping up to `max` idle connections instead of 64 (a load generator
+    /// keeps one for each of its clients). Call it before the first request: the pool is
+    /// replaced.
+    pub fn keep_idle(mut self, max: usize) -> Self {
+        self.idle = Arc::new(Pool {
+            idle: Mutex::new(Vec::new()),
+            max,
+        });
+        self
     }
 
     /// Closes the idle connections that have been idle too long (they are otherwise closed
     /// only when the next request comes).
     pub fn close_expired(&self) {
-        if let Ok(mut idle) = self.idle.lock() {
+        if let Ok(mut idle) = self.idle.idle.lock() {
             idle.retain(|conn| conn.idle_since.elapsed() < IDLE_TTL);
         }
     }
@@ -190,7 +210,7 @@ impl Client {
 
     /// An idle connection that is still open, if any.
     fn checkout(&self) -> Option<Conn> {
-        let mut idle = self.idle.lock().ok()?;
+        let mut idle = self.idle.idle.lock().ok()?;
         while let Some(mut conn) = idle.pop() {
             if conn.idle_since.elapsed() < IDLE_TTL && conn.still_open() {
                 conn.reused = true;
@@ -547,8 +567,8 @@ impl Response {
             conn.buf = Vec::with_capacity(INITIAL_BUFFER);
         }
         conn.idle_since = Instant::now();
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < MAX_IDLE {
+        if let Ok(mut idle) = self.idle.idle.lock() {
+            if idle.len() < self.idle.max {
                 idle.push(conn);
             }
         }
@@ -699,12 +719,34 @@ mod tests {
             assert!(first.is_some_and(|f| !f.is_empty() && b"frame\n".starts_with(&f)));
             response.finish(Duration::from_secs(5));
             let deadline = Instant::now() + Duration::from_secs(5);
-            while client.idle.lock().expect("lock").is_empty() {
+            while client.idle.idle.lock().expect("lock").is_empty() {
                 assert!(Instant::now() < deadline, "the connection never came back");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
         assert_eq!(*accepted.lock().expect("lock"), 1);
+    }
+
+    #[tokio::test]
+    async fn the_pool_keeps_as_many_idle_connections_as_it_is_told() {
+        let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        for (keep, kept) in [(None, 3), (Some(2), 2)] {
+            let (client, accepted) = server(vec![answer, answer], 100).await;
+            let client = match keep {
+                Some(n) => client.keep_idle(n),
+                None => client,
+            };
+            // Three requests at once hold three connections; their answers give them back.
+            let mut responses = Vec::new();
+            for _ in 0..3 {
+                responses.push(client.request(HEAD, b"{}").await.expect("request"));
+            }
+            for mut response in responses {
+                assert_eq!(body_of(&mut response).await, "ok");
+            }
+            assert_eq!(client.idle.idle.lock().expect("lock").len(), kept);
+            assert_eq!(*accepted.lock().expect("lock"), 3);
+        }
     }
 
     #[test]
