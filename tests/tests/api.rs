@@ -725,7 +725,12 @@ async fn the_worker_gets_every_field_it_understands_unchanged() {
         .await
         .unwrap();
     assert_eq!(answer.status, 200, "{}", answer.text);
-    let body = s.mock.state.stats().last_body["group:uW:-100123:42"].clone();
+    let body = s
+        .mock
+        .state
+        .stats()
+        .last_body("group:uW:-100123:42")
+        .expect("the worker got the message");
     let expected = json!({
         "user_id": "123456789", "org": "uW", "client_id": "telegram-gateway", "message_type": "audio",
         "message": "caption", "audio_base64": audio, "audio_format": "audio/ogg", "chat_type": "supergroup",

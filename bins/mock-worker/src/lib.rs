@@ -111,10 +111,27 @@ pub struct Stats {
     pub violations: Vec<String>,
     /// Message texts of the turns started, per conversation, in start order.
     pub started: HashMap<String, Vec<String>>,
-    /// Requests per message text (for `times=N`).
+    /// Requests per message text, for the texts that carry `times=N`.
     per_text: HashMap<String, u64>,
-    /// The last request body received, per conversation.
-    pub last_body: HashMap<String, Value>,
+    /// The last request body received, per conversation, as sent.
+    last_body: HashMap<String, Bytes>,
+}
+
+impl Stats {
+    /// The last request body received for `conversation`, parsed.
+    pub fn last_body(&self, conversation: &str) -> Option<Value> {
+        serde_json::from_slice(self.last_body.get(conversation)?).ok()
+    }
+}
+
+/// `map[key] = value`, allocating the key only when it is new.
+fn put<V>(map: &mut HashMap<String, V>, key: &str, value: V) {
+    match map.get_mut(key) {
+        Some(slot) => *slot = value,
+        None => {
+            map.insert(key.to_owned(), value);
+        }
+    }
 }
 
 /// The shared state of a running mock.
@@ -254,19 +271,27 @@ struct InFlight {
 impl InFlight {
     fn start(stats: &Arc<Mutex<Stats>>, conversation: &str, text: &str) -> Self {
         if let Ok(mut s) = stats.lock() {
-            let n = {
-                let n = s.in_flight.entry(conversation.to_owned()).or_insert(0);
-                *n += 1;
-                *n
+            let n = match s.in_flight.get_mut(conversation) {
+                Some(n) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    s.in_flight.insert(conversation.to_owned(), 1);
+                    1
+                }
             };
             s.max_in_flight = s.max_in_flight.max(n);
             if n > 1 {
                 s.violations.push(conversation.to_owned());
             }
-            s.started
-                .entry(conversation.to_owned())
-                .or_default()
-                .push(text.to_owned());
+            match s.started.get_mut(conversation) {
+                Some(texts) => texts.push(text.to_owned()),
+                None => {
+                    s.started
+                        .insert(conversation.to_owned(), vec![text.to_owned()]);
+                }
+            }
         }
         Self {
             stats: stats.clone(),
@@ -379,20 +404,19 @@ fn accept(
     );
     let text = field("message").unwrap_or("").to_owned();
     let directives = directives(&text);
-    if let Ok(mut stats) = state.stats.lock() {
-        stats
-            .last_body
-            .insert(conversation.to_string(), Value::Object(request.clone()));
-    }
-
+    let conversation = conversation.to_string();
     let seen = state
         .stats
         .lock()
         .map(|mut s| {
             s.requests += 1;
-            let n = s.per_text.entry(text.clone()).or_insert(0);
-            *n += 1;
-            *n
+            put(&mut s.last_body, &conversation, body.clone());
+            if directives.times.is_none() {
+                return 1;
+            }
+            let n = s.per_text.get(&text).copied().unwrap_or(0) + 1;
+            put(&mut s.per_text, &text, n);
+            n
         })
         .unwrap_or(1);
     let applies = directives.times.is_none_or(|times| seen <= times);
@@ -422,7 +446,7 @@ fn accept(
         )));
     }
     Ok(Accepted {
-        conversation: conversation.to_string(),
+        conversation,
         text,
         directives,
     })
@@ -448,6 +472,12 @@ fn chat_response(text: &str) -> Value {
 fn frame(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
 }
+
+/// The frames every turn sends, as [`frame`] writes them (keys in order), made once.
+const STATUS_FRAME: &str =
+    "data: {\"message\":\"Processing your request...\",\"type\":\"status\"}\n\n";
+const PROGRESS_FRAME: &str = "data: {\"text\":\"echo: \",\"type\":\"progress\"}\n\n";
+const KEEPALIVE_FRAME: &str = "data: {\"type\":\"keepalive\"}\n\n";
 
 async fn chat_stream(req: HttpRequest, body: Bytes, state: web::Data<MockState>) -> HttpResponse {
     let accepted = match accept(&req, &body, &state) {
@@ -507,9 +537,7 @@ impl Plan {
                 if let Some(silent) = self.silent {
                     tokio::time::sleep(silent).await;
                 }
-                Some(frame(
-                    &json!({"type": "status", "message": "Processing your request..."}),
-                ))
+                Some(Bytes::from_static(STATUS_FRAME.as_bytes()))
             }
             2 => {
                 if self.disconnect {
@@ -518,9 +546,9 @@ impl Plan {
                     return None;
                 }
                 pause(self.length / 2).await;
-                Some(frame(&json!({"type": "progress", "text": "echo: "})))
+                Some(Bytes::from_static(PROGRESS_FRAME.as_bytes()))
             }
-            3 => Some(frame(&json!({"type": "keepalive"}))),
+            3 => Some(Bytes::from_static(KEEPALIVE_FRAME.as_bytes())),
             4 => {
                 pause(self.length / 2).await;
                 // The turn is over once its terminal frame is produced.
@@ -605,5 +633,17 @@ mod tests {
         assert_eq!(d.sleep, Some(Duration::from_millis(10)));
         assert!(!directives("plain").disconnect);
         assert!(directives("[mock:disconnect]").disconnect);
+    }
+
+    #[test]
+    fn the_fixed_frames_are_the_ones_the_worker_writes() {
+        let status = json!({"type": "status", "message": "Processing your request..."});
+        assert_eq!(frame(&status), STATUS_FRAME.as_bytes());
+        let progress = json!({"type": "progress", "text": "echo: "});
+        assert_eq!(frame(&progress), PROGRESS_FRAME.as_bytes());
+        assert_eq!(
+            frame(&json!({"type": "keepalive"})),
+            KEEPALIVE_FRAME.as_bytes()
+        );
     }
 }
