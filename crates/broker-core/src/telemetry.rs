@@ -179,26 +179,37 @@ fn write_escaped(out: &mut dyn fmt::Write, text: &str) -> fmt::Result {
 /// Escapes what is written through it for the inside of a JSON string.
 struct Escaping<'a>(&'a mut dyn fmt::Write);
 
+/// Whether a byte must be escaped in a JSON string. All such bytes are ASCII, so a byte
+/// that is not one of them, including every byte of a multi-byte character, is copied as is.
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
 impl fmt::Write for Escaping<'_> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
+        let bytes = text.as_bytes();
+        // Most text has nothing to escape: a check without an early exit, which the
+        // compiler turns into wide compares, finds that out faster than a walk by characters
+        // (the walk was a quarter of what logging cost the API).
+        if !bytes.iter().fold(false, |any, &b| any | needs_escape(b)) {
+            return self.0.write_str(text);
+        }
         let mut plain = 0;
-        for (i, c) in text.char_indices() {
-            let escaped = match c {
-                '"' => "\\\"",
-                '\\' => "\\\\",
-                '\n' => "\\n",
-                '\r' => "\\r",
-                '\t' => "\\t",
-                c if (c as u32) < 0x20 => "",
-                _ => continue,
-            };
-            self.0.write_str(&text[plain..i])?;
-            if escaped.is_empty() {
-                write!(self.0, "\\u{:04x}", c as u32)?;
-            } else {
-                self.0.write_str(escaped)?;
+        for (i, &b) in bytes.iter().enumerate() {
+            if !needs_escape(b) {
+                continue;
             }
-            plain = i + c.len_utf8();
+            // `i` is at an ASCII byte, so both slices end on character boundaries.
+            self.0.write_str(&text[plain..i])?;
+            match b {
+                b'"' => self.0.write_str("\\\"")?,
+                b'\\' => self.0.write_str("\\\\")?,
+                b'\n' => self.0.write_str("\\n")?,
+                b'\r' => self.0.write_str("\\r")?,
+                b'\t' => self.0.write_str("\\t")?,
+                _ => write!(self.0, "\\u{b:04x}")?,
+            }
+            plain = i + 1;
         }
         self.0.write_str(&text[plain..])
     }
@@ -305,6 +316,30 @@ mod tests {
             (27, "T", "Z"),
             "{stamp}"
         );
+    }
+
+    #[test]
+    fn strings_are_escaped_as_json_reads_them_back() {
+        let mut texts: Vec<String> = (0u8..0x80).map(|b| char::from(b).to_string()).collect();
+        texts.extend(
+            [
+                "",
+                "plain",
+                "é\"ü\u{1f}✓",
+                "\\\\",
+                "end\n",
+                "日本語\t語",
+                "\u{7f}\u{80}",
+            ]
+            .map(str::to_owned),
+        );
+        for text in texts {
+            let mut out = String::new();
+            write_escaped(&mut out, &text).expect("write");
+            let back: String = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+            assert_eq!(back, text, "{out}");
+            assert!(!out[1..out.len() - 1].bytes().any(|b| b < 0x20), "{out}");
+        }
     }
 
     #[test]
