@@ -410,7 +410,12 @@ fn accept(
         .lock()
         .map(|mut s| {
             s.requests += 1;
-            put(&mut s.last_body, &conversation, body.clone());
+            // A copy: `body` may share a connection's whole read buffer.
+            put(
+                &mut s.last_body,
+                &conversation,
+                Bytes::copy_from_slice(body),
+            );
             if directives.times.is_none() {
                 return 1;
             }
