@@ -68,6 +68,15 @@ struct Pool {
     max: usize,
 }
 
+impl Pool {
+    fn keeping(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            idle: Mutex::new(Vec::new()),
+            max,
+        })
+    }
+}
+
 struct Conn {
     io: Box<dyn Io>,
     /// Bytes read and not consumed yet: `buf[start..]`.
@@ -151,10 +160,7 @@ impl Client {
             }),
             dial,
             connect_timeout,
-            idle: Arc::new(Pool {
-                idle: Mutex::new(Vec::new()),
-                max: MAX_IDLE,
-            }),
+            idle: Pool::keeping(MAX_IDLE),
         })
     }
 
@@ -162,10 +168,7 @@ impl Client {
     /// keeps one for each of its clients). Call it before the first request: the pool is
     /// replaced.
     pub fn keep_idle(mut self, max: usize) -> Self {
-        self.idle = Arc::new(Pool {
-            idle: Mutex::new(Vec::new()),
-            max,
-        });
+        self.idle = Pool::keeping(max);
         self
     }
 
