@@ -44,14 +44,14 @@ pub struct Conversation(String);
 impl Conversation {
     /// The key of a private chat.
     pub fn private(org: &str, user_id: &str) -> Self {
-        Self(format!("user:{org}:{user_id}"))
+        Self(["user:", org, ":", user_id].concat())
     }
 
     /// The key of a group chat, or of one thread (topic) of a supergroup.
     pub fn group(org: &str, chat_id: &str, thread_id: Option<&str>) -> Self {
         match thread_id {
-            Some(thread) => Self(format!("group:{org}:{chat_id}:{thread}")),
-            None => Self(format!("group:{org}:{chat_id}")),
+            Some(thread) => Self(["group:", org, ":", chat_id, ":", thread].concat()),
+            None => Self(["group:", org, ":", chat_id].concat()),
         }
     }
 

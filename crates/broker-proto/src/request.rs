@@ -4,9 +4,12 @@
 //! that every problem is reported at once and each message names its field. Nothing reaches
 //! Redis unless this returns `Ok`.
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::conversation::{ChatType, Conversation};
+use crate::json;
 
 /// Longest decoded audio the worker accepts (`reference/worker-contract.md` §1.3).
 pub const MAX_AUDIO_BYTES: usize = 25 * 1024 * 1024;
@@ -114,22 +117,205 @@ impl ValidationError {
     }
 }
 
+/// One field's value, as far as validation needs to know it. Strings borrow from the body
+/// unless an escape in them made that impossible.
+#[derive(Debug)]
+enum Field<'a> {
+    Null,
+    Str(Cow<'a, str>),
+    Bool(bool),
+    /// A number, array or object: read through (and checked as JSON) but not kept.
+    Other,
+}
+
+impl Field<'_> {
+    fn is_null(&self) -> bool {
+        matches!(self, Self::Null)
+    }
+}
+
+impl<'de> Deserialize<'de> for Field<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(FieldVisitor)
+    }
+}
+
+struct FieldVisitor;
+
+impl<'de> Visitor<'de> for FieldVisitor {
+    type Value = Field<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Field::Str(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Field::Str(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Field::Bool(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Field::Null)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Field::Other)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Field::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Field::Other)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        // Each element is read as a value of its own, so the body is checked as strictly as
+        // a `serde_json::Value` would check it.
+        while seq.next_element::<Field<'de>>()?.is_some() {}
+        Ok(Field::Other)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<Name<'de>, Field<'de>>()?.is_some() {}
+        Ok(Field::Other)
+    }
+}
+
+/// An object key, borrowed from the body where it has no escapes.
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl<'de> Visitor<'de> for NameVisitor {
+            type Value = Name<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
+    }
+}
+
+/// The body's known fields, by their index in [`KNOWN_FIELDS`], and the names of the others.
+/// `None` for a body that is valid JSON but not an object.
+struct Body<'a>(Option<Fields<'a>>);
+
+struct Fields<'a> {
+    known: [Option<Field<'a>>; KNOWN_FIELDS.len()],
+    unknown: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for Body<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct BodyVisitor;
+        impl<'de> Visitor<'de> for BodyVisitor {
+            type Value = Body<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = Fields {
+                    known: Default::default(),
+                    unknown: Vec::new(),
+                };
+                // A repeated field counts once, with its last value, as in a JSON object.
+                while let Some(Name(name)) = map.next_key::<Name<'de>>()? {
+                    let value = map.next_value::<Field<'de>>()?;
+                    match KNOWN_FIELDS.iter().position(|known| *known == name) {
+                        Some(i) => fields.known[i] = Some(value),
+                        None if !fields.unknown.iter().any(|u| *u == name) => {
+                            fields.unknown.push(name.into_owned());
+                        }
+                        None => {}
+                    }
+                }
+                Ok(Body(Some(fields)))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                FieldVisitor.visit_seq(seq).map(|_| Body(None))
+            }
+
+            fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
+                Ok(Body(None))
+            }
+
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Body(None))
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Body(None))
+            }
+
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Body(None))
+            }
+
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Body(None))
+            }
+
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Body(None))
+            }
+
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Body(None))
+            }
+        }
+        deserializer.deserialize_any(BodyVisitor)
+    }
+}
+
 /// Reads the fields of one request, collecting problems as it goes.
-struct Reader<'a> {
-    body: &'a Map<String, Value>,
+struct Reader<'f, 'a> {
+    body: &'f Fields<'a>,
     problems: Vec<String>,
 }
 
-impl<'a> Reader<'a> {
+impl<'f, 'a> Reader<'f, 'a> {
     fn problem(&mut self, field: &str, text: &str) {
         self.problems.push(format!("{field}: {text}"));
     }
 
+    /// A field's value as sent, `None` when it is absent. `field` is one of [`KNOWN_FIELDS`].
+    fn get(&self, field: &str) -> Option<&'f Field<'a>> {
+        let i = KNOWN_FIELDS.iter().position(|known| *known == field)?;
+        self.body.known[i].as_ref()
+    }
+
+    /// Whether the field is absent or `null`.
+    fn absent(&self, field: &str) -> bool {
+        self.get(field).is_none_or(Field::is_null)
+    }
+
     /// A string field; `null` counts as absent.
-    fn string(&mut self, field: &str) -> Option<&'a str> {
-        match self.body.get(field) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.as_str()),
+    fn string(&mut self, field: &str) -> Option<&'f str> {
+        match self.get(field) {
+            None | Some(Field::Null) => None,
+            Some(Field::Str(s)) => Some(s),
             Some(_) => {
                 self.problem(field, "must be a string");
                 None
@@ -138,9 +324,9 @@ impl<'a> Reader<'a> {
     }
 
     /// An identifier: non-blank, bounded, no control characters.
-    fn id(&mut self, field: &str, max: usize, required: bool) -> Option<&'a str> {
+    fn id(&mut self, field: &str, max: usize, required: bool) -> Option<&'f str> {
         let Some(value) = self.string(field) else {
-            if required && self.body.get(field).is_none_or(Value::is_null) {
+            if required && self.absent(field) {
                 self.problem(field, "is required");
             }
             return None;
@@ -160,9 +346,9 @@ impl<'a> Reader<'a> {
     }
 
     fn boolean(&mut self, field: &str) -> Option<bool> {
-        match self.body.get(field) {
-            None | Some(Value::Null) => None,
-            Some(Value::Bool(b)) => Some(*b),
+        match self.get(field) {
+            None | Some(Field::Null) => None,
+            Some(Field::Bool(b)) => Some(*b),
             Some(_) => {
                 self.problem(field, "must be true or false");
                 None
@@ -179,22 +365,18 @@ pub fn validate_message(
     default_org: &str,
     limits: &ValidationLimits,
 ) -> Result<MessageRequest, ValidationError> {
-    let value: Value = serde_json::from_slice(body)
+    let Body(parsed) = serde_json::from_slice(body)
         .map_err(|e| ValidationError::single(format!("body: is not valid JSON ({e})")))?;
-    let Value::Object(map) = value else {
+    let Some(fields) = parsed else {
         return Err(ValidationError::single("body: must be a JSON object"));
     };
     let mut r = Reader {
-        body: &map,
+        body: &fields,
         problems: Vec::new(),
     };
 
-    let mut unknown: Vec<&str> = map
-        .keys()
-        .map(String::as_str)
-        .filter(|k| !KNOWN_FIELDS.contains(k))
-        .collect();
-    if !unknown.is_empty() {
+    if !fields.unknown.is_empty() {
+        let mut unknown: Vec<&str> = fields.unknown.iter().map(String::as_str).collect();
         unknown.sort_unstable();
         let names = unknown
             .iter()
@@ -260,9 +442,8 @@ pub fn validate_message(
         }
     } else {
         let wrong_type = r
-            .body
             .get("message")
-            .is_some_and(|v| !v.is_string() && !v.is_null());
+            .is_some_and(|v| !matches!(v, Field::Str(_) | Field::Null));
         if !wrong_type && message.is_none_or(|m| m.trim().is_empty()) {
             r.problem(
                 "message",
@@ -288,7 +469,7 @@ pub fn validate_message(
         }),
     };
     let chat_id = r.id("chat_id", limits.chat_id, false);
-    if chat_type.is_group() && r.body.get("chat_id").is_none_or(Value::is_null) {
+    if chat_type.is_group() && r.absent("chat_id") {
         r.problem(
             "chat_id",
             "is required when chat_type is group or supergroup",
@@ -320,32 +501,45 @@ pub fn validate_message(
     };
 
     let conversation = Conversation::for_chat(org, chat_type, user_id, chat_id, thread_id);
-    let mut worker = Map::new();
-    worker.insert("client_id".into(), client_id.into());
-    worker.insert("user_id".into(), user_id.into());
-    worker.insert("org".into(), org.into());
-    worker.insert("message_type".into(), message_type.into());
-    let optional = [
-        ("message", message),
+    // The worker's body, written directly: every field it understands, in the order of their
+    // names (as a `serde_json::Map` would write them), `org_id` mapped to `org`.
+    let chat_type = r.get("chat_type").map(|_| chat_type.as_str());
+    let strings = [
         ("audio_base64", audio_base64),
         ("audio_format", audio_format),
         ("chat_id", chat_id),
-        ("thread_id", thread_id),
-        ("speaker", speaker),
+        ("chat_type", chat_type),
+        ("client_id", Some(client_id)),
+        ("message", message),
+        ("message_type", Some(message_type)),
+        ("org", Some(org)),
         ("response_language_hint", hint),
+        ("speaker", speaker),
+        ("thread_id", thread_id),
+        ("user_id", Some(user_id)),
     ];
-    if r.body.contains_key("chat_type") {
-        worker.insert("chat_type".into(), chat_type.as_str().into());
+    let mut worker_body = String::with_capacity(body.len() + 64);
+    worker_body.push('{');
+    if let Some(b) = addressed_to_bot {
+        worker_body.push_str(if b {
+            "\"addressed_to_bot\":true,"
+        } else {
+            "\"addressed_to_bot\":false,"
+        });
     }
-    for (name, value) in optional {
+    for (name, value) in strings {
         if let Some(v) = value {
-            worker.insert(name.into(), v.into());
+            worker_body.push('"');
+            worker_body.push_str(name);
+            worker_body.push_str("\":");
+            // Writing to a `String` cannot fail.
+            let _ = json::write_string(&mut worker_body, v);
+            worker_body.push(',');
         }
     }
-    if let Some(b) = addressed_to_bot {
-        worker.insert("addressed_to_bot".into(), b.into());
-    }
-    let worker_body = Value::Object(worker).to_string();
+    // At least `client_id` was written: the last comma closes the object instead.
+    worker_body.pop();
+    worker_body.push('}');
 
     Ok(MessageRequest {
         conversation,
@@ -396,7 +590,7 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn check(body: Value) -> Result<MessageRequest, ValidationError> {
         validate_message(
@@ -540,6 +734,91 @@ mod tests {
                 got.contains(expected),
                 "{body} gave {got:?}, expected {expected:?}"
             );
+        }
+    }
+
+    /// The worker's body as the fields map to it: what `validate_message` wrote by building a
+    /// `serde_json::Map` before it wrote the text itself.
+    fn expected_worker_body(body: &Value) -> String {
+        let mut worker = serde_json::Map::new();
+        for (name, value) in body.as_object().expect("an object") {
+            let name = match name.as_str() {
+                "org_id" if body.get("org").is_some() => continue,
+                "org_id" => "org",
+                "client_message_id" | "callback_url" => continue,
+                "chat_type" if value.is_null() => {
+                    worker.insert(name.clone(), "private".into());
+                    continue;
+                }
+                other => other,
+            };
+            if !value.is_null() {
+                worker.insert(name.to_owned(), value.clone());
+            }
+        }
+        worker
+            .entry("org")
+            .or_insert_with(|| "unfoldingWord".into());
+        worker
+            .entry("message_type")
+            .or_insert_with(|| "text".into());
+        Value::Object(worker).to_string()
+    }
+
+    #[test]
+    fn the_worker_body_is_the_fields_as_json_writes_them() {
+        let bodies = [
+            json!({"user_id": "alice", "client_id": "web", "message": "hi"}),
+            json!({"user_id": "a\"b\\c", "client_id": "wé✓", "message": "line\none\ttab \u{1f600}", "org_id": "uW"}),
+            json!({"user_id": "7", "client_id": "tg", "message": "x", "chat_type": "supergroup",
+                "chat_id": "-100", "thread_id": "42", "speaker": "Alice", "addressed_to_bot": true,
+                "response_language_hint": "ru", "client_message_id": "m1", "org": "A", "org_id": "B"}),
+            json!({"user_id": "a", "client_id": "web", "message": "x", "chat_type": null,
+                "speaker": null, "addressed_to_bot": false, "message_type": "text"}),
+            json!({"user_id": "a", "client_id": "web", "message_type": "audio",
+                "audio_base64": "QUJD", "audio_format": "Audio/OGG"}),
+        ];
+        for body in bodies {
+            let req = check(body.clone()).unwrap_or_else(|e| panic!("{body}: {e}"));
+            assert_eq!(req.worker_body, expected_worker_body(&body), "{body}");
+        }
+    }
+
+    #[test]
+    fn the_body_is_read_as_json_reads_it() {
+        let limits = ValidationLimits::default();
+        let read = |text: &str| validate_message(text.as_bytes(), "o", &limits);
+        // A repeated field counts with its last value; escapes in names and values are read.
+        let req = read(r#"{"user_id":"a","user_id":"b","client_id":"web","message":"x","\u006dessage":"y\u00e9"}"#)
+            .expect("valid");
+        assert_eq!(req.user_id, "b");
+        let worker: Value = serde_json::from_str(&req.worker_body).expect("json");
+        assert_eq!(worker["message"], "yé");
+        // Values of any kind, nested, are read through and named when they are not allowed.
+        let got = read(r#"{"user_id":"a","client_id":"web","message":"x","extra":[1,{"a":[null]}],"extra":2,"speaker":{"a":1}}"#)
+            .expect_err("refused")
+            .to_string();
+        assert_eq!(got, "unknown field(s) `extra`; speaker: must be a string");
+        // Numbers JSON cannot hold, anywhere, make the body invalid JSON.
+        let got = read(r#"{"user_id":"a","client_id":"web","message":"x","n":[1e400]}"#)
+            .expect_err("refused")
+            .to_string();
+        assert!(got.starts_with("body: is not valid JSON"), "{got}");
+        for text in [
+            "\"x\"",
+            "1",
+            "-2.5",
+            "null",
+            "true",
+            "[]",
+            "[{\"user_id\":\"a\"}]",
+        ] {
+            let got = read(text).expect_err("refused").to_string();
+            assert_eq!(got, "body: must be a JSON object", "{text}");
+        }
+        for text in ["", "{", "{\"a\":}", "{} {}", "{\"a\":1,}"] {
+            let got = read(text).expect_err("refused").to_string();
+            assert!(got.starts_with("body: is not valid JSON"), "{text}: {got}");
         }
     }
 
