@@ -10,7 +10,7 @@ use redis::{AsyncCommands, Value};
 use crate::clock::now_ms;
 use crate::keys::Keys;
 use crate::redis_conn::Pool;
-use crate::scripts::Scripts;
+use crate::scripts::{Call, Scripts};
 
 /// A Redis failure: the pool could not give a connection, or a command failed.
 /// Runs a read (`|$conn| $body`, on a pooled connection), and once more if its connection
@@ -347,7 +347,7 @@ impl Queue {
             Some(cmid) => self.keys.dedup(conv, cmid),
             None => self.keys.message(message_id),
         };
-        let mut invocation = self.scripts.enqueue.prepare_invoke();
+        let mut invocation = Call::new(&self.scripts.enqueue, 7);
         invocation
             .key(self.keys.message(message_id))
             .key(self.keys.queue(conv))
@@ -385,7 +385,7 @@ impl Queue {
             invocation.arg("callback_url").arg(url);
         }
         let mut conn = self.conn().await?;
-        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        let reply: Vec<Value> = invocation.invoke(&mut conn).await?;
         let field = |i: usize| {
             reply
                 .get(i)
@@ -431,7 +431,7 @@ impl Queue {
         lease: &str,
         room: usize,
     ) -> Result<Vec<Taken>, QueueError> {
-        let mut claim = self.scripts.claim.prepare_invoke();
+        let mut claim = Call::new(&self.scripts.claim, 3);
         // No time of our own: the claim runs when BLMOVE returns, and takes the Redis clock.
         self.claim_args(&mut claim, drainer, "", lease, "");
         claim.arg(room.max(1));
@@ -443,7 +443,7 @@ impl Queue {
                 redis::Direction::Left,
                 block.as_secs_f64(),
             )
-            .invoke_script(&claim)
+            .add_command(claim.cmd()?.clone())
             .ignore_errors()
             .query_async(conn)
             .await?;
@@ -461,7 +461,7 @@ impl Queue {
                 }
                 // The script cache was emptied (a restart or SCRIPT FLUSH): load it and claim
                 // what the BLMOVE moved, if anything.
-                claim.invoke_async(conn).await?
+                claim.invoke(conn).await?
             }
             Some(Value::Array(entries)) => entries,
             other => return Err(QueueError::Protocol(format!("claim returned {other:?}"))),
@@ -494,7 +494,7 @@ impl Queue {
     ) -> Result<Claim, QueueError> {
         let mut conn = self.conn().await?;
         let now = now_ms();
-        let mut claim = self.scripts.claim.prepare_invoke();
+        let mut claim = Call::new(&self.scripts.claim, 3);
         self.claim_args(
             &mut claim,
             drainer,
@@ -502,7 +502,7 @@ impl Queue {
             lease,
             &now.to_string(),
         );
-        let reply: Vec<Value> = claim.invoke_async(&mut conn).await?;
+        let reply: Vec<Value> = claim.invoke(&mut conn).await?;
         match parse_claim(&reply, now)? {
             Some((_, claim)) => Ok(claim),
             None => Err(QueueError::Protocol(
@@ -513,7 +513,7 @@ impl Queue {
 
     fn claim_args(
         &self,
-        invocation: &mut redis::ScriptInvocation<'_>,
+        invocation: &mut Call<'_>,
         drainer: &str,
         conversation: &str,
         lease: &str,
@@ -542,7 +542,7 @@ impl Queue {
         retention: &Retention,
     ) -> Result<Finished, QueueError> {
         let mut conn = self.conn().await?;
-        let mut invocation = self.scripts.finish.prepare_invoke();
+        let mut invocation = Call::new(&self.scripts.finish, 8);
         invocation
             .key(self.keys.conversation(conversation))
             .key(self.keys.queue(conversation))
@@ -575,7 +575,7 @@ impl Queue {
         for (field, value) in &finish.fields {
             invocation.arg(field).arg(value);
         }
-        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        let reply: Vec<Value> = invocation.invoke(&mut conn).await?;
         match reply.first().map(as_string).transpose()?.as_deref() {
             Some("ok") => Ok(Finished::Done {
                 left: reply.get(1).map(as_u64).transpose()?.unwrap_or(0),
@@ -601,7 +601,7 @@ impl Queue {
             return Ok(true);
         }
         let mut conn = self.conn().await?;
-        let mut invocation = self.scripts.event.prepare_invoke();
+        let mut invocation = Call::new(&self.scripts.event, 2);
         invocation
             .key(self.keys.conversation(conversation))
             .key(self.keys.events(message_id))
@@ -613,7 +613,7 @@ impl Queue {
         for (kind, data) in frames {
             invocation.arg(kind).arg(data);
         }
-        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        let reply: Vec<Value> = invocation.invoke(&mut conn).await?;
         match reply.first().map(as_string).transpose()?.as_deref() {
             Some("ok") => Ok(true),
             Some("stale") => Ok(false),
@@ -687,9 +687,7 @@ impl Queue {
             } else {
                 self.keys.message(&running)
             };
-            let reply: Vec<Value> = self
-                .scripts
-                .release
+            let reply: Vec<Value> = Call::new(&self.scripts.release, 6)
                 .key(&conv_key)
                 .key(self.keys.queue(conversation))
                 .key(self.keys.processing(owner))
@@ -700,7 +698,7 @@ impl Queue {
                 .arg(&running)
                 .arg(lease.unwrap_or(""))
                 .arg(now_ms())
-                .invoke_async(&mut conn)
+                .invoke(&mut conn)
                 .await?;
             match reply.first().map(as_string).transpose()?.as_deref() {
                 Some("ok") => return Ok(Released::Done),
@@ -733,9 +731,7 @@ impl Queue {
             return Ok(Cancelled::Absent);
         };
         let conv = Conversation::from_key(conversation);
-        let reply: Vec<Value> = self
-            .scripts
-            .cancel
+        let reply: Vec<Value> = Call::new(&self.scripts.cancel, 6)
             .key(self.keys.message(message_id))
             .key(self.keys.queue(&conv))
             .key(self.keys.conversation(&conv))
@@ -749,7 +745,7 @@ impl Queue {
             .arg(result_ttl.as_secs().max(1))
             .arg(terminal_data)
             .arg(self.keys.events(message_id))
-            .invoke_async(&mut conn)
+            .invoke(&mut conn)
             .await?;
         match reply.first().map(as_string).transpose()?.as_deref() {
             Some("ok") => Ok(Cancelled::Done),
@@ -769,25 +765,21 @@ impl Queue {
     /// Records a drainer's heartbeat on the Redis clock; returns that time (ms).
     pub async fn heartbeat(&self, drainer: &str) -> Result<u64, QueueError> {
         let mut conn = self.conn().await?;
-        Ok(self
-            .scripts
-            .heartbeat
+        Ok(Call::new(&self.scripts.heartbeat, 1)
             .key(self.keys.drainers())
             .arg(drainer)
-            .invoke_async(&mut conn)
+            .invoke(&mut conn)
             .await?)
     }
 
     /// Drainers silent for longer than `dead_after`.
     pub async fn expired_drainers(&self, dead_after: Duration) -> Result<Vec<String>, QueueError> {
         let mut conn = self.conn().await?;
-        Ok(self
-            .scripts
-            .expired
+        Ok(Call::new(&self.scripts.expired, 1)
             .key(self.keys.drainers())
             .arg(dead_after.as_millis() as u64)
             .arg(100)
-            .invoke_async(&mut conn)
+            .invoke(&mut conn)
             .await?)
     }
 
@@ -801,14 +793,12 @@ impl Queue {
     /// Drops a dead drainer whose processing list is empty.
     pub async fn forget(&self, drainer: &str, dead_after: Duration) -> Result<bool, QueueError> {
         let mut conn = self.conn().await?;
-        let n: i64 = self
-            .scripts
-            .forget
+        let n: i64 = Call::new(&self.scripts.forget, 2)
             .key(self.keys.drainers())
             .key(self.keys.processing(drainer))
             .arg(drainer)
             .arg(dead_after.as_millis() as u64)
-            .invoke_async(&mut conn)
+            .invoke(&mut conn)
             .await?;
         Ok(n == 1)
     }
@@ -822,13 +812,11 @@ impl Queue {
 
     /// Figures for `GET /health`: O(log n) in drainers, O(1) in users.
     pub async fn health(&self, dead_after: Duration) -> Result<HealthFigures, QueueError> {
-        let v: (u64, i64, i64, i64) = read!(self, |conn| self
-            .scripts
-            .health
+        let v: (u64, i64, i64, i64) = read!(self, |conn| Call::new(&self.scripts.health, 2)
             .key(self.keys.stats())
             .key(self.keys.drainers())
             .arg(dead_after.as_millis() as u64)
-            .invoke_async(&mut conn)
+            .invoke(&mut conn)
             .await?)?;
         Ok(HealthFigures {
             drainers_alive: v.0,
@@ -945,18 +933,25 @@ fn parse_claim(reply: &[Value], now: u64) -> Result<Option<(Conversation, Claim)
             .map(Option::unwrap_or_default)
     };
     let claim = match field(0)?.as_str() {
-        "ok" => Claim::Turn(Box::new(Claimed {
-            message_id: field(2)?,
-            attempts: field(3)?.parse().unwrap_or(1),
-            body: field(4)?,
-            enqueued_at: field(5)?.parse().unwrap_or(now),
-            started_at: now,
-            reply: field(6)?,
-            mode: field(7)?,
-            user_id: field(8)?,
-            client_message_id: field(9)?,
-            callback_url: field(10)?,
-        })),
+        "ok" => {
+            let turn = field(2)?;
+            // Eight fields, then the body, which takes the rest (see `claim.lua`).
+            let mut parts = turn.splitn(9, '\0');
+            let mut next = || parts.next().unwrap_or_default().to_owned();
+            let (message_id, attempts, enqueued_at) = (next(), next(), next());
+            Claim::Turn(Box::new(Claimed {
+                message_id,
+                attempts: attempts.parse().unwrap_or(1),
+                enqueued_at: enqueued_at.parse().unwrap_or(now),
+                started_at: now,
+                reply: next(),
+                mode: next(),
+                user_id: next(),
+                client_message_id: next(),
+                callback_url: next(),
+                body: next(),
+            }))
+        }
         "empty" => Claim::Empty,
         "none" => return Ok(None),
         other => return Err(QueueError::Protocol(format!("claim returned {other}"))),
@@ -966,7 +961,11 @@ fn parse_claim(reply: &[Value], now: u64) -> Result<Option<(Conversation, Claim)
 
 fn as_string(v: &Value) -> Result<String, QueueError> {
     match v {
-        Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+        // Checked first as UTF-8, which is much faster than the lossy walk it falls back to.
+        Value::BulkString(b) => Ok(match std::str::from_utf8(b) {
+            Ok(text) => text.to_owned(),
+            Err(_) => String::from_utf8_lossy(b).into_owned(),
+        }),
         Value::SimpleString(s) => Ok(s.clone()),
         Value::Int(n) => Ok(n.to_string()),
         other => Err(QueueError::Protocol(format!(
