@@ -4,6 +4,9 @@
 //! classifies one frame by its `type`. The browser's parser takes the first `data: ` line of
 //! a block, so this one does too.
 
+use std::borrow::Cow;
+
+use serde::Deserialize;
 use serde_json::Value;
 
 /// Cuts a byte stream into the `data:` payloads of its frames.
@@ -21,12 +24,14 @@ impl FrameParser {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
         self.buffer.extend_from_slice(bytes);
         let mut frames = Vec::new();
-        while let Some((end, sep_len)) = find_frame_end(&self.buffer) {
-            let block: Vec<u8> = self.buffer.drain(..end + sep_len).take(end).collect();
-            if let Some(data) = first_data_line(&block) {
+        let mut start = 0;
+        while let Some((end, sep_len)) = find_frame_end(&self.buffer[start..]) {
+            if let Some(data) = first_data_line(&self.buffer[start..start + end]) {
                 frames.push(data);
             }
+            start += end + sep_len;
         }
+        self.buffer.drain(..start);
         frames
     }
 
@@ -38,23 +43,27 @@ impl FrameParser {
 
 /// Finds the first blank line (LF LF, or CRLF CRLF) and returns its offset and length.
 fn find_frame_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| (p, 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
-    }
+    // Each line feed is where a blank line can end its first line: found with `memchr`,
+    // which scans many bytes at a time, instead of trying every offset.
+    memchr::memchr_iter(b'\n', buf).find_map(|i| match (&buf[..i], &buf[i + 1..]) {
+        (_, [b'\n', ..]) => Some((i, 2)),
+        ([.., b'\r'], [b'\r', b'\n', ..]) => Some((i - 1, 4)),
+        _ => None,
+    })
 }
 
+/// The payload of the first `data: ` line of a block, as text.
 fn first_data_line(block: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(block);
-    text.lines().find_map(|line| {
-        line.trim_end_matches('\r')
-            .strip_prefix("data: ")
-            .map(str::to_owned)
+    block.split(|&b| b == b'\n').find_map(|line| {
+        let mut line = line;
+        while let [rest @ .., b'\r'] = line {
+            line = rest;
+        }
+        line.strip_prefix(b"data: ")
+            .map(|data| match std::str::from_utf8(data) {
+                Ok(text) => text.to_owned(),
+                Err(_) => String::from_utf8_lossy(data).into_owned(),
+            })
     })
 }
 
@@ -75,15 +84,27 @@ pub enum Frame {
 
 impl Frame {
     pub fn parse(data: &str) -> Self {
-        let Ok(Value::Object(mut map)) = serde_json::from_str::<Value>(data) else {
+        // Only the fields a frame's kind needs are read, and the type is borrowed: most
+        // frames are statuses and progress, whose other fields the broker passes on as
+        // sent without looking at them.
+        #[derive(Deserialize)]
+        struct Raw<'a> {
+            #[serde(rename = "type", borrow)]
+            kind: Option<Cow<'a, str>>,
+            response: Option<Value>,
+            error: Option<Value>,
+        }
+        let Ok(Raw {
+            kind: Some(kind),
+            response,
+            error,
+        }) = serde_json::from_str::<Raw<'_>>(data)
+        else {
             return Self::Invalid;
         };
-        let Some(Value::String(kind)) = map.get("type") else {
-            return Self::Invalid;
-        };
-        match kind.as_str() {
-            "complete" => Self::Complete(map.remove("response").unwrap_or(Value::Null)),
-            "error" => Self::Error(match map.remove("error") {
+        match kind.as_ref() {
+            "complete" => Self::Complete(response.unwrap_or(Value::Null)),
+            "error" => Self::Error(match error {
                 Some(Value::String(s)) => s,
                 Some(other) => other.to_string(),
                 None => String::new(),
@@ -122,6 +143,19 @@ mod tests {
     }
 
     #[test]
+    fn mixed_line_ends_survive_any_split() {
+        let wire =
+            b"data: a\r\n\r\ndata: b\n\nid: 3\r\ndata: c\r\r\n\r\n: comment\n\ndata: \xffd\n\n";
+        for split in 0..=wire.len() {
+            let mut parser = FrameParser::new();
+            let mut frames = parser.push(&wire[..split]);
+            frames.extend(parser.push(&wire[split..]));
+            assert_eq!(frames, ["a", "b", "c", "\u{fffd}d"], "split at {split}");
+            assert_eq!(parser.pending(), 0);
+        }
+    }
+
+    #[test]
     fn crlf_framing_and_extra_lines_are_tolerated() {
         let mut parser = FrameParser::new();
         let frames = parser.push(b"id: 1\r\ndata: {\"type\":\"error\",\"error\":\"boom\"}\r\n\r\n");
@@ -137,6 +171,20 @@ mod tests {
         );
         assert_eq!(Frame::parse("not json"), Frame::Invalid);
         assert_eq!(Frame::parse("{\"no\":\"type\"}"), Frame::Invalid);
+        assert_eq!(Frame::parse("[\"type\"]"), Frame::Invalid);
+        assert_eq!(Frame::parse("{\"type\":5}"), Frame::Invalid);
+        assert_eq!(
+            Frame::parse("{\"type\":\"st\\u0061tus\",\"message\":{\"deep\":[1]}}"),
+            Frame::Other("status".into())
+        );
+        assert_eq!(
+            Frame::parse("{\"type\":\"error\",\"error\":{\"code\":1}}"),
+            Frame::Error("{\"code\":1}".into())
+        );
+        assert_eq!(
+            Frame::parse("{\"type\":\"complete\",\"response\":{\"responses\":[\"a\"]}}"),
+            Frame::Complete(serde_json::json!({"responses": ["a"]}))
+        );
         assert!(Frame::parse("{\"type\":\"complete\"}").is_terminal());
         assert_eq!(
             format_frame("{\"type\":\"keepalive\"}"),
