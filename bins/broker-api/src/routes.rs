@@ -558,6 +558,11 @@ pub(crate) fn check_message_id(id: &str) -> Result<(), ApiError> {
 
 /// The answer for a finished message: the stored outcome, or its error with its status.
 fn outcome_response(message_id: &str, outcome: &str) -> HttpResponse {
+    if Outcome::is_completed_json(outcome) {
+        return HttpResponse::Ok()
+            .content_type("application/json")
+            .body(outcome.to_owned());
+    }
     match serde_json::from_str::<Outcome>(outcome) {
         Ok(Outcome::Completed { .. }) => HttpResponse::Ok()
             .content_type("application/json")

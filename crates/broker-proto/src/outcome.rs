@@ -69,6 +69,13 @@ impl Outcome {
         }
     }
 
+    /// Whether `json`, an outcome as [`Outcome`]'s serialisation writes it (the `status` tag
+    /// first), is a completed one: its text is then the sync answer as it stands, and the API
+    /// passes it on without parsing it. `false` for anything else, which is then parsed.
+    pub fn is_completed_json(json: &str) -> bool {
+        json.starts_with(r#"{"status":"completed","#)
+    }
+
     /// `completed` or `failed`: the message status this outcome leaves.
     pub fn status(&self) -> &'static str {
         match self {
@@ -103,6 +110,9 @@ mod tests {
         );
         let back: Outcome = serde_json::from_value(value).unwrap();
         assert_eq!(back, outcome);
+        assert!(Outcome::is_completed_json(
+            &serde_json::to_string(&outcome).unwrap()
+        ));
     }
 
     #[test]
@@ -125,5 +135,15 @@ mod tests {
                    "code": "WORKER_UNAVAILABLE", "message": "gave up after 3 attempts", "queue_wait_ms": 0, "processing_ms": 7})
         );
         assert_eq!(serde_json::from_value::<Outcome>(value).unwrap(), outcome);
+        let text = serde_json::to_string(&outcome).unwrap();
+        assert!(!Outcome::is_completed_json(&text));
+        // A failure whose message reads like a completed outcome is still a failure.
+        let mut sly = outcome;
+        if let Outcome::Failed { failure, .. } = &mut sly {
+            failure.message = r#"{"status":"completed","#.into();
+        }
+        assert!(!Outcome::is_completed_json(
+            &serde_json::to_string(&sly).unwrap()
+        ));
     }
 }
