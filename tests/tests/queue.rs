@@ -430,6 +430,30 @@ async fn a_take_with_room_starts_the_longest_waiting_conversations_under_their_o
 }
 
 #[tokio::test]
+async fn finishing_a_message_that_is_not_the_head_changes_nothing() {
+    let mut f = fixture().await;
+    let a = request("alice", "1", None);
+    let conv = a.conversation.clone();
+    enqueue(&f, &a, "m1").await;
+    enqueue(&f, &request("alice", "2", None), "m2").await;
+    take(&mut f, "d1").await;
+    claim(&f, "d1", &conv, "l").await;
+    let before = broker_tests::all_keys(&mut f.redis.conn().await).await;
+    // The lease holds, but m2 is not what runs: the script pops the head to compare and
+    // must put it back.
+    assert_eq!(finish(&f, "d1", &conv, "m2", "l").await, Finished::Stale);
+    let mut conn = f.redis.conn().await;
+    assert_eq!(broker_tests::all_keys(&mut conn).await, before);
+    let queue: Vec<String> = conn.lrange(f.keys.queue(&conv), 0, -1).await.unwrap();
+    assert_eq!(queue, ["m1", "m2"]);
+    assert_eq!(
+        finish(&f, "d1", &conv, "m1", "l").await,
+        Finished::Done { left: 1 }
+    );
+    check_invariants(&f, &[&conv], &["d1"]).await;
+}
+
+#[tokio::test]
 async fn a_stale_lease_changes_nothing() {
     let mut f = fixture().await;
     let a = request("alice", "1", None);
@@ -616,8 +640,20 @@ async fn running_with_reply(
 #[tokio::test]
 async fn finish_publishes_to_the_reply_channel() {
     let mut f = fixture().await;
-    let (a, mut pubsub, _) = running_with_reply(&mut f, Mode::Sync, &[]).await;
-    finish(&f, "d1", &a.conversation, "m1", "l").await;
+    let (a, mut pubsub, c) = running_with_reply(&mut f, Mode::Sync, &[]).await;
+    let mut done = Finish::new("completed", r#"{"status":"completed"}"#, "complete", "{}");
+    done.reply = c.reply;
+    let retention = Retention {
+        result_ttl: DAY,
+        dead_list_max: 100,
+        events_max: 100,
+    };
+    let finished = f
+        .queue
+        .finish("d1", &a.conversation, "m1", "l", &done, &retention)
+        .await
+        .unwrap();
+    assert_eq!(finished, Finished::Done { left: 0 });
     use futures_util::StreamExt;
     let message = tokio::time::timeout(Duration::from_secs(5), pubsub.on_message().next())
         .await

@@ -361,6 +361,7 @@ async fn finish(
         }
     }
     finish.dead_entries = dead_entries;
+    finish.reply.clone_from(&claimed.reply);
 
     let id = shared.id().to_owned();
     let stored = until_stopped(shared, || {

@@ -24,14 +24,16 @@ if ARGV[6] == '1' then
   end
 end
 
-local depth = redis.call('LLEN', KEYS[2])
+-- Appended first, and taken back when the queue was full: the common case then needs no
+-- LLEN of its own.
+local depth = redis.call('RPUSH', KEYS[2], ARGV[1]) - 1
 if depth >= tonumber(ARGV[4]) then
+  redis.call('RPOP', KEYS[2])
   redis.call('HINCRBY', KEYS[6], 'rejected_full_total', '1')
   return {'full', depth}
 end
 
 redis.call('HSET', KEYS[1], 'status', 'queued', 'enqueued_at', ARGV[3], 'attempts', '0', unpack(ARGV, 8))
-redis.call('RPUSH', KEYS[2], ARGV[1])
 if ARGV[6] == '1' then
   redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[5])
 end

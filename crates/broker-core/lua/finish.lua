@@ -15,20 +15,28 @@
 -- recorded: then no frame is written)   ARGV[10] terminal frame data
 -- ARGV[11] stream cap   ARGV[12] notify channel   ARGV[13] n, the number of dead-list entries
 -- ARGV[14] f, the number of worker frames not yet recorded (they go before the terminal frame)
--- ARGV[15 .. 14+n] dead-list entries   ARGV[15+n .. 14+n+2f] type, data pairs of those frames
--- ARGV[15+n+2f ..] field, value pairs for the message hash
+-- ARGV[15] the message's reply channel as its claim read it ('' for none): the outcome is
+--          published there
+-- ARGV[16 .. 15+n] dead-list entries   ARGV[16+n .. 15+n+2f] type, data pairs of those frames
+-- ARGV[16+n+2f ..] field, value pairs for the message hash
 -- Returns {'ok', messages still queued} | {'stale'}
 
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[3] then
   return {'stale'}
 end
-if redis.call('LINDEX', KEYS[2], '0') ~= ARGV[2] then
+-- The head must be this message. Popped at once, and pushed back in the (never yet seen)
+-- case that it is not, so the common case needs no LINDEX of its own.
+local head = redis.call('LPOP', KEYS[2])
+if head ~= ARGV[2] then
+  if head then
+    redis.call('LPUSH', KEYS[2], head)
+  end
   return {'stale'}
 end
 
 local n = tonumber(ARGV[13])
 local f = tonumber(ARGV[14])
-local first_field = 15 + n + 2 * f
+local first_field = 16 + n + 2 * f
 redis.call('HSET', KEYS[3], 'status', ARGV[5], 'outcome', ARGV[6], 'finished_at', ARGV[4],
   unpack(ARGV, first_field))
 for i = first_field, #ARGV, 2 do
@@ -39,14 +47,12 @@ for i = first_field, #ARGV, 2 do
 end
 redis.call('HDEL', KEYS[3], 'body')
 redis.call('EXPIRE', KEYS[3], ARGV[7])
-redis.call('LPOP', KEYS[2])
-local reply = redis.call('HGET', KEYS[3], 'reply')
-if reply and reply ~= '' then
-  redis.call('PUBLISH', reply, ARGV[2] .. '\n' .. ARGV[6])
+if ARGV[15] ~= '' then
+  redis.call('PUBLISH', ARGV[15], ARGV[2] .. '\n' .. ARGV[6])
 end
 if ARGV[9] ~= '' then
   -- the turn's last worker frames, then the one terminal frame, atomically with the outcome
-  for i = 15 + n, 14 + n + 2 * f, 2 do
+  for i = 16 + n, 15 + n + 2 * f, 2 do
     redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
   end
   local id = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'type', ARGV[9], 'data', ARGV[10])
@@ -57,7 +63,7 @@ redis.call('LREM', KEYS[4], '0', ARGV[1])
 redis.call('HINCRBY', KEYS[6], 'processing', '-1')
 redis.call('HINCRBY', KEYS[6], ARGV[5] .. '_total', '1')
 if n > 0 then
-  for i = 15, 14 + n do
+  for i = 16, 15 + n do
     redis.call('LPUSH', KEYS[7], ARGV[i])
   end
   redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[8]) - 1)

@@ -163,6 +163,9 @@ pub struct Finish {
     pub frames: Vec<(String, String)>,
     /// Extra fields for the message record (callback delivery).
     pub fields: Vec<(String, String)>,
+    /// The message's reply channel, as its claim read it (`""` for none): the outcome is
+    /// published there.
+    pub reply: String,
 }
 
 impl Finish {
@@ -565,7 +568,8 @@ impl Queue {
             .arg(retention.events_max.max(1))
             .arg(self.keys.events(message_id))
             .arg(finish.dead_entries.len())
-            .arg(finish.frames.len());
+            .arg(finish.frames.len())
+            .arg(&finish.reply);
         for entry in &finish.dead_entries {
             invocation.arg(entry);
         }
