@@ -322,7 +322,12 @@ pub async fn open_loop(
 }
 
 /// Sends `messages` messages to each of `conversations` conversations with
-/// `Prefer: respond-async`, `parallel` at a time, and checks each is accepted.
+/// `Prefer: respond-async`, `parallel` at a time, and checks each is accepted. A
+/// conversation's messages go one after another, each once the one before it was accepted:
+/// their send order is then the order the broker must run them in, which [`check_order`]
+/// checks. (Sending message i of every conversation before any message i + 1 let two
+/// messages of one conversation be in flight at once when there were fewer conversations
+/// than `parallel`, and the check then blamed the broker for the network's order.)
 pub async fn preload(
     target: &Target,
     run: &str,
@@ -332,33 +337,25 @@ pub async fn preload(
 ) -> Result<(), String> {
     let gate = Arc::new(Semaphore::new(parallel));
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..messages {
-        for c in 0..conversations {
-            let permit = gate
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|e| e.to_string())?;
-            let target = target.clone();
-            let text = text(run, c, i);
-            let user = user(run, c);
-            tasks.spawn(async move {
+    for c in 0..conversations {
+        let (gate, target, run) = (gate.clone(), target.clone(), run.to_owned());
+        tasks.spawn(async move {
+            let user = user(&run, c);
+            for i in 0..messages {
+                let permit = gate.acquire().await.map_err(|e| e.to_string())?;
+                let text = text(&run, c, i);
                 let body =
                     serde_json::json!({"user_id": user, "client_id": "bench", "message": text});
                 let (status, _) = target
                     .post("prefer: respond-async\r\n", body.to_string().as_bytes())
                     .await?;
                 drop(permit);
-                if status == 202 {
-                    Ok(())
-                } else {
-                    Err(format!("{text}: status {status}"))
+                if status != 202 {
+                    return Err(format!("{text}: status {status}"));
                 }
-            });
-            while let Some(done) = tasks.try_join_next() {
-                done.map_err(|e| e.to_string())??;
             }
-        }
+            Ok(())
+        });
     }
     while let Some(done) = tasks.join_next().await {
         done.map_err(|e| e.to_string())??;

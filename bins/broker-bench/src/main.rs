@@ -427,7 +427,12 @@ async fn backlog(o: &Options) -> anyhow::Result<bool> {
 /// Polls the broker's stats until nothing is queued or running.
 async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
     let client = redis::Client::open(stack.redis_url())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    // The crate's default response timeout (500 ms) is shorter than Redis can take to answer
+    // while it drains a 100,000-message backlog on this machine: a full run failed on it.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(limit));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
     let keys = broker_core::Keys::new("bt", "0");
     let deadline = Instant::now() + limit;
     loop {
