@@ -641,7 +641,8 @@ async fn running_with_reply(
 async fn finish_publishes_to_the_reply_channel() {
     let mut f = fixture().await;
     let (a, mut pubsub, c) = running_with_reply(&mut f, Mode::Sync, &[]).await;
-    let mut done = Finish::new("completed", r#"{"status":"completed"}"#, "complete", "{}");
+    // A sync message records no frames.
+    let mut done = Finish::new("completed", r#"{"status":"completed"}"#, "", "");
     done.reply = c.reply;
     let retention = Retention {
         result_ttl: DAY,
@@ -661,6 +662,51 @@ async fn finish_publishes_to_the_reply_channel() {
         .expect("a message");
     let payload: String = message.get_payload().unwrap();
     assert_eq!(payload, "m1\n{\"status\":\"completed\"}");
+}
+
+#[tokio::test]
+async fn a_stream_finish_carries_its_frames_as_sse_on_the_reply_channel() {
+    let mut f = fixture().await;
+    let (a, mut pubsub, c) = running_with_reply(&mut f, Mode::Stream, &[]).await;
+    let mut done = Finish::new(
+        "completed",
+        r#"{"status":"completed"}"#,
+        "complete",
+        r#"{"type":"complete"}"#,
+    );
+    done.frames = vec![("progress".into(), r#"{"type":"progress"}"#.into())];
+    done.reply = c.reply;
+    let retention = Retention {
+        result_ttl: DAY,
+        dead_list_max: 100,
+        events_max: 100,
+    };
+    let finished = f
+        .queue
+        .finish("d1", &a.conversation, "m1", "l", &done, &retention)
+        .await
+        .unwrap();
+    assert_eq!(finished, Finished::Done { left: 0 });
+    let (events, _) = f.queue.read_events("m1", None, 10).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["queued", "progress", "complete"]);
+    use futures_util::StreamExt;
+    let message = tokio::time::timeout(Duration::from_secs(5), pubsub.on_message().next())
+        .await
+        .expect("a reply within 5 s")
+        .expect("a message");
+    let payload: String = message.get_payload().unwrap();
+    // The outcome, then the ids of the entry before the new frames and of the last, then the
+    // new frames as the API sends them.
+    let (queued, progress, complete) = (&events[0].id, &events[1].id, &events[2].id);
+    assert_eq!(
+        payload,
+        format!(
+            "m1\n{{\"status\":\"completed\"}}\n{queued} {complete}\n\
+             id: {progress}\ndata: {{\"type\":\"progress\"}}\n\n\
+             id: {complete}\ndata: {{\"type\":\"complete\"}}\n\n"
+        )
+    );
 }
 
 #[tokio::test]
@@ -701,7 +747,13 @@ async fn recorded_frames_are_announced_on_the_reply_channel_too() {
         heard,
         [
             (events.clone(), recorded[1].id.clone()),
-            ("bt:reply:api-x".to_owned(), "m1\n".to_owned()),
+            (
+                "bt:reply:api-x".to_owned(),
+                format!(
+                    "m1\n\n{} {}\nid: {}\ndata: {{\"type\":\"status\"}}\n\n",
+                    recorded[0].id, recorded[1].id, recorded[1].id
+                )
+            ),
             (events, recorded[2].id.clone()),
         ]
     );

@@ -498,3 +498,45 @@ async fn a_posted_stream_hears_of_frames_on_its_reply_channel_without_subscribin
     let rest = without_keepalives(&sse.read_to_end(LIMIT).await);
     assert_eq!(kinds(&rest), ["complete"], "{rest:#?}");
 }
+
+#[tokio::test]
+async fn frames_announced_after_a_gap_are_read_from_the_stream_instead() {
+    let s = setup(&[("BROKER_WAITER_RECHECK_SECS", "3600")]).await;
+    let mut sse = post_stream(&s.api.base, &body("hana", "gap [mock:sleep=800]")).await;
+    assert_eq!(sse.status, 200, "{}", sse.error_body);
+    let queued = sse.next(LIMIT).await.expect("the queued frame");
+    assert_eq!(queued.kind(), "queued");
+    let id = queued.json()["message_id"].as_str().unwrap().to_owned();
+    // An announcement whose frames do not follow on from the queued frame: the reader must
+    // not send them, and must not miss what lies between either.
+    let mut conn = s.redis.conn().await;
+    let channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg("*reply*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!channels.is_empty());
+    let forged = format!(
+        "{id}\n\n99999999999990-0 99999999999990-1\n\
+         id: 99999999999990-1\ndata: {{\"type\":\"forged\"}}\n\n"
+    );
+    // Each of the API's workers has a channel; the one that took the message heeds it.
+    for channel in &channels {
+        let heard: u64 = redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(&forged)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(heard, 1);
+    }
+    let rest = without_keepalives(&sse.read_to_end(LIMIT).await);
+    assert_eq!(
+        kinds(&rest),
+        ["status", "progress", "complete"],
+        "{rest:#?}"
+    );
+    let data: Vec<&str> = rest.iter().map(|f| f.data.as_str()).collect();
+    assert_eq!(data, mock_frames("gap [mock:sleep=800]"));
+}

@@ -2,7 +2,9 @@
 //! `Last-Event-ID`, then live until its one terminal frame.
 //!
 //! Frames are read from the message's Redis stream, so any API process serves any message and
-//! a reconnecting client misses nothing. Each frame goes out as the worker framed it
+//! a reconnecting client misses nothing. The process that took a stream message is handed its
+//! frames by the drainer's announcements as well, and reads the stream only when a batch does
+//! not follow on from the last frame it sent. Each frame goes out as the worker framed it
 //! (`data: <compact JSON>` and a blank line, LF only) with an `id:` line for resuming; a
 //! `{"type":"keepalive"}` frame without an id goes out after every quiet period.
 
@@ -16,7 +18,7 @@ use tokio::time::Instant;
 use broker_core::queue::{Event, Mode};
 
 use crate::error::ApiError;
-use crate::waiters::EventWatch;
+use crate::waiters::{Batch, EventWatch};
 use crate::AppState;
 
 /// Frames read from Redis per round trip.
@@ -148,6 +150,52 @@ pub fn sse_response(
         .streaming(body)
 }
 
+/// What a reader makes of the batches a wake-up carried.
+#[derive(Debug, PartialEq)]
+struct Followed {
+    /// The frames to send: each batch that starts right after the last frame sent.
+    chunk: Vec<u8>,
+    /// The terminal frame is in `chunk`.
+    ended: bool,
+    /// Something is missing (a wake without its frames, or a batch that does not start
+    /// right after the last frame sent): the stream must be read.
+    read: bool,
+}
+
+/// Takes, in order, the batches that follow on from `after` (the id of the last frame sent,
+/// `None` before any), moving `after` along; skips batches already sent, and stops at the
+/// first gap.
+fn follow(after: &mut Option<String>, batches: Vec<Batch>, incomplete: bool) -> Followed {
+    let mut followed = Followed {
+        chunk: Vec::new(),
+        ended: false,
+        read: incomplete,
+    };
+    for batch in batches {
+        if followed.read || followed.ended {
+            break;
+        }
+        if batch.before == after.as_deref().unwrap_or("") {
+            followed.chunk.extend_from_slice(&batch.sse);
+            followed.ended = batch.terminal;
+            *after = Some(batch.last);
+        } else if !after.as_deref().is_some_and(|after| {
+            matches!((entry_order(&batch.last), entry_order(after)), (Some(last), Some(after)) if last <= after)
+        }) {
+            // Not sent yet, and not next: frames in between were missed.
+            followed.read = true;
+        }
+    }
+    followed.read &= !followed.ended;
+    followed
+}
+
+/// A stream entry id (`<ms>-<seq>`) as numbers, for ordering.
+fn entry_order(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
 /// One recorded frame as SSE, with its id for resuming.
 fn sse_frame(event: &Event) -> String {
     format!("id: {}\ndata: {}\n\n", event.id, event.data)
@@ -194,7 +242,12 @@ impl Reader {
             }
             self.read_now = true;
             tokio::select! {
-                () = self.watch.notify.notified() => {}
+                () = self.watch.inbox.notify.notified() => {
+                    if let Some(chunk) = self.carried() {
+                        self.last_sent = Instant::now();
+                        return Some(chunk);
+                    }
+                }
                 _ = self.watch.resubscribed.changed() => {}
                 () = tokio::time::sleep_until(self.last_sent + self.keepalive) => {
                     self.last_sent = Instant::now();
@@ -206,6 +259,16 @@ impl Reader {
                 _ = self.shutdown.changed() => return None,
             }
         }
+    }
+
+    /// The frames the wake-ups since the last call carried, from `after` on, as one chunk.
+    /// Leaves `read_now` set when something is missing (the stream is read then).
+    fn carried(&mut self) -> Option<Bytes> {
+        let (batches, incomplete) = self.watch.inbox.take();
+        let followed = follow(&mut self.after, batches, incomplete);
+        self.ended = followed.ended;
+        self.read_now = followed.read;
+        (!followed.chunk.is_empty()).then(|| Bytes::from(followed.chunk))
     }
 
     /// Reads the frames after `after`: all of them as one chunk, or `None` when there are
@@ -252,5 +315,72 @@ impl Reader {
             self.after = Some(event.id);
         }
         Some(Bytes::from(chunk))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(before: &str, last: &str, terminal: bool) -> Batch {
+        Batch {
+            before: before.into(),
+            last: last.into(),
+            sse: Bytes::from(format!("id: {last}\ndata: {{}}\n\n")),
+            terminal,
+        }
+    }
+
+    fn sent(followed: &Followed) -> String {
+        String::from_utf8(followed.chunk.clone()).unwrap_or_default()
+    }
+
+    #[test]
+    fn batches_that_follow_on_are_sent_in_one_chunk() {
+        let mut after = Some("5-0".to_owned());
+        let batches = vec![batch("5-0", "6-1", false), batch("6-1", "7-0", true)];
+        let followed = follow(&mut after, batches, false);
+        assert_eq!(
+            sent(&followed),
+            "id: 6-1\ndata: {}\n\nid: 7-0\ndata: {}\n\n"
+        );
+        assert!(followed.ended && !followed.read);
+        assert_eq!(after.as_deref(), Some("7-0"));
+        // From the start of an empty stream.
+        let mut after = None;
+        let followed = follow(&mut after, vec![batch("", "1-0", false)], false);
+        assert_eq!(sent(&followed), "id: 1-0\ndata: {}\n\n");
+        assert!(!followed.ended && !followed.read);
+    }
+
+    #[test]
+    fn a_gap_or_a_wake_without_frames_means_reading_the_stream() {
+        // A batch after one that never came: nothing of it is sent.
+        let mut after = Some("5-0".to_owned());
+        let batches = vec![batch("5-0", "6-0", false), batch("6-5", "7-0", false)];
+        let followed = follow(&mut after, batches, false);
+        assert_eq!(sent(&followed), "id: 6-0\ndata: {}\n\n");
+        assert!(followed.read && !followed.ended);
+        assert_eq!(after.as_deref(), Some("6-0"));
+        // Before any frame was sent, a batch that does not start the stream is a gap.
+        let mut after = None;
+        assert!(follow(&mut after, vec![batch("3-0", "4-0", false)], false).read);
+        // A wake that carried nothing.
+        let mut after = Some("5-0".to_owned());
+        let followed = follow(&mut after, vec![batch("5-0", "6-0", false)], true);
+        assert!(followed.chunk.is_empty() && followed.read);
+        assert_eq!(after.as_deref(), Some("5-0"));
+        // A malformed id is never taken as sent.
+        assert!(follow(&mut after, vec![batch("x", "y", false)], false).read);
+    }
+
+    #[test]
+    fn batches_already_sent_are_skipped() {
+        // Read from the stream before its announcement arrived.
+        let mut after = Some("9-0".to_owned());
+        let batches = vec![batch("5-0", "6-0", false), batch("6-0", "9-0", false)];
+        let followed = follow(&mut after, batches, false);
+        assert!(followed.chunk.is_empty() && !followed.read && !followed.ended);
+        assert_eq!(after.as_deref(), Some("9-0"));
     }
 }

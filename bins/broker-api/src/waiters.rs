@@ -6,8 +6,10 @@
 //!   key, on which the drainer publishes the id of every new frame. This process subscribes
 //!   to it while at least one of its SSE clients reads that message.
 //! - A stream message this process enqueued carries its reply channel too: the drainer
-//!   announces its frames there (`<message id>\n`), and the finish its outcome, so the
-//!   reader of a `POST … Accept: text/event-stream` needs no subscription of its own.
+//!   publishes its new frames there, already as SSE, with the ids of the entry before them
+//!   and of the last (`<message id>\n<outcome JSON or nothing>\n<before> <last>\n<SSE>`), so
+//!   the reader of a `POST … Accept: text/event-stream` needs no subscription of its own, and
+//!   reads the stream only when a batch does not follow on from what it sent.
 //!
 //! Pub/sub is at-most-once, so waiters and readers also re-read Redis on a slow timer and
 //! whenever the subscription is (re)established.
@@ -23,12 +25,67 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 /// The requests waiting for one message: a token per request, and where to send the outcome.
 type Pending = HashMap<String, Vec<(u64, oneshot::Sender<String>)>>;
 
-/// SSE readers of one message: a token per reader and how to wake it, and whether this
-/// process subscribed to the message's events channel for them.
+/// SSE readers of one message: a token per reader and its inbox, and whether this process
+/// subscribed to the message's events channel for them.
 #[derive(Default)]
 struct Readers {
     subscribed: bool,
-    readers: Vec<(u64, Arc<Notify>)>,
+    readers: Vec<(u64, Arc<Inbox>)>,
+}
+
+/// Frames a drainer published with their ids: the SSE text of entries `before` (exclusive,
+/// empty for the start of the stream) to `last`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    pub before: String,
+    pub last: String,
+    pub sse: bytes::Bytes,
+    /// The batch ends with the message's terminal frame.
+    pub terminal: bool,
+}
+
+/// Batches a reader has not taken yet; beyond this many it reads the stream instead.
+const INBOX_MAX: usize = 64;
+
+/// Where one SSE reader is woken, with the frames the wake carried.
+#[derive(Default)]
+pub struct Inbox {
+    pub notify: Notify,
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    batches: Vec<Batch>,
+    /// A wake came without its frames (or too many came): the stream must be read.
+    incomplete: bool,
+}
+
+impl Inbox {
+    fn put(&self, batch: Option<&Batch>) {
+        if let Ok(mut held) = self.held.lock() {
+            match batch {
+                Some(batch) if held.batches.len() < INBOX_MAX => held.batches.push(batch.clone()),
+                _ => {
+                    held.batches.clear();
+                    held.incomplete = true;
+                }
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    /// The batches carried since the last take, oldest first, and whether anything was
+    /// announced without its frames.
+    pub fn take(&self) -> (Vec<Batch>, bool) {
+        match self.held.lock() {
+            Ok(mut held) => (
+                std::mem::take(&mut held.batches),
+                std::mem::take(&mut held.incomplete),
+            ),
+            Err(_) => (Vec::new(), true),
+        }
+    }
 }
 
 type Watched = HashMap<String, Readers>;
@@ -83,8 +140,9 @@ pub struct EventWatch {
     waiters: Arc<Waiters>,
     message_id: String,
     token: u64,
-    /// Woken when a new frame is announced, or once the subscription is in place.
-    pub notify: Arc<Notify>,
+    /// Woken when a new frame is announced (with its frames when the announcement carried
+    /// them), or once the subscription is in place.
+    pub inbox: Arc<Inbox>,
     pub resubscribed: watch::Receiver<u64>,
 }
 
@@ -172,12 +230,12 @@ impl Waiters {
     /// on the message's events channel while the reader lasts; without, the message must
     /// carry this process's reply channel, where the drainer announces its frames too.
     pub fn watch(self: &Arc<Self>, message_id: &str, subscribe: bool) -> EventWatch {
-        let notify = Arc::new(Notify::new());
+        let inbox = Arc::new(Inbox::default());
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let first = match self.watched.lock() {
             Ok(mut watched) => {
                 let entry = watched.entry(message_id.to_owned()).or_default();
-                entry.readers.push((token, notify.clone()));
+                entry.readers.push((token, inbox.clone()));
                 let first = subscribe && !entry.subscribed;
                 entry.subscribed |= subscribe;
                 first
@@ -193,15 +251,16 @@ impl Waiters {
             waiters: self.clone(),
             message_id: message_id.to_owned(),
             token,
-            notify,
+            inbox,
             resubscribed: self.generation.subscribe(),
         }
     }
 
-    fn wake(&self, message_id: &str) {
+    /// Wakes the message's readers, handing each the frames that woke them, if any.
+    fn wake(&self, message_id: &str, batch: Option<&Batch>) {
         if let Ok(watched) = self.watched.lock() {
-            for (_, notify) in watched.get(message_id).into_iter().flat_map(|r| &r.readers) {
-                notify.notify_one();
+            for (_, inbox) in watched.get(message_id).into_iter().flat_map(|r| &r.readers) {
+                inbox.put(batch);
             }
         }
     }
@@ -210,18 +269,19 @@ impl Waiters {
         if channel == self.channel {
             self.deliver(&payload);
         } else if let Some(message_id) = channel.strip_prefix(&self.events_prefix) {
-            self.wake(message_id);
+            self.wake(message_id, None);
         }
     }
 
     /// A reply: `<message id>\n<outcome JSON>` when the message finished, `<message id>\n`
-    /// when a stream message got new frames. Either wakes the message's readers.
+    /// and nothing when a stream message got new frames; either followed by a carried batch
+    /// (see [`read_reply`]). Either wakes the message's readers.
     fn deliver(&self, payload: &str) {
-        let Some((message_id, outcome)) = payload.split_once('\n') else {
+        let Some((message_id, outcome, batch)) = read_reply(payload) else {
             tracing::warn!("reply without a message id");
             return;
         };
-        self.wake(message_id);
+        self.wake(message_id, batch.as_ref());
         if outcome.is_empty() {
             return;
         }
@@ -302,7 +362,7 @@ impl Waiters {
                         if watched {
                             sink.subscribe(self.events_channel(&id)).await.map_err(|e| e.to_string())?;
                             // Frames may have come before the subscription: readers re-read.
-                            self.wake(&id);
+                            self.wake(&id, None);
                         }
                     }
                     Command::Unsubscribe(id) => {
@@ -326,5 +386,53 @@ impl Waiters {
 
     fn events_channel(&self, message_id: &str) -> String {
         format!("{}{message_id}", self.events_prefix)
+    }
+}
+
+/// Reads a reply: `<message id>\n<outcome JSON, or nothing for frames alone>`, then, when the
+/// drainer carried the frames it wrote, `\n<id before them> <last id>\n<their SSE text>`
+/// (an outcome is compact JSON, without a line feed). The batch of an outcome ends with the
+/// terminal frame.
+fn read_reply(payload: &str) -> Option<(&str, &str, Option<Batch>)> {
+    let (message_id, rest) = payload.split_once('\n')?;
+    let Some((outcome, carried)) = rest.split_once('\n') else {
+        return Some((message_id, rest, None));
+    };
+    let batch = carried.split_once('\n').and_then(|(ids, sse)| {
+        let (before, last) = ids.split_once(' ')?;
+        Some(Batch {
+            before: before.to_owned(),
+            last: last.to_owned(),
+            sse: bytes::Bytes::copy_from_slice(sse.as_bytes()),
+            terminal: !outcome.is_empty(),
+        })
+    });
+    Some((message_id, outcome, batch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_read_with_and_without_their_frames() {
+        assert_eq!(read_reply("m1\n{\"a\":1}"), Some(("m1", "{\"a\":1}", None)));
+        assert_eq!(read_reply("m1\n"), Some(("m1", "", None)));
+        assert_eq!(read_reply("m1"), None);
+        let frames = "id: 5-0\ndata: {\"type\":\"status\"}\n\nid: 5-1\ndata: {}\n\n";
+        let reply = format!("m1\n{{\"a\":1}}\n4-0 5-1\n{frames}");
+        let (id, outcome, batch) = read_reply(&reply).unwrap();
+        assert_eq!((id, outcome), ("m1", "{\"a\":1}"));
+        let batch = batch.unwrap();
+        assert_eq!((batch.before.as_str(), batch.last.as_str()), ("4-0", "5-1"));
+        assert_eq!(&batch.sse[..], frames.as_bytes());
+        assert!(batch.terminal);
+        // Frames alone, written to an empty stream.
+        let reply = format!("m1\n\n 5-1\n{frames}");
+        let (_, outcome, batch) = read_reply(&reply).unwrap();
+        assert_eq!(outcome, "");
+        let batch = batch.unwrap();
+        assert_eq!(batch.before, "");
+        assert!(!batch.terminal);
     }
 }
