@@ -637,13 +637,13 @@ async fn running_with_reply(
     (a, pubsub, c)
 }
 
-#[tokio::test]
-async fn finish_publishes_to_the_reply_channel() {
-    let mut f = fixture().await;
-    let (a, mut pubsub, c) = running_with_reply(&mut f, Mode::Sync, &[]).await;
-    // A sync message records no frames.
-    let mut done = Finish::new("completed", r#"{"status":"completed"}"#, "", "");
-    done.reply = c.reply;
+/// Finishes `m1` of `a` with `done`, and returns what its reply channel heard.
+async fn finish_and_hear(
+    f: &Fixture,
+    a: &MessageRequest,
+    done: &Finish,
+    pubsub: &mut redis::aio::PubSub,
+) -> String {
     let retention = Retention {
         result_ttl: DAY,
         dead_list_max: 100,
@@ -651,7 +651,7 @@ async fn finish_publishes_to_the_reply_channel() {
     };
     let finished = f
         .queue
-        .finish("d1", &a.conversation, "m1", "l", &done, &retention)
+        .finish("d1", &a.conversation, "m1", "l", done, &retention)
         .await
         .unwrap();
     assert_eq!(finished, Finished::Done { left: 0 });
@@ -660,7 +660,17 @@ async fn finish_publishes_to_the_reply_channel() {
         .await
         .expect("a reply within 5 s")
         .expect("a message");
-    let payload: String = message.get_payload().unwrap();
+    message.get_payload().unwrap()
+}
+
+#[tokio::test]
+async fn finish_publishes_to_the_reply_channel() {
+    let mut f = fixture().await;
+    let (a, mut pubsub, c) = running_with_reply(&mut f, Mode::Sync, &[]).await;
+    // A sync message records no frames.
+    let mut done = Finish::new("completed", r#"{"status":"completed"}"#, "", "");
+    done.reply = c.reply;
+    let payload = finish_and_hear(&f, &a, &done, &mut pubsub).await;
     assert_eq!(payload, "m1\n{\"status\":\"completed\"}");
 }
 
@@ -676,26 +686,10 @@ async fn a_stream_finish_carries_its_frames_as_sse_on_the_reply_channel() {
     );
     done.frames = vec![("progress".into(), r#"{"type":"progress"}"#.into())];
     done.reply = c.reply;
-    let retention = Retention {
-        result_ttl: DAY,
-        dead_list_max: 100,
-        events_max: 100,
-    };
-    let finished = f
-        .queue
-        .finish("d1", &a.conversation, "m1", "l", &done, &retention)
-        .await
-        .unwrap();
-    assert_eq!(finished, Finished::Done { left: 0 });
+    let payload = finish_and_hear(&f, &a, &done, &mut pubsub).await;
     let (events, _) = f.queue.read_events("m1", None, 10).await.unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["queued", "progress", "complete"]);
-    use futures_util::StreamExt;
-    let message = tokio::time::timeout(Duration::from_secs(5), pubsub.on_message().next())
-        .await
-        .expect("a reply within 5 s")
-        .expect("a message");
-    let payload: String = message.get_payload().unwrap();
     // The outcome, then the ids of the entry before the new frames and of the last, then the
     // new frames as the API sends them.
     let (queued, progress, complete) = (&events[0].id, &events[1].id, &events[2].id);

@@ -17,8 +17,7 @@
 -- ARGV[14] f, the number of worker frames not yet recorded (they go before the terminal frame)
 -- ARGV[15] the message's reply channel as its claim read it ('' for none): the outcome is
 --          published there as `<message id>\n<outcome JSON>`, followed, when frames are
---          written, by `\n<id of the entry before them> <id of the last>\n<the frames as SSE>`
---          ('' before them when the stream was empty), so that the reader of a stream
+--          written, by those frames as told.lua writes them, so that the reader of a stream
 --          message on that process sends them without reading the stream
 -- ARGV[16 .. 15+n] dead-list entries   ARGV[16+n .. 15+n+2f] type, data pairs of those frames
 -- ARGV[16+n+2f ..] field, value pairs for the message hash
@@ -50,25 +49,13 @@ for i = first_field, #ARGV, 2 do
 end
 redis.call('HDEL', KEYS[3], 'body')
 redis.call('EXPIRE', KEYS[3], ARGV[7])
-local reply = ARGV[15] ~= ''
 if ARGV[9] ~= '' then
-  -- the turn's last worker frames, then the one terminal frame, atomically with the outcome;
-  -- `told` holds the pieces of what the reply channel hears, joined once at the end
-  local told = {ARGV[2], '\n', ARGV[6], '\n', '', ' ', '', '\n'}
-  if reply then
-    local last = redis.call('XREVRANGE', KEYS[8], '+', '-', 'COUNT', '1')[1]
-    if last then
-      told[5] = last[1]
-    end
-  end
+  -- the turn's last worker frames, then the one terminal frame, atomically with the outcome
+  local told = told_start(ARGV[15], KEYS[8], ARGV[2], ARGV[6])
   local id
   local function add(kind, data)
     id = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'type', kind, 'data', data)
-    if reply then
-      local at = #told
-      told[at + 1], told[at + 2], told[at + 3], told[at + 4] = 'id: ', id, '\ndata: ', data
-      told[at + 5] = '\n\n'
-    end
+    told_add(told, id, data)
   end
   for i = 16 + n, 15 + n + 2 * f, 2 do
     add(ARGV[i], ARGV[i + 1])
@@ -76,11 +63,8 @@ if ARGV[9] ~= '' then
   add(ARGV[9], ARGV[10])
   redis.call('EXPIRE', KEYS[8], ARGV[7])
   redis.call('PUBLISH', ARGV[12], id)
-  if reply then
-    told[7] = id
-    redis.call('PUBLISH', ARGV[15], table.concat(told))
-  end
-elseif reply then
+  told_publish(told, ARGV[15], id)
+elseif ARGV[15] ~= '' then
   redis.call('PUBLISH', ARGV[15], ARGV[2] .. '\n' .. ARGV[6])
 end
 redis.call('LREM', KEYS[4], '0', ARGV[1])

@@ -1,4 +1,6 @@
 //! The Lua scripts, loaded from `lua/*.lua`; each file's header names its KEYS, ARGV and return.
+//! The two that record a stream message's frames (event, finish) start with `told.lua`, which
+//! writes what the message's reply channel hears of them.
 //!
 //! Constants a script passes to `redis.call` are written as strings (`'1'`, `'0'`), not Lua
 //! numbers: Redis 7.0 formats every number argument with `snprintf("%.17g")`, which made a
@@ -26,14 +28,20 @@ impl Scripts {
         Self {
             enqueue: Script::new(include_str!("../lua/enqueue.lua")),
             claim: Script::new(include_str!("../lua/claim.lua")),
-            finish: Script::new(include_str!("../lua/finish.lua")),
+            finish: Script::new(concat!(
+                include_str!("../lua/told.lua"),
+                include_str!("../lua/finish.lua")
+            )),
             release: Script::new(include_str!("../lua/release.lua")),
             heartbeat: Script::new(include_str!("../lua/heartbeat.lua")),
             expired: Script::new(include_str!("../lua/expired.lua")),
             forget: Script::new(include_str!("../lua/forget.lua")),
             health: Script::new(include_str!("../lua/health.lua")),
             cancel: Script::new(include_str!("../lua/cancel.lua")),
-            event: Script::new(include_str!("../lua/event.lua")),
+            event: Script::new(concat!(
+                include_str!("../lua/told.lua"),
+                include_str!("../lua/event.lua")
+            )),
         }
     }
 }
