@@ -62,13 +62,18 @@ async fn sync_waiters_survive_a_killed_reply_subscription() {
     let s = settings(
         redis.url(),
         &mock.url,
-        &[("BROKER_WAITER_RECHECK_SECS", "300")],
+        // Three worker threads, whatever the cores (so the setting is seen to count): each
+        // must resubscribe.
+        &[
+            ("BROKER_WAITER_RECHECK_SECS", "300"),
+            ("BROKER_API_WORKERS", "3"),
+        ],
     );
+    let workers = s.api.workers as i64;
     let api = TestApi::start(s.clone()).await;
     let _d = TestDrainer::start(s).await;
     let http = Http::new();
     let mut conn = redis.conn().await;
-    let workers = broker_api::api_workers() as i64;
     let probe = conn.clone();
     let url = format!("{}/health", api.base);
     // Every worker thread resubscribes on its own after a kill: wait until /health says so

@@ -117,8 +117,9 @@ impl Application {
             .is_some()
             .then(|| broker_core::callback::Policy::new(settings.callbacks.allowlist.clone()));
         let auth = auth::Auth::new(settings.api.keys.clone(), settings.api.insecure_no_auth);
-        // One actix worker per core, each with its share of REDIS_POOL_SIZE.
-        let workers = api_workers();
+        // BROKER_API_WORKERS actix workers (one per core unless set), each with its share of
+        // REDIS_POOL_SIZE.
+        let workers = settings.api.workers;
         let mut worker_settings = settings.clone();
         worker_settings.redis.pool_size = settings.redis.pool_size.div_ceil(workers).max(1);
         let worker_state = move || {
@@ -247,11 +248,6 @@ impl Application {
         tracing::info!("broker-api stopped");
         Ok(())
     }
-}
-
-/// How many actix workers (threads) serve requests: one per core.
-pub fn api_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
 /// One span per request, and a log line with status and duration.

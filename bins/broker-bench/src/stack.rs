@@ -176,6 +176,13 @@ impl Stack {
             // 10,000 sync requests waiting at once must not time out while they wait.
             .env("BROKER_SYNC_TIMEOUT_SECS", "120")
             .env("BROKER_MAX_QUEUE_DEPTH", "100000")
+            // The API shares this machine's cores with four other processes: one thread is
+            // woken less often than one per core (docs/performance.md, item 24). A
+            // BROKER_API_WORKERS in the environment wins.
+            .env(
+                "BROKER_API_WORKERS",
+                std::env::var("BROKER_API_WORKERS").unwrap_or_else(|_| "1".into()),
+            )
     }
 
     fn spawn(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<()> {

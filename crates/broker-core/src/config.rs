@@ -46,6 +46,7 @@ pub const ENV_NAMES: &[&str] = &[
     "BROKER_DEAD_LIST_MAX",
     "BROKER_EVENTS_MAX",
     "BROKER_SSE_KEEPALIVE_MS",
+    "BROKER_API_WORKERS",
     "BROKER_CALLBACK_SECRET",
     "BROKER_CALLBACK_ALLOWLIST",
     "BROKER_CALLBACK_BUDGET_MS",
@@ -99,6 +100,7 @@ struct Raw {
     broker_dead_list_max: u64,
     broker_events_max: u64,
     broker_sse_keepalive_ms: u64,
+    broker_api_workers: Option<u64>,
     broker_callback_secret: String,
     broker_callback_allowlist: String,
     broker_callback_budget_ms: u64,
@@ -150,6 +152,7 @@ impl Default for Raw {
             broker_dead_list_max: 10_000,
             broker_events_max: 1_000,
             broker_sse_keepalive_ms: 15_000,
+            broker_api_workers: None,
             broker_callback_secret: String::new(),
             broker_callback_allowlist: String::new(),
             broker_callback_budget_ms: 60_000,
@@ -218,6 +221,9 @@ pub struct ApiSettings {
     pub instance_id: String,
     /// Silence after which an SSE client gets a keepalive frame.
     pub sse_keepalive: Duration,
+    /// Threads serving requests, each with its own Redis connections and reply subscription:
+    /// `BROKER_API_WORKERS`, else one per core.
+    pub workers: usize,
 }
 
 /// Callback delivery: who may be called, how deliveries are signed, how long to keep trying.
@@ -455,6 +461,9 @@ impl Raw {
         positive("BROKER_DEAD_LIST_MAX", self.broker_dead_list_max);
         positive("BROKER_EVENTS_MAX", self.broker_events_max);
         positive("BROKER_SSE_KEEPALIVE_MS", self.broker_sse_keepalive_ms);
+        if let Some(workers) = self.broker_api_workers {
+            positive("BROKER_API_WORKERS", workers);
+        }
         positive("BROKER_CALLBACK_BUDGET_MS", self.broker_callback_budget_ms);
         positive(
             "BROKER_CALLBACK_TIMEOUT_MS",
@@ -609,6 +618,10 @@ impl Raw {
                 max_body_bytes: to_usize(self.broker_max_body_bytes),
                 instance_id,
                 sse_keepalive: ms(self.broker_sse_keepalive_ms),
+                workers: self.broker_api_workers.map_or_else(
+                    || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+                    to_usize,
+                ),
             },
             worker: WorkerSettings {
                 base_url: self.worker_base_url.trim_end_matches('/').to_owned(),
@@ -755,6 +768,20 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("NOT_A_SETTING: not a setting"));
+    }
+
+    #[test]
+    fn api_workers_default_to_one_per_core() {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        assert_eq!(Settings::from_pairs([]).unwrap().api.workers, cores);
+        let s = Settings::from_pairs([("BROKER_API_WORKERS", "3")]).unwrap();
+        assert_eq!(s.api.workers, 3);
+        for bad in ["0", "-1", "two"] {
+            let err = Settings::from_pairs([("BROKER_API_WORKERS", bad)])
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} was taken"));
+            assert!(err.to_string().contains("BROKER_API_WORKERS"), "{err}");
+        }
     }
 
     #[test]
