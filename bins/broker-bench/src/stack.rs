@@ -81,25 +81,25 @@ impl Stack {
         let mut stack = Self {
             dir,
             redis_port: free_port()?,
-            api_port: free_port()?,
-            mock_port: free_port()?,
+            api_port: 0,
+            mock_port: 0,
             options,
             bin_dir,
             procs: Vec::new(),
         };
         stack.start_redis()?;
-        let mut mock = Command::new(stack.bin_dir.join("mock-worker"));
-        mock.env("MOCK_HOST", "127.0.0.1")
-            .env("MOCK_PORT", stack.mock_port.to_string())
-            .env("MOCK_LATENCY_MS", stack.options.worker_ms.to_string());
-        stack.spawn("mock", &mut mock)?;
-        wait_http(stack.mock_port, "/health")?;
-        let mut api = Command::new(stack.bin_dir.join("broker-api"));
-        stack
-            .broker_env(&mut api)
-            .env("PORT", stack.api_port.to_string());
-        stack.spawn("api", &mut api)?;
-        wait_http(stack.api_port, "/health")?;
+        stack.mock_port = stack.start_serving("mock", |stack, port| {
+            let mut mock = Command::new(stack.bin_dir.join("mock-worker"));
+            mock.env("MOCK_HOST", "127.0.0.1")
+                .env("MOCK_PORT", port.to_string())
+                .env("MOCK_LATENCY_MS", stack.options.worker_ms.to_string());
+            mock
+        })?;
+        stack.api_port = stack.start_serving("api", |stack, port| {
+            let mut api = Command::new(stack.bin_dir.join("broker-api"));
+            stack.broker_env(&mut api).env("PORT", port.to_string());
+            api
+        })?;
         if !stack.options.defer_drainers {
             stack.start_drainers()?;
         }
@@ -145,16 +145,69 @@ impl Stack {
     /// Starts the drainer processes.
     pub fn start_drainers(&mut self) -> anyhow::Result<()> {
         for i in 0..self.options.drainers {
-            let port = free_port()?;
-            let mut cmd = Command::new(self.bin_dir.join("broker-drainer"));
-            self.broker_env(&mut cmd)
-                .env("PORT", port.to_string())
-                .env("DRAINER_ID", format!("bench-{i}"))
-                .env("DRAINER_CONCURRENCY", self.options.concurrency.to_string());
-            self.spawn(&format!("drainer{i}"), &mut cmd)?;
-            wait_http(port, "/health")?;
+            self.start_serving(&format!("drainer{i}"), |stack, port| {
+                let mut cmd = Command::new(stack.bin_dir.join("broker-drainer"));
+                stack
+                    .broker_env(&mut cmd)
+                    .env("PORT", port.to_string())
+                    .env("DRAINER_ID", format!("bench-{i}"))
+                    .env("DRAINER_CONCURRENCY", stack.options.concurrency.to_string());
+                cmd
+            })?;
         }
         Ok(())
+    }
+
+    /// Starts `name` (built by `command` for a port) and waits until it answers `GET /health`
+    /// with a 200. A port found free can be taken by another socket before the process binds
+    /// it, so a process that exits before it answers is started again on a new port, three
+    /// times in all. Errors name the process and end with its log.
+    fn start_serving(
+        &mut self,
+        name: &str,
+        command: impl Fn(&Self, u16) -> Command,
+    ) -> anyhow::Result<u16> {
+        let mut exits = Vec::new();
+        for _ in 0..3 {
+            let port = free_port()?;
+            let mut cmd = command(self, port);
+            self.spawn(name, &mut cmd)?;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if healthy(port) {
+                    return Ok(port);
+                }
+                let exited = match self.procs.last_mut() {
+                    Some(p) => p.child.try_wait()?,
+                    None => None,
+                };
+                if let Some(status) = exited {
+                    exits.push(format!("port {port}: {status}"));
+                    self.procs.pop();
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{name} did not answer GET /health on port {port} within 20 s; its log \
+                         ends:\n{}",
+                        self.log_tail(name)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        bail!(
+            "{name} exited before it answered GET /health ({}); its log ends:\n{}",
+            exits.join(", "),
+            self.log_tail(name)
+        )
+    }
+
+    /// The last lines of a process's log.
+    fn log_tail(&self, name: &str) -> String {
+        let log = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     fn broker_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
@@ -284,27 +337,18 @@ pub struct Usage {
     pub usec: BTreeMap<String, u64>,
 }
 
-fn wait_http(port: u16, path: &str) -> anyhow::Result<()> {
+/// Whether something on `port` answers `GET /health` with a 200.
+fn healthy(port: u16) -> bool {
     use std::io::{Read, Write};
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let req =
-                format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-            let mut answer = String::new();
-            if s.write_all(req.as_bytes()).is_ok()
-                && s.read_to_string(&mut answer).is_ok()
-                && answer.starts_with("HTTP/1.1 200")
-            {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("nothing healthy on port {port} after 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let req = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    let mut answer = String::new();
+    s.write_all(req.as_bytes()).is_ok()
+        && s.read_to_string(&mut answer).is_ok()
+        && answer.starts_with("HTTP/1.1 200")
 }
 
 /// User plus system CPU seconds of a process, from `/proc/<pid>/stat`.
@@ -417,4 +461,57 @@ pub fn redis_version() -> String {
                 .map(|w| w.trim_start_matches("v=").to_owned())
         })
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn empty_stack() -> Stack {
+        let dir = std::env::temp_dir().join(format!(
+            "broker-bench-test-{}-{}",
+            std::process::id(),
+            free_port().expect("a free port")
+        ));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        Stack {
+            dir,
+            redis_port: 0,
+            api_port: 0,
+            mock_port: 0,
+            options: StackOptions {
+                worker_ms: 0,
+                drainers: 1,
+                concurrency: 1,
+                fsync: "everysec".into(),
+                callback_port: None,
+                defer_drainers: true,
+            },
+            bin_dir: PathBuf::new(),
+            procs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_process_that_exits_before_it_answers_is_tried_three_times_and_named() {
+        let mut stack = empty_stack();
+        let tries = std::cell::Cell::new(0);
+        let err = stack
+            .start_serving("flaky", |_, port| {
+                tries.set(tries.get() + 1);
+                let mut cmd = Command::new("sh");
+                cmd.args(["-c", &format!("echo cannot bind {port}; exit 3")]);
+                cmd
+            })
+            .expect_err("nothing answered");
+        assert_eq!(tries.get(), 3);
+        let text = err.to_string();
+        assert!(
+            text.starts_with("flaky exited before it answered GET /health"),
+            "{text}"
+        );
+        assert_eq!(text.matches("exit status: 3").count(), 3, "{text}");
+        assert!(text.contains("its log ends:\ncannot bind "), "{text}");
+        assert!(stack.procs.is_empty(), "the exited tries are not kept");
+    }
 }
