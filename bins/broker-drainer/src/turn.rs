@@ -227,6 +227,9 @@ async fn finish(
     left: Unrecorded,
 ) {
     let worker_terminal = left.terminal;
+    // Only a message that keeps its frames gets a terminal frame: for the others it would be
+    // built (a copy of the response, serialised) only to be dropped.
+    let records = records_events(claimed);
     let finished_at = now_ms();
     let queue_wait_ms = claimed.started_at.saturating_sub(claimed.enqueued_at);
     let processing_ms = finished_at.saturating_sub(claimed.started_at);
@@ -252,6 +255,7 @@ async fn finish(
                 .unwrap_or_default();
             // The worker's own complete frame passes unchanged.
             let terminal = match worker_terminal {
+                _ if !records => String::new(),
                 Some((kind, data)) if kind == "complete" => data,
                 _ => serde_json::json!({"type": "complete", "response": response}).to_string(),
             };
@@ -288,6 +292,7 @@ async fn finish(
             }
             // The worker's error frame passes unchanged; other failures get the broker's.
             let terminal = match worker_terminal {
+                _ if !records => String::new(),
                 Some((kind, data)) if kind == "error" && failure.code == "WORKER_ERROR" => data,
                 _ => serde_json::json!({
                     "type": "error",
@@ -307,7 +312,7 @@ async fn finish(
         }
     };
     let json = serde_json::to_string(&outcome).unwrap_or_default();
-    let mut finish = if records_events(claimed) {
+    let mut finish = if records {
         let mut finish = Finish::new(outcome.status(), &json, terminal.0, &terminal.1);
         finish.frames = left.frames;
         finish
