@@ -941,19 +941,19 @@ fn parse_claim(reply: &[Value], now: u64) -> Result<Option<(Conversation, Claim)
             let turn = field(2)?;
             // Eight fields, then the body, which takes the rest (see `claim.lua`).
             let mut parts = turn.splitn(9, '\0');
-            let mut next = || parts.next().unwrap_or_default().to_owned();
+            let mut next = || parts.next().unwrap_or_default();
             let (message_id, attempts, enqueued_at) = (next(), next(), next());
             Claim::Turn(Box::new(Claimed {
-                message_id,
+                message_id: message_id.to_owned(),
                 attempts: attempts.parse().unwrap_or(1),
                 enqueued_at: enqueued_at.parse().unwrap_or(now),
                 started_at: now,
-                reply: next(),
-                mode: next(),
-                user_id: next(),
-                client_message_id: next(),
-                callback_url: next(),
-                body: next(),
+                reply: next().to_owned(),
+                mode: next().to_owned(),
+                user_id: next().to_owned(),
+                client_message_id: next().to_owned(),
+                callback_url: next().to_owned(),
+                body: next().to_owned(),
             }))
         }
         "empty" => Claim::Empty,
