@@ -1,6 +1,7 @@
 //! Randomised model test of the scripts: thousands of interleavings of enqueue, the
 //! drainer's pipelined BLMOVE + claim (taking up to three conversations), a BLMOVE whose claim
-//! was lost, claim, finish, stale finishes, drainer deaths (reap), releases and cancels
+//! was lost, claim, finishes of several turns in one call (a stale one among them now and
+//! then), stale finishes, drainer deaths (reap), releases and cancels
 //! against a real Redis, checking design §6's invariants and the counters against a simple
 //! model after every step. The seed is printed; `MODEL_SEED=<n>` replays a run.
 // Test helpers panic on purpose: a failed step fails the test.
@@ -10,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use broker_core::queue::{
-    Cancelled, Claim, Enqueued, Finish, Finished, Mode, Queue, Released, Retention,
+    Cancelled, Claim, Enqueued, Finish, Finished, Mode, Queue, Released, Retention, TurnEnd,
 };
 use broker_core::{redis_conn, Keys};
 use broker_proto::{validate_message, Conversation, ValidationLimits};
@@ -37,6 +38,14 @@ enum Hold {
     },
 }
 
+fn retention() -> Retention {
+    Retention {
+        result_ttl: DAY,
+        dead_list_max: 10,
+        events_max: 100,
+    }
+}
+
 /// Finishes a turn as completed with an empty outcome.
 async fn finish(
     queue: &Queue,
@@ -52,11 +61,7 @@ async fn finish(
             message,
             lease,
             &Finish::new("completed", "{}", "complete", "{}"),
-            &Retention {
-                result_ttl: DAY,
-                dead_list_max: 10,
-                events_max: 100,
-            },
+            &retention(),
         )
         .await
         .unwrap()
@@ -254,23 +259,58 @@ async fn random_interleavings_keep_the_invariants() {
                 }
             }
             4 => {
-                if let Hold::Running {
-                    drainer,
-                    lease,
-                    message,
-                } = hold[i].clone()
-                {
-                    let r = finish(&queue, drainer, conv, &message, &lease).await;
-                    assert_eq!(model[i].pop_front().as_ref(), Some(&message), "{context}");
-                    assert_eq!(
-                        r,
-                        Finished::Done {
-                            left: model[i].len() as u64
-                        },
-                        "{context}"
-                    );
-                    hold[i] = Hold::Free;
-                    done += 1;
+                // The drainer finishes this turn together with some of its other running
+                // turns and, now and then, a stale one of its own: one call, in any order.
+                if let Hold::Running { drainer, .. } = hold[i].clone() {
+                    let mut batch: Vec<(usize, String, String, bool)> = (0..CONVERSATIONS)
+                        .filter_map(|c| match &hold[c] {
+                            Hold::Running {
+                                drainer: d,
+                                lease,
+                                message,
+                            } if *d == drainer && (c == i || rng.bool()) => {
+                                Some((c, lease.clone(), message.clone(), true))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    if let Some(at) = stale.iter().position(|s| s.1 == drainer) {
+                        if rng.bool() {
+                            let (c, _, lease, message) = stale.remove(at);
+                            batch.push((c, lease, message, false));
+                        }
+                    }
+                    rng.shuffle(&mut batch);
+                    let turns: Vec<TurnEnd> = batch
+                        .iter()
+                        .map(|(c, lease, message, _)| TurnEnd {
+                            conversation: convs[*c].clone(),
+                            message_id: message.clone(),
+                            lease: lease.clone(),
+                            finish: Finish::new("completed", "{}", "complete", "{}"),
+                        })
+                        .collect();
+                    let results = queue
+                        .finish_many(drainer, &turns, &retention())
+                        .await
+                        .unwrap();
+                    assert_eq!(results.len(), batch.len(), "{context}");
+                    for ((c, _, message, live), r) in batch.into_iter().zip(results) {
+                        if !live {
+                            assert_eq!(r, Finished::Stale, "{context}: a stale lease in a batch");
+                            continue;
+                        }
+                        assert_eq!(model[c].pop_front().as_ref(), Some(&message), "{context}");
+                        assert_eq!(
+                            r,
+                            Finished::Done {
+                                left: model[c].len() as u64
+                            },
+                            "{context}"
+                        );
+                        hold[c] = Hold::Free;
+                        done += 1;
+                    }
                 }
             }
             5 => {

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use broker_core::clock::now_ms;
 use broker_core::config::Settings;
-use broker_core::queue::{Claim, Queue};
+use broker_core::batch::Batcher;
+use broker_core::queue::{Claim, Finished, Queue, QueueError, TurnEnd};
 use broker_core::worker::WorkerClient;
 use broker_core::{redis_conn, Keys};
 use broker_proto::Conversation;
@@ -39,13 +40,20 @@ use tokio::task::JoinSet;
 /// per turn; the claim script's cost grows with what it takes, so a take stays short.
 const MAX_TAKE: usize = 32;
 
+/// The most turns one finish call stores. Under load the turns that end in one pass of the
+/// runtime share a call; its cost in Redis grows with what it stores, so a call stays short.
+const MAX_FINISH: usize = 32;
+
+/// Gathers the ends of turns into finish calls (see `broker_core::batch`).
+pub(crate) type Finisher = Batcher<Arc<TurnEnd>, Result<Finished, QueueError>>;
+
 /// State shared by the drainer's tasks.
 pub(crate) struct Shared {
     pub settings: Settings,
     pub queue: Queue,
     pub worker: WorkerClient,
     pub callbacks: broker_core::callback::Sender,
-    pub retention: broker_core::queue::Retention,
+    pub finisher: Finisher,
     /// Conversations this process runs a turn for (taken, not yet finished), counted: a
     /// conversation released by one turn can be taken again before that turn's task is gone.
     pub running: Mutex<HashMap<String, u32>>,
@@ -79,6 +87,8 @@ pub struct Drainer {
     client: redis::Client,
     listener: TcpListener,
     hard_stop_tx: watch::Sender<bool>,
+    /// The finisher's gathering task, spawned when the drainer runs.
+    finishing: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
 impl Drainer {
@@ -98,15 +108,28 @@ impl Drainer {
             );
         }
         let (hard_stop_tx, hard_stop) = watch::channel(false);
+        let queue = Queue::new(pool, keys);
+        let retention = broker_core::queue::Retention {
+            result_ttl: settings.drainer.result_ttl,
+            dead_list_max: settings.drainer.dead_list_max,
+            events_max: settings.drainer.events_max,
+        };
+        let (finisher, finishing) = Batcher::new(MAX_FINISH, {
+            let queue = queue.clone();
+            let id = settings.drainer.id.clone();
+            move |turns: Vec<Arc<TurnEnd>>| {
+                let (queue, id) = (queue.clone(), id.clone());
+                async move {
+                    let stored = queue.finish_many(&id, &turns, &retention).await;
+                    QueueError::fan_out(stored, turns.len())
+                }
+            }
+        });
         let shared = Arc::new(Shared {
-            queue: Queue::new(pool, keys),
+            queue,
             worker,
             callbacks: broker_core::callback::Sender::new(&settings.callbacks),
-            retention: broker_core::queue::Retention {
-                result_ttl: settings.drainer.result_ttl,
-                dead_list_max: settings.drainer.dead_list_max,
-                events_max: settings.drainer.events_max,
-            },
+            finisher,
             settings,
             running: Mutex::new(HashMap::new()),
             last_heartbeat: AtomicU64::new(0),
@@ -120,6 +143,7 @@ impl Drainer {
             client,
             listener,
             hard_stop_tx,
+            finishing: Box::pin(finishing),
         })
     }
 
@@ -144,7 +168,10 @@ impl Drainer {
             client,
             listener,
             hard_stop_tx,
+            finishing,
         } = self;
+        // Ends when the last turn holding the finisher is gone.
+        tokio::spawn(finishing);
         let d = &shared.settings.drainer;
         tracing::info!(
             drainer = %d.id,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker_core::clock::now_ms;
-use broker_core::queue::{Claimed, Finish, Finished, Mode, QueueError};
+use broker_core::queue::{Claimed, Finish, Finished, Mode, QueueError, TurnEnd};
 use broker_core::worker::{backoff, TurnResult};
 use broker_proto::sse::Frame;
 use broker_proto::{Conversation, Failure, Outcome};
@@ -368,16 +368,20 @@ async fn finish(
     finish.dead_entries = dead_entries;
     finish.reply.clone_from(&claimed.reply);
 
-    let id = shared.id().to_owned();
+    // Finished together with the other turns that end in this pass of the runtime.
+    let turn = Arc::new(TurnEnd {
+        conversation: conversation.clone(),
+        message_id,
+        lease: lease.to_owned(),
+        finish,
+    });
     let stored = until_stopped(shared, || {
-        shared.queue.finish(
-            &id,
-            conversation,
-            &message_id,
-            lease,
-            &finish,
-            &shared.retention,
-        )
+        let turn = turn.clone();
+        async move {
+            shared.finisher.call(turn).await.unwrap_or_else(|| {
+                Err(QueueError::Protocol("the finisher gave no answer".into()))
+            })
+        }
     })
     .await;
     match stored {

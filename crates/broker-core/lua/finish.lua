@@ -1,90 +1,126 @@
--- finish: store the outcome of a turn (completed or failed) and release the conversation.
--- Only the holder of the current lease can finish: a stale lease changes nothing.
+-- finish: store the outcomes of one or more turns (completed or failed) of one drainer and
+-- release their conversations. Only the holder of a turn's current lease can finish it: a
+-- stale lease changes nothing of that turn.
 --
--- KEYS[1] conv:<conversation>
--- KEYS[2] q:<conversation>
--- KEYS[3] msg:<id>
--- KEYS[4] processing:<drainer>
--- KEYS[5] ready
--- KEYS[6] stats
--- KEYS[7] dead
--- KEYS[8] events:<id>
--- ARGV[1] conversation   ARGV[2] message id   ARGV[3] lease token   ARGV[4] now (ms)
--- ARGV[5] 'completed' | 'failed'   ARGV[6] outcome JSON   ARGV[7] result ttl (s)
--- ARGV[8] dead-list cap   ARGV[9] terminal frame type ('' when the message's frames are not
--- recorded: then no frame is written)   ARGV[10] terminal frame data
--- ARGV[11] stream cap   ARGV[12] notify channel   ARGV[13] n, the number of dead-list entries
--- ARGV[14] f, the number of worker frames not yet recorded (they go before the terminal frame)
--- ARGV[15] the message's reply channel as its claim read it ('' for none): the outcome is
---          published there as `<message id>\n<outcome JSON>`, followed, when frames are
---          written, by those frames as told.lua writes them, so that the reader of a stream
---          message on that process sends them without reading the stream
--- ARGV[16 .. 15+n] dead-list entries   ARGV[16+n .. 15+n+2f] type, data pairs of those frames
--- ARGV[16+n+2f ..] field, value pairs for the message hash
--- Returns {'ok', messages still queued} | {'stale'}
+-- A drainer sends the turns that end in the same pass of its runtime in one call: the call's
+-- own cost (the script's start, its MULTI/EXEC in the AOF) and the stats counters' writes
+-- are then paid once per batch, not per turn. The turns are finished in order, each as if
+-- alone.
+--
+-- KEYS[1] processing:<drainer>   KEYS[2] ready   KEYS[3] stats   KEYS[4] dead
+-- and for turn t (from 0), at k = 4 + 4t:
+--   KEYS[k+1] conv:<conversation>   KEYS[k+2] q:<conversation>   KEYS[k+3] msg:<id>
+--   KEYS[k+4] events:<id>, also the channel its readers are notified on
+-- ARGV[1] now (ms)   ARGV[2] result ttl (s)   ARGV[3] dead-list cap   ARGV[4] stream cap
+-- ARGV[5] the number of turns
+-- then each turn's record, one after the other:
+--   conversation, message id, lease token, 'completed' | 'failed', outcome JSON,
+--   terminal frame type ('' when the message's frames are not recorded: then no frame is
+--   written), terminal frame data, the message's reply channel as its claim read it ('' for
+--   none: the outcome is published there as `<message id>\n<outcome JSON>`, followed, when
+--   frames are written, by those frames as told.lua writes them, so that the reader of a
+--   stream message on that process sends them without reading the stream),
+--   n dead-list entries, f worker frames not yet recorded (they go before the terminal
+--   frame), h fields for the message hash, then the n entries, the f type, data pairs and the
+--   h field, value pairs
+-- Returns, per turn in order, the number of messages still queued in its conversation, or
+-- -1 when its lease was stale.
 
-if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[3] then
-  return {'stale'}
-end
--- The head must be this message. Popped at once, and pushed back in the (never yet seen)
--- case that it is not, so the common case needs no LINDEX of its own.
-local head = redis.call('LPOP', KEYS[2])
-if head ~= ARGV[2] then
-  if head then
-    redis.call('LPUSH', KEYS[2], head)
+local now = ARGV[1]
+local counts = {processing = 0, active_queues = 0}
+local dead = 0
+
+-- Finishes the turn whose record starts at ARGV[a], with keys from KEYS[k + 1]; returns
+-- what is left in its queue, or -1.
+local function finish(k, a)
+  local conv, q, msg, events = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+  local conversation, message_id, status, outcome = ARGV[a], ARGV[a + 1], ARGV[a + 3], ARGV[a + 4]
+  local n, f = tonumber(ARGV[a + 8]), tonumber(ARGV[a + 9])
+  local entries = a + 11
+  local frames = entries + n
+  local fields = frames + 2 * f
+  local last_field = fields + 2 * tonumber(ARGV[a + 10]) - 1
+
+  if redis.call('HGET', conv, 'lease') ~= ARGV[a + 2] then
+    return -1
   end
-  return {'stale'}
+  -- The head must be this message. Popped at once, and pushed back in the (never yet seen)
+  -- case that it is not, so the common case needs no LINDEX of its own.
+  local head = redis.call('LPOP', q)
+  if head ~= message_id then
+    if head then
+      redis.call('LPUSH', q, head)
+    end
+    return -1
+  end
+
+  redis.call('HSET', msg, 'status', status, 'outcome', outcome, 'finished_at', now,
+    unpack(ARGV, fields, last_field))
+  for i = fields, last_field, 2 do
+    if ARGV[i] == 'callback' then
+      -- 'delivered' or 'failed'
+      local counter = 'callbacks_' .. ARGV[i + 1] .. '_total'
+      counts[counter] = (counts[counter] or 0) + 1
+    end
+  end
+  redis.call('HDEL', msg, 'body')
+  redis.call('EXPIRE', msg, ARGV[2])
+  local reply = ARGV[a + 7]
+  if ARGV[a + 5] ~= '' then
+    -- the turn's last worker frames, then the one terminal frame, atomically with the outcome
+    local told = told_start(reply, events, message_id, outcome)
+    local id
+    local function add(kind, data)
+      id = redis.call('XADD', events, 'MAXLEN', '~', ARGV[4], '*', 'type', kind, 'data', data)
+      told_add(told, id, data)
+    end
+    for i = frames, fields - 1, 2 do
+      add(ARGV[i], ARGV[i + 1])
+    end
+    add(ARGV[a + 5], ARGV[a + 6])
+    redis.call('EXPIRE', events, ARGV[2])
+    redis.call('PUBLISH', events, id)
+    told_publish(told, reply, id)
+  elseif reply ~= '' then
+    redis.call('PUBLISH', reply, message_id .. '\n' .. outcome)
+  end
+  redis.call('LREM', KEYS[1], '0', conversation)
+  counts.processing = counts.processing - 1
+  local total = status .. '_total'
+  counts[total] = (counts[total] or 0) + 1
+  for i = entries, frames - 1 do
+    redis.call('LPUSH', KEYS[4], ARGV[i])
+  end
+  dead = dead + n
+
+  local left = redis.call('LLEN', q)
+  if left > 0 then
+    -- more work: back of the line, so a long queue does not hold back the others
+    redis.call('HSET', conv, 'state', 'ready', 'since', now)
+    redis.call('HDEL', conv, 'message_id', 'drainer', 'lease')
+    redis.call('LPUSH', KEYS[2], conversation)
+  else
+    redis.call('DEL', conv)
+    counts.active_queues = counts.active_queues - 1
+  end
+  return left
 end
 
-local n = tonumber(ARGV[13])
-local f = tonumber(ARGV[14])
-local first_field = 16 + n + 2 * f
-redis.call('HSET', KEYS[3], 'status', ARGV[5], 'outcome', ARGV[6], 'finished_at', ARGV[4],
-  unpack(ARGV, first_field))
-for i = first_field, #ARGV, 2 do
-  if ARGV[i] == 'callback' then
-    -- 'delivered' or 'failed'
-    redis.call('HINCRBY', KEYS[6], 'callbacks_' .. ARGV[i + 1] .. '_total', '1')
-  end
-end
-redis.call('HDEL', KEYS[3], 'body')
-redis.call('EXPIRE', KEYS[3], ARGV[7])
-if ARGV[9] ~= '' then
-  -- the turn's last worker frames, then the one terminal frame, atomically with the outcome
-  local told = told_start(ARGV[15], KEYS[8], ARGV[2], ARGV[6])
-  local id
-  local function add(kind, data)
-    id = redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[11], '*', 'type', kind, 'data', data)
-    told_add(told, id, data)
-  end
-  for i = 16 + n, 15 + n + 2 * f, 2 do
-    add(ARGV[i], ARGV[i + 1])
-  end
-  add(ARGV[9], ARGV[10])
-  redis.call('EXPIRE', KEYS[8], ARGV[7])
-  redis.call('PUBLISH', ARGV[12], id)
-  told_publish(told, ARGV[15], id)
-elseif ARGV[15] ~= '' then
-  redis.call('PUBLISH', ARGV[15], ARGV[2] .. '\n' .. ARGV[6])
-end
-redis.call('LREM', KEYS[4], '0', ARGV[1])
-redis.call('HINCRBY', KEYS[6], 'processing', '-1')
-redis.call('HINCRBY', KEYS[6], ARGV[5] .. '_total', '1')
-if n > 0 then
-  for i = 16, 15 + n do
-    redis.call('LPUSH', KEYS[7], ARGV[i])
-  end
-  redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[8]) - 1)
+local results = {}
+local a = 6
+for t = 1, tonumber(ARGV[5]) do
+  results[t] = finish(4 * t, a)
+  -- the next record starts after this one's 11 fixed values and n + 2f + 2h more
+  a = a + 11 + tonumber(ARGV[a + 8]) + 2 * tonumber(ARGV[a + 9]) + 2 * tonumber(ARGV[a + 10])
 end
 
-local left = redis.call('LLEN', KEYS[2])
-if left > 0 then
-  -- more work: back of the line, so a long queue does not hold back the others
-  redis.call('HSET', KEYS[1], 'state', 'ready', 'since', ARGV[4])
-  redis.call('HDEL', KEYS[1], 'message_id', 'drainer', 'lease')
-  redis.call('LPUSH', KEYS[5], ARGV[1])
-else
-  redis.call('DEL', KEYS[1])
-  redis.call('HINCRBY', KEYS[6], 'active_queues', '-1')
+if dead > 0 then
+  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[3]) - 1)
 end
-return {'ok', left}
+-- The counters' changes, written once for the whole batch.
+for field, delta in pairs(counts) do
+  if delta ~= 0 then
+    redis.call('HINCRBY', KEYS[3], field, delta)
+  end
+end
+return results

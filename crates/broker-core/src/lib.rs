@@ -3,6 +3,7 @@
 //!
 //! It knows Redis and the worker, not actix: the API and the drainer are built on it.
 
+pub mod batch;
 pub mod callback;
 pub mod clock;
 pub mod config;

@@ -43,6 +43,29 @@ pub enum QueueError {
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from a script: {0}")]
     Protocol(String),
+    /// A pool failure, as each request of a failed batch gets it.
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl QueueError {
+    /// The same failure again, for another request of the batch that met it.
+    pub fn again(&self) -> Self {
+        match self {
+            Self::Pool(e) => Self::Unavailable(e.to_string()),
+            Self::Redis(e) => Self::Redis(e.clone()),
+            Self::Protocol(text) => Self::Protocol(text.clone()),
+            Self::Unavailable(text) => Self::Unavailable(text.clone()),
+        }
+    }
+
+    /// Answers for each of `n` requests from the result of their one batch.
+    pub fn fan_out<R>(result: Result<Vec<R>, Self>, n: usize) -> Vec<Result<R, Self>> {
+        match result {
+            Ok(results) => results.into_iter().map(Ok).collect(),
+            Err(e) => (0..n).map(|_| Err(e.again())).collect(),
+        }
+    }
 }
 
 /// How a client wants the result of a message.
@@ -178,6 +201,15 @@ impl Finish {
             ..Self::default()
         }
     }
+}
+
+/// A turn to finish: whose it is, under which lease, and what it stores.
+#[derive(Debug, Clone)]
+pub struct TurnEnd {
+    pub conversation: Conversation,
+    pub message_id: String,
+    pub lease: String,
+    pub finish: Finish,
 }
 
 /// How long finished messages and their events are kept, and how much of them.
@@ -534,7 +566,8 @@ impl Queue {
     }
 
     /// Stores a turn's outcome, appends its terminal frame to the message's events and
-    /// releases the conversation, if the lease is still ours.
+    /// releases the conversation, if the lease is still ours: [`Queue::finish_many`] with one
+    /// turn.
     pub async fn finish(
         &self,
         drainer: &str,
@@ -544,49 +577,93 @@ impl Queue {
         finish: &Finish,
         retention: &Retention,
     ) -> Result<Finished, QueueError> {
-        let mut conn = self.conn().await?;
-        let mut invocation = Call::new(&self.scripts.finish, 8);
+        let turn = TurnEnd {
+            conversation: conversation.clone(),
+            message_id: message_id.to_owned(),
+            lease: lease.to_owned(),
+            finish: finish.clone(),
+        };
+        let mut done = self
+            .finish_many(drainer, std::slice::from_ref(&turn), retention)
+            .await?;
+        done.pop()
+            .ok_or_else(|| QueueError::Protocol("finish returned no result".into()))
+    }
+
+    /// Finishes the turns of one drainer in one script call, each as [`Queue::finish`] would
+    /// alone; their results in the same order. The call's own cost and the stats counters'
+    /// writes are paid once for all of them.
+    pub async fn finish_many<T: std::borrow::Borrow<TurnEnd>>(
+        &self,
+        drainer: &str,
+        turns: &[T],
+        retention: &Retention,
+    ) -> Result<Vec<Finished>, QueueError> {
+        let mut invocation = Call::new(&self.scripts.finish, 4 + 4 * turns.len());
         invocation
-            .key(self.keys.conversation(conversation))
-            .key(self.keys.queue(conversation))
-            .key(self.keys.message(message_id))
             .key(self.keys.processing(drainer))
             .key(self.keys.ready())
             .key(self.keys.stats())
-            .key(self.keys.dead())
-            .key(self.keys.events(message_id))
-            .arg(conversation.as_str())
-            .arg(message_id)
-            .arg(lease)
+            .key(self.keys.dead());
+        for turn in turns {
+            let turn = turn.borrow();
+            invocation
+                .key(self.keys.conversation(&turn.conversation))
+                .key(self.keys.queue(&turn.conversation))
+                .key(self.keys.message(&turn.message_id))
+                .key(self.keys.events(&turn.message_id));
+        }
+        invocation
             .arg(now_ms())
-            .arg(&finish.status)
-            .arg(&finish.outcome_json)
             .arg(retention.result_ttl.as_secs().max(1))
             .arg(retention.dead_list_max.max(1))
-            .arg(&finish.terminal_type)
-            .arg(&finish.terminal_data)
             .arg(retention.events_max.max(1))
-            .arg(self.keys.events(message_id))
-            .arg(finish.dead_entries.len())
-            .arg(finish.frames.len())
-            .arg(&finish.reply);
-        for entry in &finish.dead_entries {
-            invocation.arg(entry);
+            .arg(turns.len());
+        for turn in turns {
+            let TurnEnd {
+                conversation,
+                message_id,
+                lease,
+                finish,
+            } = turn.borrow();
+            invocation
+                .arg(conversation.as_str())
+                .arg(message_id)
+                .arg(lease)
+                .arg(&finish.status)
+                .arg(&finish.outcome_json)
+                .arg(&finish.terminal_type)
+                .arg(&finish.terminal_data)
+                .arg(&finish.reply)
+                .arg(finish.dead_entries.len())
+                .arg(finish.frames.len())
+                .arg(finish.fields.len());
+            for entry in &finish.dead_entries {
+                invocation.arg(entry);
+            }
+            for (kind, data) in &finish.frames {
+                invocation.arg(kind).arg(data);
+            }
+            for (field, value) in &finish.fields {
+                invocation.arg(field).arg(value);
+            }
         }
-        for (kind, data) in &finish.frames {
-            invocation.arg(kind).arg(data);
+        let mut conn = self.conn().await?;
+        let reply: Vec<i64> = invocation.invoke(&mut conn).await?;
+        if reply.len() != turns.len() {
+            return Err(QueueError::Protocol(format!(
+                "finish of {} turns returned {} results",
+                turns.len(),
+                reply.len()
+            )));
         }
-        for (field, value) in &finish.fields {
-            invocation.arg(field).arg(value);
-        }
-        let reply: Vec<Value> = invocation.invoke(&mut conn).await?;
-        match reply.first().map(as_string).transpose()?.as_deref() {
-            Some("ok") => Ok(Finished::Done {
-                left: reply.get(1).map(as_u64).transpose()?.unwrap_or(0),
-            }),
-            Some("stale") => Ok(Finished::Stale),
-            other => Err(QueueError::Protocol(format!("finish returned {other:?}"))),
-        }
+        Ok(reply
+            .into_iter()
+            .map(|left| match u64::try_from(left) {
+                Ok(left) => Finished::Done { left },
+                Err(_) => Finished::Stale,
+            })
+            .collect())
     }
 
     /// Appends worker frames (`(type, data)`) to a running message's events, if the lease is
