@@ -1,4 +1,5 @@
-//! Randomised model test of the scripts: thousands of interleavings of enqueue, the
+//! Randomised model test of the scripts: thousands of interleavings of enqueues (several
+//! messages in one call now and then), the
 //! drainer's pipelined BLMOVE + claim (taking up to three conversations), a BLMOVE whose claim
 //! was lost, claim, finishes of several turns in one call (a stale one among them now and
 //! then), stale finishes, drainer deaths (reap), releases and cancels
@@ -11,7 +12,8 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use broker_core::queue::{
-    Cancelled, Claim, Enqueued, Finish, Finished, Mode, Queue, Released, Retention, TurnEnd,
+    Cancelled, Claim, Enqueued, Finish, Finished, Mode, NewMessage, Queue, Released, Retention,
+    TurnEnd,
 };
 use broker_core::{redis_conn, Keys};
 use broker_proto::{validate_message, Conversation, ValidationLimits};
@@ -152,28 +154,49 @@ async fn random_interleavings_keep_the_invariants() {
         let context = format!("seed {seed}, step {step}");
         match op {
             0 | 1 => {
-                next_id += 1;
-                let id = format!("m{next_id}");
-                let r = queue
-                    .enqueue(&requests[i], &id, Mode::Async, None, 50, DAY)
-                    .await
-                    .unwrap();
-                if model[i].len() >= 50 {
-                    assert_eq!(
-                        r,
-                        Enqueued::Full {
-                            depth: model[i].len() as u64
-                        },
-                        "{context}"
-                    );
-                } else {
-                    let running = matches!(hold[i], Hold::Running { .. });
-                    let expected = model[i].len() as u64 + if running { 0 } else { 1 };
+                // One enqueue call of one to three messages: to this conversation, and maybe
+                // to others or to this one again (then they queue in the order given).
+                let targets: Vec<usize> = (0..rng.usize(1..=3))
+                    .map(|j| {
+                        if j == 0 {
+                            i
+                        } else {
+                            rng.usize(..CONVERSATIONS)
+                        }
+                    })
+                    .collect();
+                let messages: Vec<NewMessage> = targets
+                    .iter()
+                    .map(|&c| {
+                        next_id += 1;
+                        NewMessage {
+                            request: requests[c].clone(),
+                            message_id: format!("m{next_id}"),
+                            mode: Mode::Async,
+                            reply: None,
+                        }
+                    })
+                    .collect();
+                let results = queue.enqueue_many(&messages, 50, DAY).await.unwrap();
+                assert_eq!(results.len(), messages.len(), "{context}");
+                for ((&c, message), r) in targets.iter().zip(&messages).zip(results) {
+                    if model[c].len() >= 50 {
+                        assert_eq!(
+                            r,
+                            Enqueued::Full {
+                                depth: model[c].len() as u64
+                            },
+                            "{context}"
+                        );
+                        continue;
+                    }
+                    let running = matches!(hold[c], Hold::Running { .. });
+                    let expected = model[c].len() as u64 + if running { 0 } else { 1 };
                     assert!(
                         matches!(r, Enqueued::Accepted { position, queued: Some(_) } if position == expected),
                         "{context}: {r:?}, expected position {expected} and the queued frame"
                     );
-                    model[i].push_back(id);
+                    model[c].push_back(message.message_id.clone());
                 }
             }
             2 => {

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use broker_core::queue::{
-    Claim, Claimed, Enqueued, Finish, Finished, Mode, Queue, Released, Retention,
+    Claim, Claimed, Enqueued, Finish, Finished, Mode, NewMessage, Queue, Released, Retention,
 };
 use broker_core::{redis_conn, Keys};
 use broker_proto::{validate_message, Conversation, MessageRequest, ValidationLimits};
@@ -608,6 +608,88 @@ async fn dedup_and_depth_limits() {
         .unwrap();
     assert_eq!(r, Enqueued::Full { depth: 2 });
     assert!(f.queue.message_record("c2").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn one_enqueue_call_of_several_messages_answers_each_as_if_alone() {
+    let f = fixture().await;
+    let a = request("alice", "x", Some("wamid.1"));
+    let b = request("bob", "y", None);
+    let message = |request: &MessageRequest, id: &str, mode: Mode| NewMessage {
+        request: request.clone(),
+        message_id: id.into(),
+        mode,
+        reply: None,
+    };
+    let batch = [
+        message(&a, "m1", Mode::Sync),
+        // the same client message id again: a duplicate of the one just before it
+        message(&a, "m2", Mode::Sync),
+        message(&b, "m3", Mode::Sync),
+        message(&b, "m4", Mode::Async),
+        // over the depth of 2
+        message(&b, "m5", Mode::Sync),
+    ];
+    let results = f.queue.enqueue_many(&batch, 2, DAY).await.unwrap();
+    let queued = |r: &Enqueued| {
+        matches!(
+            r,
+            Enqueued::Accepted {
+                queued: Some(_),
+                ..
+            }
+        )
+    };
+    assert_eq!(results.len(), 5);
+    assert!(matches!(
+        results[0],
+        Enqueued::Accepted {
+            position: 1,
+            queued: None
+        }
+    ));
+    assert_eq!(
+        results[1],
+        Enqueued::Duplicate {
+            original: "m1".into()
+        }
+    );
+    assert!(matches!(
+        results[2],
+        Enqueued::Accepted {
+            position: 1,
+            queued: None
+        }
+    ));
+    assert!(
+        matches!(results[3], Enqueued::Accepted { position: 2, .. }) && queued(&results[3]),
+        "an async message gets its queued frame: {:?}",
+        results[3]
+    );
+    assert_eq!(results[4], Enqueued::Full { depth: 2 });
+    assert!(f.queue.message_record("m2").await.unwrap().is_none());
+    assert!(f.queue.message_record("m5").await.unwrap().is_none());
+
+    let mut conn = f.redis.conn().await;
+    let stored: Vec<String> = conn
+        .lrange(f.keys.queue(&b.conversation), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(stored, ["m3", "m4"]);
+    let stats: std::collections::HashMap<String, i64> = conn.hgetall(f.keys.stats()).await.unwrap();
+    let counter = |name: &str| stats.get(name).copied().unwrap_or(0);
+    assert_eq!(
+        [
+            counter("enqueued_total"),
+            counter("queued"),
+            counter("active_queues"),
+            counter("deduplicated_total"),
+            counter("rejected_full_total"),
+        ],
+        [3, 3, 2, 1, 1],
+        "the counters, written once for the call: {stats:?}"
+    );
+    check_invariants(&f, &[&a.conversation, &b.conversation], &["d1"]).await;
 }
 
 /// Enqueues alice's `m1` in `mode` with the reply channel `bt:reply:api-x`, listens on that

@@ -24,8 +24,9 @@ use actix_web::dev::{AppConfig, Server};
 use actix_web::rt::net::TcpStream;
 use actix_web::{web, App};
 use anyhow::Context;
+use broker_core::batch::Batcher;
 use broker_core::config::{ApiSettings, Settings};
-use broker_core::queue::Queue;
+use broker_core::queue::{Enqueued, NewMessage, Queue, QueueError};
 use broker_core::{redis_conn, Keys};
 use broker_proto::ValidationLimits;
 use futures_util::FutureExt;
@@ -33,11 +34,21 @@ use tokio::sync::watch;
 
 pub use error::ApiError;
 
+/// The most messages one enqueue call writes. Under load the messages accepted in one pass
+/// of a worker's runtime share a call; its cost in Redis grows with what it writes, so a call
+/// stays short.
+const MAX_ENQUEUE: usize = 32;
+
+/// Gathers new messages into enqueue calls (see `broker_core::batch`).
+pub type Enqueuer = Batcher<Arc<NewMessage>, Result<Enqueued, QueueError>>;
+
 /// What the handlers of one worker thread share.
 pub struct AppState {
     pub api: ApiSettings,
     /// On this worker's own pool.
     pub queue: Queue,
+    /// Gathers the messages this worker accepts in one pass into one enqueue call.
+    pub enqueuer: Enqueuer,
     pub limits: ValidationLimits,
     pub dead_after: Duration,
     /// The callback guard; `None` when callbacks are off (no signing secret).
@@ -139,9 +150,24 @@ impl Application {
             }
             // On this worker's runtime: it ends with the worker.
             tokio::spawn(waiters.clone().run(client.clone(), stop_rx.clone()));
+            let queue = Queue::new(pool, keys.clone());
+            let (enqueuer, gathering) = Batcher::new(MAX_ENQUEUE, {
+                let queue = queue.clone();
+                let (max_depth, dedup_ttl) = (settings.api.max_queue_depth, settings.api.dedup_ttl);
+                move |messages: Vec<Arc<NewMessage>>| {
+                    let queue = queue.clone();
+                    async move {
+                        let enqueued = queue.enqueue_many(&messages, max_depth, dedup_ttl).await;
+                        QueueError::fan_out(enqueued, messages.len())
+                    }
+                }
+            });
+            // Also on this worker's runtime; it ends when the worker's state is dropped.
+            tokio::spawn(gathering);
             web::Data::new(AppState {
                 api: settings.api.clone(),
-                queue: Queue::new(pool, keys.clone()),
+                queue,
+                enqueuer,
                 limits: ValidationLimits::default(),
                 dead_after: settings.drainer.dead_after,
                 callbacks: callbacks.clone(),

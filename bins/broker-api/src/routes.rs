@@ -1,11 +1,12 @@
 //! The HTTP handlers of the client API (v1) and `GET /health`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use broker_core::queue::{Cancelled, Enqueued, MessageRecord, Mode};
+use broker_core::queue::{Cancelled, Enqueued, MessageRecord, Mode, NewMessage, QueueError};
 use broker_proto::{validate_message, ChatType, Conversation, Failure, Outcome};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -119,17 +120,19 @@ async fn accept(
     let mut watch = (mode == Mode::Stream).then(|| state.waiters.watch(&message_id, false));
     let reply =
         matches!(mode, Mode::Sync | Mode::Stream).then(|| state.waiters.channel().to_owned());
-    // Boxed for the same reason as the two phases: the script call's future is most of
-    // this one's size, and a separate allocation of it stays within the cache.
-    let enqueued = Box::pin(state.queue.enqueue(
-        &request,
-        &message_id,
+    // Enqueued together with the other messages this worker accepts in this pass.
+    let message = Arc::new(NewMessage {
+        request,
+        message_id: message_id.clone(),
         mode,
-        reply.as_deref(),
-        state.api.max_queue_depth,
-        state.api.dedup_ttl,
-    ))
-    .await?;
+        reply,
+    });
+    let enqueued = state
+        .enqueuer
+        .call(message.clone())
+        .await
+        .unwrap_or_else(|| Err(QueueError::Protocol("the enqueuer gave no answer".into())))?;
+    let request = &message.request;
     let span = tracing::Span::current();
     span.record("conversation", request.conversation.as_str());
 

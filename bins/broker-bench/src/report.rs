@@ -53,7 +53,7 @@ pub fn line(head: Value, results: &Results, worker_ms: u64, usage: &Usage) -> Va
     top.sort_by(|a, b| b.1.cmp(a.1));
     let top: serde_json::Map<String, Value> = top
         .into_iter()
-        .take(12)
+        .take(24)
         .map(|(name, calls)| ((*name).clone(), json!(per_msg(**calls))))
         .collect();
     let mut line = head;
@@ -74,7 +74,7 @@ pub fn line(head: Value, results: &Results, worker_ms: u64, usage: &Usage) -> Va
     usec.sort_by(|a, b| b.1.cmp(a.1));
     line["redis_us_per_msg"] = usec
         .into_iter()
-        .take(12)
+        .take(24)
         .map(|(k, v)| (k.clone(), json!(round(*v as f64 / n.max(1) as f64, 1))))
         .collect::<serde_json::Map<_, _>>()
         .into();

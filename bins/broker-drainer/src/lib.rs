@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use broker_core::batch::Batcher;
 use broker_core::clock::now_ms;
 use broker_core::config::Settings;
-use broker_core::batch::Batcher;
 use broker_core::queue::{Claim, Finished, Queue, QueueError, TurnEnd};
 use broker_core::worker::WorkerClient;
 use broker_core::{redis_conn, Keys};

@@ -375,15 +375,16 @@ async fn finish(
         lease: lease.to_owned(),
         finish,
     });
-    let stored = until_stopped(shared, || {
-        let turn = turn.clone();
-        async move {
-            shared.finisher.call(turn).await.unwrap_or_else(|| {
-                Err(QueueError::Protocol("the finisher gave no answer".into()))
-            })
-        }
-    })
-    .await;
+    let stored =
+        until_stopped(shared, || {
+            let turn = turn.clone();
+            async move {
+                shared.finisher.call(turn).await.unwrap_or_else(|| {
+                    Err(QueueError::Protocol("the finisher gave no answer".into()))
+                })
+            }
+        })
+        .await;
     match stored {
         Some(Finished::Done { left }) => tracing::info!(status = outcome.status(), queue_wait_ms, processing_ms, left, "turn finished"),
         Some(Finished::Stale) => tracing::warn!("turn finished but its lease was gone (reaped or released, or an earlier try already stored the outcome): nothing stored"),

@@ -134,8 +134,7 @@ mod tests {
         let (a, b) = tokio::join!(short.call(1), short.call(2));
         assert_eq!((a, b), (Some(2), None));
 
-        let (stopped, gather) =
-            Batcher::new(8, |items: Vec<u32>| async move { items });
+        let (stopped, gather) = Batcher::new(8, |items: Vec<u32>| async move { items });
         drop(gather);
         assert_eq!(stopped.call(1).await, None);
     }

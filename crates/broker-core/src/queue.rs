@@ -203,6 +203,16 @@ impl Finish {
     }
 }
 
+/// A message to enqueue: the validated request, the id it was given, how its result is
+/// wanted, and the reply channel it is answered on (sync and stream messages).
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub request: MessageRequest,
+    pub message_id: String,
+    pub mode: Mode,
+    pub reply: Option<String>,
+}
+
 /// A turn to finish: whose it is, under which lease, and what it stores.
 #[derive(Debug, Clone)]
 pub struct TurnEnd {
@@ -366,8 +376,8 @@ impl Queue {
         Ok(())
     }
 
-    /// Writes a message and queues it behind its conversation's earlier messages.
-    #[allow(clippy::too_many_arguments)]
+    /// Writes a message and queues it behind its conversation's earlier messages:
+    /// [`Queue::enqueue_many`] with one message.
     pub async fn enqueue(
         &self,
         request: &MessageRequest,
@@ -377,75 +387,102 @@ impl Queue {
         max_depth: u64,
         dedup_ttl: Duration,
     ) -> Result<Enqueued, QueueError> {
-        let conv = &request.conversation;
-        let dedup_key = match &request.client_message_id {
-            Some(cmid) => self.keys.dedup(conv, cmid),
-            None => self.keys.message(message_id),
+        let message = NewMessage {
+            request: request.clone(),
+            message_id: message_id.to_owned(),
+            mode,
+            reply: reply_channel.map(str::to_owned),
         };
-        let mut invocation = Call::new(&self.scripts.enqueue, 7);
+        let mut enqueued = self
+            .enqueue_many(std::slice::from_ref(&message), max_depth, dedup_ttl)
+            .await?;
+        enqueued
+            .pop()
+            .ok_or_else(|| QueueError::Protocol("enqueue returned no result".into()))
+    }
+
+    /// Enqueues messages in one script call, each as [`Queue::enqueue`] would alone (two of
+    /// one conversation queue in the order given); their results in the same order. The
+    /// call's own cost and the stats counters' writes are paid once for all of them.
+    pub async fn enqueue_many<T: std::borrow::Borrow<NewMessage>>(
+        &self,
+        messages: &[T],
+        max_depth: u64,
+        dedup_ttl: Duration,
+    ) -> Result<Vec<Enqueued>, QueueError> {
+        let mut invocation = Call::new(&self.scripts.enqueue, 2 + 5 * messages.len());
+        invocation.key(self.keys.ready()).key(self.keys.stats());
+        for message in messages {
+            let NewMessage {
+                request,
+                message_id,
+                ..
+            } = message.borrow();
+            let conv = &request.conversation;
+            invocation
+                .key(self.keys.message(message_id))
+                .key(self.keys.queue(conv))
+                .key(self.keys.conversation(conv))
+                .key(match &request.client_message_id {
+                    Some(cmid) => self.keys.dedup(conv, cmid),
+                    None => self.keys.message(message_id),
+                })
+                .key(self.keys.events(message_id));
+        }
         invocation
-            .key(self.keys.message(message_id))
-            .key(self.keys.queue(conv))
-            .key(self.keys.conversation(conv))
-            .key(self.keys.ready())
-            .key(dedup_key)
-            .key(self.keys.stats())
-            .key(self.keys.events(message_id))
-            .arg(message_id)
-            .arg(conv.as_str())
             .arg(now_ms())
             .arg(max_depth)
             .arg(dedup_ttl.as_secs().max(1))
-            .arg(if request.client_message_id.is_some() {
-                "1"
-            } else {
-                "0"
-            })
-            .arg(if mode.records_events() { "1" } else { "0" })
-            .arg("conversation")
-            .arg(conv.as_str())
-            .arg("user_id")
-            .arg(&request.user_id)
-            .arg("mode")
-            .arg(mode.as_str())
-            .arg("body")
-            .arg(&request.worker_body);
-        if let Some(channel) = reply_channel {
-            invocation.arg("reply").arg(channel);
-        }
-        if let Some(cmid) = &request.client_message_id {
-            invocation.arg("client_message_id").arg(cmid);
-        }
-        if let Some(url) = &request.callback_url {
-            invocation.arg("callback_url").arg(url);
+            .arg(messages.len());
+        for message in messages {
+            let NewMessage {
+                request,
+                message_id,
+                mode,
+                reply,
+            } = message.borrow();
+            let fields = 4
+                + usize::from(reply.is_some())
+                + usize::from(request.client_message_id.is_some())
+                + usize::from(request.callback_url.is_some());
+            invocation
+                .arg(message_id)
+                .arg(request.conversation.as_str())
+                .arg(if request.client_message_id.is_some() {
+                    "1"
+                } else {
+                    "0"
+                })
+                .arg(if mode.records_events() { "1" } else { "0" })
+                .arg(fields)
+                .arg("conversation")
+                .arg(request.conversation.as_str())
+                .arg("user_id")
+                .arg(&request.user_id)
+                .arg("mode")
+                .arg(mode.as_str())
+                .arg("body")
+                .arg(&request.worker_body);
+            if let Some(channel) = reply {
+                invocation.arg("reply").arg(channel);
+            }
+            if let Some(cmid) = &request.client_message_id {
+                invocation.arg("client_message_id").arg(cmid);
+            }
+            if let Some(url) = &request.callback_url {
+                invocation.arg("callback_url").arg(url);
+            }
         }
         let mut conn = self.conn().await?;
-        let reply: Vec<Value> = invocation.invoke(&mut conn).await?;
-        let field = |i: usize| {
-            reply
-                .get(i)
-                .ok_or_else(|| QueueError::Protocol(format!("enqueue: no field {i}")))
-        };
-        match as_string(field(0)?)?.as_str() {
-            "ok" => Ok(Enqueued::Accepted {
-                position: as_u64(field(1)?)?,
-                queued: match (reply.get(2), reply.get(3)) {
-                    (Some(id), Some(data)) => Some(Event {
-                        id: as_string(id)?,
-                        kind: "queued".into(),
-                        data: as_string(data)?,
-                    }),
-                    _ => None,
-                },
-            }),
-            "dup" => Ok(Enqueued::Duplicate {
-                original: as_string(field(1)?)?,
-            }),
-            "full" => Ok(Enqueued::Full {
-                depth: as_u64(field(1)?)?,
-            }),
-            other => Err(QueueError::Protocol(format!("enqueue returned {other}"))),
+        let replies: Vec<Vec<Value>> = invocation.invoke(&mut conn).await?;
+        if replies.len() != messages.len() {
+            return Err(QueueError::Protocol(format!(
+                "enqueue of {} messages returned {} results",
+                messages.len(),
+                replies.len()
+            )));
         }
+        replies.iter().map(|reply| parse_enqueued(reply)).collect()
     }
 
     /// Moves the oldest ready conversation into the drainer's processing list, waiting up to
@@ -1002,6 +1039,35 @@ impl Queue {
 /// proxy dropped it), which says nothing about the next one. A timeout is not retried.
 fn retry_read(e: &redis::RedisError) -> bool {
     crate::redis_conn::may_break(e) && !e.is_timeout()
+}
+
+/// One message's answer from the enqueue script.
+fn parse_enqueued(reply: &[Value]) -> Result<Enqueued, QueueError> {
+    let field = |i: usize| {
+        reply
+            .get(i)
+            .ok_or_else(|| QueueError::Protocol(format!("enqueue: no field {i}")))
+    };
+    match as_string(field(0)?)?.as_str() {
+        "ok" => Ok(Enqueued::Accepted {
+            position: as_u64(field(1)?)?,
+            queued: match (reply.get(2), reply.get(3)) {
+                (Some(id), Some(data)) => Some(Event {
+                    id: as_string(id)?,
+                    kind: "queued".into(),
+                    data: as_string(data)?,
+                }),
+                _ => None,
+            },
+        }),
+        "dup" => Ok(Enqueued::Duplicate {
+            original: as_string(field(1)?)?,
+        }),
+        "full" => Ok(Enqueued::Full {
+            depth: as_u64(field(1)?)?,
+        }),
+        other => Err(QueueError::Protocol(format!("enqueue returned {other}"))),
+    }
 }
 
 /// Reads the claim script's reply (see `lua/claim.lua`); `now` is when the claim was sent.
