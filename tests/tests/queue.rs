@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use broker_core::queue::{
     Claim, Claimed, Enqueued, Finish, Finished, Mode, NewMessage, Queue, Released, Retention,
+    TurnEnd,
 };
 use broker_core::{redis_conn, Keys};
 use broker_proto::{validate_message, Conversation, MessageRequest, ValidationLimits};
@@ -754,6 +755,78 @@ async fn finish_publishes_to_the_reply_channel() {
     done.reply = c.reply;
     let payload = finish_and_hear(&f, &a, &done, &mut pubsub).await;
     assert_eq!(payload, "m1\n{\"status\":\"completed\"}");
+}
+
+#[tokio::test]
+async fn the_outcomes_of_one_finish_call_for_one_channel_go_in_one_message() {
+    let mut f = fixture().await;
+    let client = redis::Client::open(f.redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    // `replies:` channels are API processes that read batched outcomes; `reply:` is the
+    // name an older API process listens on, which gets one message per outcome.
+    let channels = [
+        "bt:replies:api-x",
+        "bt:replies:api-x",
+        "bt:replies:api-y",
+        "bt:replies:api-x",
+        "bt:reply:api-old",
+        "bt:reply:api-old",
+    ];
+    for channel in ["bt:replies:api-x", "bt:replies:api-y", "bt:reply:api-old"] {
+        pubsub.subscribe(channel).await.unwrap();
+    }
+    let mut turns = Vec::new();
+    for (i, reply) in channels.iter().enumerate() {
+        let r = request(&format!("user{i}"), "x", None);
+        let id = format!("m{i}");
+        f.queue
+            .enqueue(&r, &id, Mode::Sync, Some(reply), 50, DAY)
+            .await
+            .unwrap();
+        take(&mut f, "d1").await;
+        let lease = format!("l{i}");
+        let c = claim(&f, "d1", &r.conversation, &lease).await;
+        let mut done = Finish::new("completed", &format!(r#"{{"n":{i},"t":"é"}}"#), "", "");
+        done.reply = c.reply;
+        turns.push(TurnEnd {
+            conversation: r.conversation.clone(),
+            message_id: id,
+            lease,
+            finish: done,
+        });
+    }
+    let retention = Retention {
+        result_ttl: DAY,
+        dead_list_max: 100,
+        events_max: 100,
+    };
+    let results = f.queue.finish_many("d1", &turns, &retention).await.unwrap();
+    assert_eq!(results, [Finished::Done { left: 0 }; 6]);
+    use futures_util::StreamExt;
+    let mut heard = Vec::new();
+    let mut messages = pubsub.on_message();
+    for _ in 0..4 {
+        let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("a reply within 5 s")
+            .expect("a message");
+        heard.push((
+            message.get_channel_name().to_owned(),
+            message.get_payload::<String>().unwrap(),
+        ));
+    }
+    heard.sort();
+    let record = |i: usize| format!("m{i}\n{{\"n\":{i},\"t\":\"é\"}}");
+    let batch = format!("*\n{}\n{}\n{}", record(0), record(1), record(3));
+    assert_eq!(
+        heard,
+        [
+            ("bt:replies:api-x".to_owned(), batch),
+            ("bt:replies:api-y".to_owned(), record(2)),
+            ("bt:reply:api-old".to_owned(), record(4)),
+            ("bt:reply:api-old".to_owned(), record(5)),
+        ]
+    );
 }
 
 #[tokio::test]

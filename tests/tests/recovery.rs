@@ -86,7 +86,7 @@ async fn sync_waiters_survive_a_killed_reply_subscription() {
             let health = http.send("GET", &url, &[], None).await.ok()?;
             let channels: Vec<redis::Value> = redis::cmd("PUBSUB")
                 .arg("CHANNELS")
-                .arg("bt:reply:*")
+                .arg("bt:replies:*")
                 .query_async(&mut conn)
                 .await
                 .ok()?;

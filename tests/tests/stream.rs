@@ -512,7 +512,7 @@ async fn frames_announced_after_a_gap_are_read_from_the_stream_instead() {
     let mut conn = s.redis.conn().await;
     let channels: Vec<String> = redis::cmd("PUBSUB")
         .arg("CHANNELS")
-        .arg("*reply*")
+        .arg("*replies*")
         .query_async(&mut conn)
         .await
         .unwrap();

@@ -1,7 +1,8 @@
 //! One pub/sub connection per API process, shared by every waiting request.
 //!
 //! - Sync waiters: the finish script publishes `<message id>\n<outcome JSON>` on this
-//!   process's reply channel.
+//!   process's reply channel, or, for the sync outcomes of a batch of turns, one message of
+//!   `*\n` and those records, one after the other (see [`split_replies`]).
 //! - Stream readers: each message's events have a channel of the same name as their stream
 //!   key, on which the drainer publishes the id of every new frame. This process subscribes
 //!   to it while at least one of its SSE clients reads that message.
@@ -267,7 +268,10 @@ impl Waiters {
 
     fn route(&self, channel: &str, payload: String) {
         if channel == self.channel {
-            self.deliver(&payload);
+            match split_replies(&payload) {
+                Some(replies) => replies.for_each(|reply| self.deliver(reply)),
+                None => self.deliver(&payload),
+            }
         } else if let Some(message_id) = channel.strip_prefix(&self.events_prefix) {
             self.wake(message_id, None);
         }
@@ -389,6 +393,27 @@ impl Waiters {
     }
 }
 
+/// The replies of a message that carries several (`*\n` and then each reply, `<message
+/// id>\n<outcome JSON>`, one after the other on their own lines; the finish script publishes
+/// the sync outcomes of a batch of turns so), or `None` for a message of one reply. An
+/// outcome is compact JSON, without a line feed.
+fn split_replies(payload: &str) -> Option<impl Iterator<Item = &str>> {
+    let mut rest = payload.strip_prefix("*\n")?;
+    Some(std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let id_end = rest.find('\n').unwrap_or(rest.len());
+        let end = rest[id_end..]
+            .get(1..)
+            .and_then(|outcome| outcome.find('\n'))
+            .map_or(rest.len(), |at| id_end + 1 + at);
+        let (reply, after) = rest.split_at(end);
+        rest = after.strip_prefix('\n').unwrap_or(after);
+        Some(reply)
+    }))
+}
+
 /// Reads a reply: `<message id>\n<outcome JSON, or nothing for frames alone>`, then, when the
 /// drainer carried the frames it wrote, `\n<id before them> <last id>\n<their SSE text>`
 /// (an outcome is compact JSON, without a line feed). The batch of an outcome ends with the
@@ -413,6 +438,35 @@ fn read_reply(payload: &str) -> Option<(&str, &str, Option<Batch>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn each_waiter_of_a_batch_of_outcomes_gets_its_own() {
+        let waiters = Waiters::new("bt:reply:api-0".into(), "bt:events:".into());
+        let mut first = waiters.register("m1");
+        let mut second = waiters.register("m2");
+        let batch = "*\nm1\n{\"n\":1}\nm2\n{\"n\":2}".to_owned();
+        waiters.route("bt:reply:api-0", batch);
+        assert_eq!(first.outcome.try_recv().ok().as_deref(), Some("{\"n\":1}"));
+        assert_eq!(second.outcome.try_recv().ok().as_deref(), Some("{\"n\":2}"));
+        // One outcome alone, as before.
+        let mut third = waiters.register("m3");
+        waiters.route("bt:reply:api-0", "m3\n{}".into());
+        assert_eq!(third.outcome.try_recv().ok().as_deref(), Some("{}"));
+    }
+
+    #[test]
+    fn a_message_of_several_replies_is_split_into_them() {
+        let one = "m1\n{\"a\":\"é\"}";
+        let two = "m2\n{}";
+        let payload = format!("*\n{one}\n{two}");
+        let replies: Vec<&str> = split_replies(&payload).unwrap().collect();
+        assert_eq!(replies, [one, two]);
+        assert!(split_replies(one).is_none(), "one reply alone is not split");
+        // A last id without its outcome is passed on as it is (deliver warns and drops it).
+        let cut: Vec<&str> = split_replies("*\nm1\n{}\nm2").unwrap().collect();
+        assert_eq!(cut, ["m1\n{}", "m2"]);
+        assert_eq!(split_replies("*\n").unwrap().count(), 0);
+    }
 
     #[test]
     fn replies_read_with_and_without_their_frames() {

@@ -12,23 +12,34 @@
 --   KEYS[k+1] conv:<conversation>   KEYS[k+2] q:<conversation>   KEYS[k+3] msg:<id>
 --   KEYS[k+4] events:<id>, also the channel its readers are notified on
 -- ARGV[1] now (ms)   ARGV[2] result ttl (s)   ARGV[3] dead-list cap   ARGV[4] stream cap
--- ARGV[5] the number of turns
+-- ARGV[5] how the reply channels of API processes that read batched outcomes start (below)
+-- ARGV[6] the number of turns
 -- then each turn's record, one after the other:
 --   conversation, message id, lease token, 'completed' | 'failed', outcome JSON,
 --   terminal frame type ('' when the message's frames are not recorded: then no frame is
 --   written), terminal frame data, the message's reply channel as its claim read it ('' for
 --   none: the outcome is published there as `<message id>\n<outcome JSON>`, followed, when
 --   frames are written, by those frames as told.lua writes them, so that the reader of a
---   stream message on that process sends them without reading the stream),
+--   stream message on that process sends them without reading the stream; the outcomes
+--   without frames of several turns for one channel go in one message, see below),
 --   n dead-list entries, f worker frames not yet recorded (they go before the terminal
 --   frame), h fields for the message hash, then the n entries, the f type, data pairs and the
 --   h field, value pairs
 -- Returns, per turn in order, the number of messages still queued in its conversation, or
 -- -1 when its lease was stale.
+--
+-- The outcomes without frames (sync messages) for one reply channel that starts with
+-- ARGV[5] are published once, at the end: alone as `<message id>\n<outcome JSON>`, several as
+-- `*\n<message id>\n<outcome JSON>\n<message id>\n<outcome JSON>...` (an outcome is compact
+-- JSON, without a line feed). The API process behind the channel then reads one pub/sub
+-- message per batch, not per message. An older API process, whose channel is named
+-- otherwise, gets one message per outcome.
 
 local now = ARGV[1]
 local counts = {processing = 0, active_queues = 0}
 local dead = 0
+-- channel -> {'*', message id, outcome, ...}, and the channels in the order first used
+local outcomes, channels = {}, {}
 
 -- Finishes the turn whose record starts at ARGV[a], with keys from KEYS[k + 1]; returns
 -- what is left in its queue, or -1.
@@ -81,8 +92,19 @@ local function finish(k, a)
     redis.call('EXPIRE', events, ARGV[2])
     redis.call('PUBLISH', events, id)
     told_publish(told, reply, id)
-  elseif reply ~= '' then
-    redis.call('PUBLISH', reply, message_id .. '\n' .. outcome)
+  elseif reply:sub(1, #ARGV[5]) ~= ARGV[5] then
+    if reply ~= '' then
+      redis.call('PUBLISH', reply, message_id .. '\n' .. outcome)
+    end
+  else
+    local heard = outcomes[reply]
+    if not heard then
+      heard = {'*'}
+      outcomes[reply] = heard
+      channels[#channels + 1] = reply
+    end
+    heard[#heard + 1] = message_id
+    heard[#heard + 1] = outcome
   end
   redis.call('LREM', KEYS[1], '0', conversation)
   counts.processing = counts.processing - 1
@@ -107,11 +129,20 @@ local function finish(k, a)
 end
 
 local results = {}
-local a = 6
-for t = 1, tonumber(ARGV[5]) do
+local a = 7
+for t = 1, tonumber(ARGV[6]) do
   results[t] = finish(4 * t, a)
   -- the next record starts after this one's 11 fixed values and n + 2f + 2h more
   a = a + 11 + tonumber(ARGV[a + 8]) + 2 * tonumber(ARGV[a + 9]) + 2 * tonumber(ARGV[a + 10])
+end
+
+for _, channel in ipairs(channels) do
+  local heard = outcomes[channel]
+  if #heard == 3 then
+    redis.call('PUBLISH', channel, heard[2] .. '\n' .. heard[3])
+  else
+    redis.call('PUBLISH', channel, table.concat(heard, '\n'))
+  end
 end
 
 if dead > 0 then

@@ -85,9 +85,17 @@ impl Keys {
         [self.base.as_str(), ":stats"].concat()
     }
 
-    /// The pub/sub channel of one API process's sync waiters.
+    /// The pub/sub channel of one API process's sync waiters. Under this name (`replies`; it
+    /// was `reply`) the process also reads the outcomes of several messages in one pub/sub
+    /// message, so a drainer sends them so only to a channel that starts with
+    /// [`Keys::batched_replies`].
     pub fn reply_channel(&self, instance: &str) -> String {
-        format!("{}:reply:{instance}", self.prefix)
+        [self.batched_replies().as_str(), instance].concat()
+    }
+
+    /// How the reply channels of API processes that read batched outcomes start.
+    pub fn batched_replies(&self) -> String {
+        format!("{}:replies:", self.prefix)
     }
 
     /// The prefix every key of this layout starts with, for `SCAN` in tests and tools.
@@ -114,7 +122,8 @@ mod tests {
         assert_eq!(k.drainers(), "bt:{0}:drainers");
         assert_eq!(k.dead(), "bt:{0}:dead");
         assert_eq!(k.stats(), "bt:{0}:stats");
-        assert_eq!(k.reply_channel("api-1"), "bt:reply:api-1");
+        assert_eq!(k.reply_channel("api-1"), "bt:replies:api-1");
+        assert_eq!(k.batched_replies(), "bt:replies:");
         assert_eq!(k.pattern(), "bt:{0}:*");
     }
 }

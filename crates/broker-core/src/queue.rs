@@ -655,6 +655,7 @@ impl Queue {
             .arg(retention.result_ttl.as_secs().max(1))
             .arg(retention.dead_list_max.max(1))
             .arg(retention.events_max.max(1))
+            .arg(self.keys.batched_replies())
             .arg(turns.len());
         for turn in turns {
             let TurnEnd {
