@@ -24,12 +24,12 @@
 --         clock at sending is up to the block time old   ARGV[5] key base (`<prefix>:{<shard>}:`)
 -- ARGV[6] (ARGV[1] == '' only) how many turns the drainer has room for, at least 1
 -- Returns, for a named conversation, one entry:
---         {'ok', conversation, turn}: turn is head id, attempts, enqueued_at, reply, mode,
---          user_id, client_message_id, callback_url and body joined by NUL bytes, body last.
---          No field can hold a NUL (the API refuses control characters in what it stores,
---          and JSON escapes them), and the reader splits off eight fields, so even one could
---          only end up in the body. One string instead of nine: the drainer's Redis client
---          spends about 1,000 instructions on each value of a reply.
+--         the turn started, as one string: conversation, head id, attempts, enqueued_at,
+--          reply, mode, user_id, client_message_id, callback_url and body joined by NUL
+--          bytes, body last. No field can hold a NUL (the API refuses control characters in
+--          what it stores, and JSON escapes them), and the reader splits off nine fields, so
+--          even one could only end up in the body. One string instead of ten values: the
+--          drainer's Redis client spends about 1,000 instructions on each value of a reply.
 --       | {'empty', conversation}   nothing queued: the stray entry was removed
 --   and for ARGV[1] == '' a list of such entries, in the order taken: empty when nothing new
 --   was at the head.
@@ -77,8 +77,8 @@ local function claim(conv, lease, taken)
   local attempts = (tonumber(m[8]) or 0) + 1
   redis.call('HSET', msg, 'attempts', attempts, 'status', 'running', 'started_at', now,
     'drainer', ARGV[2])
-  return {'ok', conv, table.concat({head, attempts, m[2] or '0', m[3] or '', m[4] or '',
-    m[5] or '', m[6] or '', m[7] or '', m[1] or ''}, '\0')}
+  return table.concat({conv, head, attempts, m[2] or '0', m[3] or '', m[4] or '',
+    m[5] or '', m[6] or '', m[7] or '', m[1] or ''}, '\0')
 end
 
 -- Writes the counters' changes; passes `result` through.

@@ -474,7 +474,7 @@ impl Queue {
             }
         }
         let mut conn = self.conn().await?;
-        let replies: Vec<Vec<Value>> = invocation.invoke(&mut conn).await?;
+        let replies: Vec<Value> = invocation.invoke(&mut conn).await?;
         if replies.len() != messages.len() {
             return Err(QueueError::Protocol(format!(
                 "enqueue of {} messages returned {} results",
@@ -482,7 +482,7 @@ impl Queue {
                 replies.len()
             )));
         }
-        replies.iter().map(|reply| parse_enqueued(reply)).collect()
+        replies.iter().map(parse_enqueued).collect()
     }
 
     /// Moves the oldest ready conversation into the drainer's processing list, waiting up to
@@ -542,16 +542,12 @@ impl Queue {
         let now = now_ms();
         let mut taken = Vec::with_capacity(entries.len());
         for (i, entry) in entries.iter().enumerate() {
-            let Value::Array(entry) = entry else {
-                return Err(QueueError::Protocol(format!("claim returned {entry:?}")));
-            };
-            if let Some((conversation, claim)) = parse_claim(entry, now)? {
-                taken.push(Taken {
-                    conversation,
-                    claim,
-                    lease: Taken::lease(lease, i + 1),
-                });
-            }
+            let (conversation, claim) = parse_claim(entry, now)?;
+            taken.push(Taken {
+                conversation,
+                claim,
+                lease: Taken::lease(lease, i + 1),
+            });
         }
         Ok(taken)
     }
@@ -574,13 +570,8 @@ impl Queue {
             lease,
             &now.to_string(),
         );
-        let reply: Vec<Value> = claim.invoke(&mut conn).await?;
-        match parse_claim(&reply, now)? {
-            Some((_, claim)) => Ok(claim),
-            None => Err(QueueError::Protocol(
-                "claim of a named conversation returned none".into(),
-            )),
-        }
+        let reply: Value = claim.invoke(&mut conn).await?;
+        Ok(parse_claim(&reply, now)?.1)
     }
 
     fn claim_args(
@@ -1042,69 +1033,79 @@ fn retry_read(e: &redis::RedisError) -> bool {
     crate::redis_conn::may_break(e) && !e.is_timeout()
 }
 
-/// One message's answer from the enqueue script.
-fn parse_enqueued(reply: &[Value]) -> Result<Enqueued, QueueError> {
+/// One message's answer from the enqueue script (see `lua/enqueue.lua`).
+fn parse_enqueued(reply: &Value) -> Result<Enqueued, QueueError> {
+    let items = match reply {
+        Value::Int(_) => {
+            return Ok(Enqueued::Accepted {
+                position: as_u64(reply)?,
+                queued: None,
+            })
+        }
+        Value::Array(items) => items,
+        other => return Err(QueueError::Protocol(format!("enqueue returned {other:?}"))),
+    };
     let field = |i: usize| {
-        reply
+        items
             .get(i)
             .ok_or_else(|| QueueError::Protocol(format!("enqueue: no field {i}")))
     };
-    match as_string(field(0)?)?.as_str() {
-        "ok" => Ok(Enqueued::Accepted {
-            position: as_u64(field(1)?)?,
-            queued: match (reply.get(2), reply.get(3)) {
-                (Some(id), Some(data)) => Some(Event {
-                    id: as_string(id)?,
-                    kind: "queued".into(),
-                    data: as_string(data)?,
-                }),
-                _ => None,
-            },
+    match field(0)? {
+        Value::Int(_) => Ok(Enqueued::Accepted {
+            position: as_u64(field(0)?)?,
+            queued: Some(Event {
+                id: as_string(field(1)?)?,
+                kind: "queued".into(),
+                data: as_string(field(2)?)?,
+            }),
         }),
-        "dup" => Ok(Enqueued::Duplicate {
-            original: as_string(field(1)?)?,
-        }),
-        "full" => Ok(Enqueued::Full {
-            depth: as_u64(field(1)?)?,
-        }),
-        other => Err(QueueError::Protocol(format!("enqueue returned {other}"))),
+        kind => match as_string(kind)?.as_str() {
+            "dup" => Ok(Enqueued::Duplicate {
+                original: as_string(field(1)?)?,
+            }),
+            "full" => Ok(Enqueued::Full {
+                depth: as_u64(field(1)?)?,
+            }),
+            other => Err(QueueError::Protocol(format!("enqueue returned {other}"))),
+        },
     }
 }
 
-/// Reads the claim script's reply (see `lua/claim.lua`); `now` is when the claim was sent.
-fn parse_claim(reply: &[Value], now: u64) -> Result<Option<(Conversation, Claim)>, QueueError> {
-    let field = |i: usize| {
-        reply
-            .get(i)
-            .map(as_string)
-            .transpose()
-            .map(Option::unwrap_or_default)
-    };
-    let claim = match field(0)?.as_str() {
-        "ok" => {
-            let turn = field(2)?;
-            // Eight fields, then the body, which takes the rest (see `claim.lua`).
-            let mut parts = turn.splitn(9, '\0');
-            let mut next = || parts.next().unwrap_or_default();
-            let (message_id, attempts, enqueued_at) = (next(), next(), next());
-            Claim::Turn(Box::new(Claimed {
-                message_id: message_id.to_owned(),
-                attempts: attempts.parse().unwrap_or(1),
-                enqueued_at: enqueued_at.parse().unwrap_or(now),
-                started_at: now,
-                reply: next().to_owned(),
-                mode: next().to_owned(),
-                user_id: next().to_owned(),
-                client_message_id: next().to_owned(),
-                callback_url: next().to_owned(),
-                body: next().to_owned(),
-            }))
+/// Reads one entry of the claim script's reply (see `lua/claim.lua`); `now` is when the claim
+/// was sent.
+fn parse_claim(entry: &Value, now: u64) -> Result<(Conversation, Claim), QueueError> {
+    let turn = match entry {
+        Value::BulkString(turn) => std::str::from_utf8(turn)
+            .map_err(|_| QueueError::Protocol("claim returned a turn that is not UTF-8".into()))?,
+        Value::Array(empty) => {
+            return match (empty.first().map(as_string).transpose()?, empty.get(1)) {
+                (Some(kind), Some(conversation)) if kind == "empty" => Ok((
+                    Conversation::from_key(as_string(conversation)?),
+                    Claim::Empty,
+                )),
+                _ => Err(QueueError::Protocol(format!("claim returned {entry:?}"))),
+            };
         }
-        "empty" => Claim::Empty,
-        "none" => return Ok(None),
-        other => return Err(QueueError::Protocol(format!("claim returned {other}"))),
+        other => return Err(QueueError::Protocol(format!("claim returned {other:?}"))),
     };
-    Ok(Some((Conversation::from_key(field(1)?), claim)))
+    // Nine fields, then the body, which takes the rest (see `claim.lua`).
+    let mut parts = turn.splitn(10, '\0');
+    let mut next = || parts.next().unwrap_or_default();
+    let conversation = Conversation::from_key(next().to_owned());
+    let (message_id, attempts, enqueued_at) = (next(), next(), next());
+    let claim = Claim::Turn(Box::new(Claimed {
+        message_id: message_id.to_owned(),
+        attempts: attempts.parse().unwrap_or(1),
+        enqueued_at: enqueued_at.parse().unwrap_or(now),
+        started_at: now,
+        reply: next().to_owned(),
+        mode: next().to_owned(),
+        user_id: next().to_owned(),
+        client_message_id: next().to_owned(),
+        callback_url: next().to_owned(),
+        body: next().to_owned(),
+    }));
+    Ok((conversation, claim))
 }
 
 fn as_string(v: &Value) -> Result<String, QueueError> {
