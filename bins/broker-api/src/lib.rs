@@ -284,8 +284,8 @@ async fn log_request(
     use tracing::Instrument;
     let span = tracing::info_span!(
         "request",
-        method = %req.method(),
-        path = %req.path(),
+        method = req.method().as_str(),
+        path = req.path(),
         conversation = tracing::field::Empty,
     );
     let started = std::time::Instant::now();

@@ -138,7 +138,14 @@ async fn accept(
 
     let (message_id, position, waiter) = match enqueued {
         Enqueued::Accepted { position, queued } => {
-            tracing::info!(%message_id, conversation = %request.conversation, position, mode = mode.as_str(), "message accepted");
+            // Text fields as `&str`: written as they are, without the formatting machinery.
+            tracing::info!(
+                message_id = message_id.as_str(),
+                conversation = request.conversation.as_str(),
+                position,
+                mode = mode.as_str(),
+                "message accepted"
+            );
             if let (Some(watch), Some(queued)) = (watch.take(), queued) {
                 return Ok(Accepted::Respond(crate::stream::sse_response(
                     state.clone(),

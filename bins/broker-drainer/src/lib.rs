@@ -338,13 +338,15 @@ async fn claim_loop(
                             .entry(t.conversation.as_str().to_owned())
                             .or_insert(0) += 1;
                     }
-                    turns.spawn(turn::run(
+                    // Boxed: the turn's future (about 3 KB) is then copied once, into its
+                    // box, instead of on every move into the task.
+                    turns.spawn(Box::pin(turn::run(
                         shared.clone(),
                         t.conversation,
                         *claimed,
                         t.lease,
                         permit,
-                    ));
+                    )));
                 }
                 if stopping {
                     return;

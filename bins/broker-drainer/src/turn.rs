@@ -23,7 +23,11 @@ pub(crate) async fn run(
     lease: String,
     permit: OwnedSemaphorePermit,
 ) {
-    let span = tracing::info_span!("turn", conversation = %conversation, message_id = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "turn",
+        conversation = conversation.as_str(),
+        message_id = tracing::field::Empty
+    );
     run_inner(&shared, &conversation, claimed, &lease)
         .instrument(span)
         .await;
