@@ -90,6 +90,9 @@ pub fn line(head: Value, results: &Results, worker_ms: u64, usage: &Usage) -> Va
         .map(|(k, v)| (k.clone(), json!(round(*v, 1))))
         .collect::<serde_json::Map<_, _>>()
         .into();
+    if let Some(rewrites) = usage.aof_rewrites {
+        line["aof_rewrites"] = json!(rewrites);
+    }
     line
 }
 

@@ -275,6 +275,7 @@ impl Stack {
                 .iter()
                 .map(|(n, p)| (n.clone(), cpu_seconds(*p)))
                 .collect(),
+            aof_rewrites: aof_rewrites(&mut c)?,
         })
     }
 
@@ -299,11 +300,15 @@ impl Stack {
         }
         let mut c = redis::Client::open(self.redis_url())?.get_connection()?;
         let info: String = redis::cmd("INFO").arg("commandstats").query(&mut c)?;
+        let rewrites = aof_rewrites(&mut c)?;
         Ok(Usage {
             cpu,
             rss,
             commands: command_stat(&info, "calls="),
             usec: command_stat(&info, "usec="),
+            aof_rewrites: rewrites
+                .zip(begin.aof_rewrites)
+                .map(|(end, begin)| end.saturating_sub(begin)),
         })
     }
 
@@ -322,9 +327,10 @@ impl Drop for Stack {
     }
 }
 
-/// CPU time at the start of a measurement.
+/// CPU time at the start of a measurement, and Redis's count of AOF rewrites.
 pub struct Sample {
     cpu: BTreeMap<String, f64>,
+    aof_rewrites: Option<u64>,
 }
 
 /// What a measurement cost.
@@ -335,6 +341,18 @@ pub struct Usage {
     pub commands: BTreeMap<String, u64>,
     /// Microseconds Redis spent per command name (a script's time includes its commands').
     pub usec: BTreeMap<String, u64>,
+    /// AOF rewrites Redis started during the measurement: each forks a child that copies the
+    /// whole dataset, on the same two cores. `None` when Redis does not count them (< 7.0).
+    pub aof_rewrites: Option<u64>,
+}
+
+/// `aof_rewrites` of `INFO persistence` (Redis 7.0 and later).
+fn aof_rewrites(c: &mut redis::Connection) -> anyhow::Result<Option<u64>> {
+    let info: String = redis::cmd("INFO").arg("persistence").query(c)?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("aof_rewrites:"))
+        .and_then(|n| n.trim().parse().ok()))
 }
 
 /// Whether something on `port` answers `GET /health` with a 200.
