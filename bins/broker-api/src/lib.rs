@@ -24,7 +24,7 @@ use actix_web::dev::{AppConfig, Server};
 use actix_web::rt::net::TcpStream;
 use actix_web::{web, App};
 use anyhow::Context;
-use broker_core::batch::Batcher;
+use broker_core::batch::{Batcher, Limits};
 use broker_core::config::{ApiSettings, Settings};
 use broker_core::queue::{Enqueued, NewMessage, Queue, QueueError};
 use broker_core::{redis_conn, Keys};
@@ -34,10 +34,13 @@ use tokio::sync::watch;
 
 pub use error::ApiError;
 
-/// The most messages one enqueue call writes. Under load the messages accepted in one pass
-/// of a worker's runtime share a call; its cost in Redis grows with what it writes, so a call
-/// stays short.
-const MAX_ENQUEUE: usize = 32;
+/// The most one enqueue call writes: under load the messages accepted in one pass of a
+/// worker's runtime share a call; its cost in Redis grows with what it writes, so a call
+/// stays short, and a large message (audio) goes alone.
+const MAX_ENQUEUE: Limits = Limits {
+    items: 32,
+    bytes: 1 << 20,
+};
 
 /// Gathers new messages into enqueue calls (see `broker_core::batch`).
 pub type Enqueuer = Batcher<Arc<NewMessage>, Result<Enqueued, QueueError>>;
@@ -151,7 +154,8 @@ impl Application {
             // On this worker's runtime: it ends with the worker.
             tokio::spawn(waiters.clone().run(client.clone(), stop_rx.clone()));
             let queue = Queue::new(pool, keys.clone());
-            let (enqueuer, gathering) = Batcher::new(MAX_ENQUEUE, {
+            let body = |m: &Arc<NewMessage>| m.request.worker_body.len();
+            let (enqueuer, gathering) = Batcher::new(MAX_ENQUEUE, body, {
                 let queue = queue.clone();
                 let (max_depth, dedup_ttl) = (settings.api.max_queue_depth, settings.api.dedup_ttl);
                 move |messages: Vec<Arc<NewMessage>>| {

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use broker_core::batch::Batcher;
+use broker_core::batch::{Batcher, Limits};
 use broker_core::clock::now_ms;
 use broker_core::config::Settings;
 use broker_core::queue::{Claim, Finished, Queue, QueueError, TurnEnd};
@@ -40,9 +40,13 @@ use tokio::task::JoinSet;
 /// per turn; the claim script's cost grows with what it takes, so a take stays short.
 const MAX_TAKE: usize = 32;
 
-/// The most turns one finish call stores. Under load the turns that end in one pass of the
-/// runtime share a call; its cost in Redis grows with what it stores, so a call stays short.
-const MAX_FINISH: usize = 32;
+/// The most one finish call stores: under load the turns that end in one pass of the runtime
+/// share a call; its cost in Redis grows with what it stores, so a call stays short, and a
+/// large outcome (audio) goes alone.
+const MAX_FINISH: Limits = Limits {
+    items: 32,
+    bytes: 1 << 20,
+};
 
 /// Gathers the ends of turns into finish calls (see `broker_core::batch`).
 pub(crate) type Finisher = Batcher<Arc<TurnEnd>, Result<Finished, QueueError>>;
@@ -114,17 +118,18 @@ impl Drainer {
             dead_list_max: settings.drainer.dead_list_max,
             events_max: settings.drainer.events_max,
         };
-        let (finisher, finishing) = Batcher::new(MAX_FINISH, {
-            let queue = queue.clone();
-            let id = settings.drainer.id.clone();
-            move |turns: Vec<Arc<TurnEnd>>| {
-                let (queue, id) = (queue.clone(), id.clone());
-                async move {
-                    let stored = queue.finish_many(&id, &turns, &retention).await;
-                    QueueError::fan_out(stored, turns.len())
+        let (finisher, finishing) =
+            Batcher::new(MAX_FINISH, |turn: &Arc<TurnEnd>| turn.finish.size(), {
+                let queue = queue.clone();
+                let id = settings.drainer.id.clone();
+                move |turns: Vec<Arc<TurnEnd>>| {
+                    let (queue, id) = (queue.clone(), id.clone());
+                    async move {
+                        let stored = queue.finish_many(&id, &turns, &retention).await;
+                        QueueError::fan_out(stored, turns.len())
+                    }
                 }
-            }
-        });
+            });
         let shared = Arc::new(Shared {
             queue,
             worker,

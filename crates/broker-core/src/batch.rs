@@ -29,23 +29,57 @@ impl<T, R> Clone for Batcher<T, R> {
     }
 }
 
+/// How much one batch may hold: at most `items` requests, and no more than `bytes` of them
+/// (by the batcher's measure) unless a single request is larger, which then goes alone. The
+/// bytes bound keeps one script call, which Redis runs without interruption, short when
+/// requests carry large bodies (audio).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub items: usize,
+    pub bytes: usize,
+}
+
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
-    /// A batcher whose batches of at most `max` requests go to `run`, which answers each
-    /// request, in order. The gathering task is the future returned with it, for the caller
-    /// to spawn on the runtime the batches are to run on; it ends when every [`Batcher`] is
-    /// gone.
-    pub fn new<F, Fut>(max: usize, run: F) -> (Self, impl Future<Output = ()> + Send)
+    /// A batcher whose batches, within `limits` (`size` measures a request), go to `run`,
+    /// which answers each request, in order. The gathering task is the future returned with
+    /// it, for the caller to spawn on the runtime the batches are to run on; it ends when
+    /// every [`Batcher`] is gone.
+    pub fn new<S, F, Fut>(
+        limits: Limits,
+        size: S,
+        run: F,
+    ) -> (Self, impl Future<Output = ()> + Send)
     where
+        S: Fn(&T) -> usize + Send + 'static,
         F: Fn(Vec<T>) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<R>> + Send + 'static,
     {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request<T, R>>();
-        let max = max.max(1);
+        let max = limits.items.max(1);
         let gather = async move {
-            let mut requests = Vec::with_capacity(max);
-            while rx.recv_many(&mut requests, max).await > 0 {
+            // A request that did not fit the batch before it: the first of the next.
+            let mut held: Option<Request<T, R>> = None;
+            loop {
+                let first = match held.take() {
+                    Some(request) => request,
+                    None => match rx.recv().await {
+                        Some(request) => request,
+                        None => return,
+                    },
+                };
+                let mut bytes = size(&first.0);
+                let mut requests = vec![first];
+                while requests.len() < max {
+                    let Ok(request) = rx.try_recv() else { break };
+                    bytes = bytes.saturating_add(size(&request.0));
+                    if bytes > limits.bytes {
+                        held = Some(request);
+                        break;
+                    }
+                    requests.push(request);
+                }
                 let (items, answers): (Vec<T>, Vec<oneshot::Sender<R>>) =
-                    requests.drain(..).unzip();
+                    requests.into_iter().unzip();
                 let batch = run(items);
                 tokio::spawn(async move {
                     for (answer, result) in answers.into_iter().zip(batch.await) {
@@ -77,10 +111,18 @@ mod tests {
     fn doubler(max: usize) -> (Batcher<u32, u32>, Arc<Mutex<Vec<usize>>>) {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let seen = sizes.clone();
-        let (batcher, gather) = Batcher::new(max, move |items: Vec<u32>| {
-            seen.lock().unwrap().push(items.len());
-            async move { items.into_iter().map(|i| i * 2).collect() }
-        });
+        let limits = Limits {
+            items: max,
+            bytes: usize::MAX,
+        };
+        let (batcher, gather) = Batcher::new(
+            limits,
+            |_: &u32| 1,
+            move |items: Vec<u32>| {
+                seen.lock().unwrap().push(items.len());
+                async move { items.into_iter().map(|i| i * 2).collect() }
+            },
+        );
         tokio::spawn(gather);
         (batcher, sizes)
     }
@@ -118,6 +160,38 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn a_batch_holds_no_more_bytes_than_its_limit_but_a_large_request_goes_alone() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        let limits = Limits {
+            items: 64,
+            bytes: 10,
+        };
+        // Each request's size is its value.
+        let (batcher, gather) = Batcher::new(
+            limits,
+            |n: &u32| *n as usize,
+            move |items: Vec<u32>| {
+                seen.lock().unwrap().push(items.clone());
+                async move { items }
+            },
+        );
+        tokio::spawn(gather);
+        let asks: Vec<_> = [4, 4, 4, 30, 1, 1]
+            .into_iter()
+            .map(|n| {
+                let b = batcher.clone();
+                tokio::spawn(async move { b.call(n).await })
+            })
+            .collect();
+        for (ask, n) in asks.into_iter().zip([4, 4, 4, 30, 1, 1]) {
+            assert_eq!(ask.await.unwrap(), Some(n));
+        }
+        let batches: Vec<Vec<u32>> = sizes.lock().unwrap().clone();
+        assert_eq!(batches, [vec![4, 4], vec![4], vec![30], vec![1, 1]]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn a_request_alone_is_not_held_back() {
         let (batcher, sizes) = doubler(64);
         assert_eq!(batcher.call(1).await, Some(2));
@@ -127,14 +201,21 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn missing_answers_and_a_stopped_gatherer_give_none() {
-        let (short, gather) = Batcher::new(8, |items: Vec<u32>| async move {
-            items.into_iter().skip(1).collect::<Vec<u32>>()
-        });
+        let eight = Limits {
+            items: 8,
+            bytes: usize::MAX,
+        };
+        let (short, gather) = Batcher::new(
+            eight,
+            |_: &u32| 1,
+            |items: Vec<u32>| async move { items.into_iter().skip(1).collect::<Vec<u32>>() },
+        );
         tokio::spawn(gather);
         let (a, b) = tokio::join!(short.call(1), short.call(2));
         assert_eq!((a, b), (Some(2), None));
 
-        let (stopped, gather) = Batcher::new(8, |items: Vec<u32>| async move { items });
+        let (stopped, gather) =
+            Batcher::new(eight, |_: &u32| 1, |items: Vec<u32>| async move { items });
         drop(gather);
         assert_eq!(stopped.call(1).await, None);
     }

@@ -192,6 +192,14 @@ pub struct Finish {
 }
 
 impl Finish {
+    /// About how many bytes it sends to Redis: its outcome, frames and dead-list entries.
+    pub fn size(&self) -> usize {
+        self.outcome_json.len()
+            + self.terminal_data.len()
+            + self.frames.iter().map(|(_, d)| d.len()).sum::<usize>()
+            + self.dead_entries.iter().map(String::len).sum::<usize>()
+    }
+
     pub fn new(status: &str, outcome_json: &str, terminal_type: &str, terminal_data: &str) -> Self {
         Self {
             status: status.to_owned(),
