@@ -127,11 +127,12 @@ mod tests {
         (batcher, sizes)
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn requests_of_one_pass_go_in_one_batch_and_each_gets_its_own_answer() {
-        let (batcher, sizes) = doubler(64);
-        let asks: Vec<_> = (0..10)
-            .map(|i| {
+    /// Asks for each item from its own task, all spawned in one pass, and returns the
+    /// answers in the order asked.
+    async fn ask_all(batcher: &Batcher<u32, u32>, items: &[u32]) -> Vec<Option<u32>> {
+        let asks: Vec<_> = items
+            .iter()
+            .map(|&i| {
                 let b = batcher.clone();
                 tokio::spawn(async move { b.call(i).await })
             })
@@ -140,22 +141,30 @@ mod tests {
         for ask in asks {
             answers.push(ask.await.unwrap());
         }
-        assert_eq!(answers, (0..10).map(|i| Some(i * 2)).collect::<Vec<_>>());
+        answers
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn requests_of_one_pass_go_in_one_batch_and_each_gets_its_own_answer() {
+        let (batcher, sizes) = doubler(64);
+        let items: Vec<u32> = (0..10).collect();
+        let answers = ask_all(&batcher, &items).await;
+        assert_eq!(
+            answers,
+            items.iter().map(|i| Some(i * 2)).collect::<Vec<_>>()
+        );
         assert_eq!(*sizes.lock().unwrap(), [10]);
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_batch_holds_at_most_max_requests() {
         let (batcher, sizes) = doubler(4);
-        let asks: Vec<_> = (0..10)
-            .map(|i| {
-                let b = batcher.clone();
-                tokio::spawn(async move { b.call(i).await })
-            })
-            .collect();
-        for (i, ask) in asks.into_iter().enumerate() {
-            assert_eq!(ask.await.unwrap(), Some(i as u32 * 2));
-        }
+        let items: Vec<u32> = (0..10).collect();
+        let answers = ask_all(&batcher, &items).await;
+        assert_eq!(
+            answers,
+            items.iter().map(|i| Some(i * 2)).collect::<Vec<_>>()
+        );
         assert_eq!(*sizes.lock().unwrap(), [4, 4, 2]);
     }
 
@@ -177,16 +186,9 @@ mod tests {
             },
         );
         tokio::spawn(gather);
-        let asks: Vec<_> = [4, 4, 4, 30, 1, 1]
-            .into_iter()
-            .map(|n| {
-                let b = batcher.clone();
-                tokio::spawn(async move { b.call(n).await })
-            })
-            .collect();
-        for (ask, n) in asks.into_iter().zip([4, 4, 4, 30, 1, 1]) {
-            assert_eq!(ask.await.unwrap(), Some(n));
-        }
+        let items = [4, 4, 4, 30, 1, 1];
+        let answers = ask_all(&batcher, &items).await;
+        assert_eq!(answers, items.map(Some));
         let batches: Vec<Vec<u32>> = sizes.lock().unwrap().clone();
         assert_eq!(batches, [vec![4, 4], vec![4], vec![30], vec![1, 1]]);
     }
