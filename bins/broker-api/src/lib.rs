@@ -280,27 +280,25 @@ impl Application {
     }
 }
 
-/// One span per request, and a log line with status and duration.
+/// One log context per request (method, path, and the conversation once known), and a debug
+/// line with status and duration.
 async fn log_request(
     req: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
 ) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
-    use tracing::Instrument;
-    let span = tracing::info_span!(
-        "request",
-        method = req.method().as_str(),
-        path = req.path(),
-        conversation = tracing::field::Empty,
-    );
-    let started = std::time::Instant::now();
-    let response = next.call(req).instrument(span.clone()).await?;
-    let status = response.status().as_u16();
-    span.in_scope(|| {
-        tracing::debug!(
-            status,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "request done"
-        );
-    });
-    Ok(response)
+    let context = broker_core::telemetry::Context::new("request")
+        .with("method", req.method().as_str())
+        .with("path", req.path());
+    context
+        .scope(async move {
+            let started = std::time::Instant::now();
+            let response = next.call(req).await?;
+            tracing::debug!(
+                status = response.status().as_u16(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "request done"
+            );
+            Ok(response)
+        })
+        .await
 }

@@ -133,8 +133,7 @@ async fn accept(
         .await
         .unwrap_or_else(|| Err(QueueError::Protocol("the enqueuer gave no answer".into())))?;
     let request = &message.request;
-    let span = tracing::Span::current();
-    span.record("conversation", request.conversation.as_str());
+    broker_core::telemetry::record("conversation", request.conversation.as_str());
 
     let (message_id, position, waiter) = match enqueued {
         Enqueued::Accepted { position, queued } => {

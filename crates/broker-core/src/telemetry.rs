@@ -1,11 +1,14 @@
 //! Installs the log subscriber of a binary: JSON lines in production, text for people.
 //!
 //! The JSON lines are written by [`JsonLines`], one object per event:
-//! `{"timestamp":"…Z","level":"INFO","message":"…",<the event's fields>,"span":{<the current
-//! span's fields>,"name":"…"}}`. It writes the span's fields as they were recorded, where
+//! `{"timestamp":"…Z","level":"INFO","message":"…",<the event's fields>,"span":{<the
+//! context's fields>,"name":"…"}}`. The context is the current task's [`Context`] (a request,
+//! a turn), else the current tracing span. It writes the fields as they were recorded, where
 //! tracing-subscriber's JSON formatter parses them again for every line it writes.
 
+use std::cell::RefCell;
 use std::fmt::{self, Write as _};
+use std::future::Future;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
@@ -32,8 +35,59 @@ pub fn init(level: &str, format: LogFormat) {
             .event_format(JsonLines)
             .fmt_fields(JsonFields)
             .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+        LogFormat::Pretty => builder.event_format(TextLines).try_init(),
     };
+}
+
+/// What a task is working on (a request, a turn), named on every line it logs: as the
+/// `span` object of a JSON line, as `name{field=value …}:` in text.
+///
+/// It does for the broker's two per-message tasks what a tracing span does, without the
+/// subscriber's span registry: a span there is created, formatted, entered and left at every
+/// poll of its future, and closed, which cost about a tenth of the API's and of the drainer's
+/// instructions at one span per message (docs/performance.md, item 28). A context is one
+/// small allocation, swapped into a task-local at each poll. Tasks spawned from the task do
+/// not inherit it (nor did they a span).
+pub struct Context {
+    name: &'static str,
+    fields: RefCell<Vec<(&'static str, String)>>,
+}
+
+tokio::task_local! {
+    static CONTEXT: Context;
+}
+
+impl Context {
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            fields: RefCell::new(Vec::with_capacity(3)),
+        }
+    }
+
+    /// Adds a field (fields are written in the order added).
+    pub fn with(self, field: &'static str, value: &str) -> Self {
+        self.fields.borrow_mut().push((field, value.to_owned()));
+        self
+    }
+
+    /// Runs `task` in this context: what it logs while it runs is named by it.
+    pub fn scope<F: Future>(self, task: F) -> impl Future<Output = F::Output> {
+        CONTEXT.scope(self, task)
+    }
+}
+
+/// Adds a field to the context of the current task; nothing outside a context.
+pub fn record(field: &'static str, value: &str) {
+    let _ = CONTEXT.try_with(|c| c.fields.borrow_mut().push((field, value.to_owned())));
+}
+
+/// Calls `write` with the current task's context, if it has one; returns whether it had.
+fn with_context(write: impl FnOnce(&Context) -> fmt::Result) -> Result<bool, fmt::Error> {
+    match CONTEXT.try_with(|c| write(c)) {
+        Ok(result) => result.map(|()| true),
+        Err(_) => Ok(false),
+    }
 }
 
 /// Formats an event as one JSON object on one line.
@@ -61,7 +115,27 @@ where
         };
         event.record(&mut fields);
         fields.result?;
-        if let Some(span) = ctx.lookup_current() {
+        let in_context = with_context(|c| {
+            writer.write_str(",\"span\":{")?;
+            // Never borrowed elsewhere while a line is written; `try_` all the same.
+            if let Ok(fields) = c.fields.try_borrow() {
+                for (field, value) in fields.iter() {
+                    write_escaped(&mut writer, field)?;
+                    writer.write_char(':')?;
+                    write_escaped(&mut writer, value)?;
+                    writer.write_char(',')?;
+                }
+            }
+            writer.write_str("\"name\":")?;
+            write_escaped(&mut writer, c.name)?;
+            writer.write_char('}')
+        })?;
+        let span = if in_context {
+            None
+        } else {
+            ctx.lookup_current()
+        };
+        if let Some(span) = span {
             writer.write_str(",\"span\":{")?;
             if let Some(recorded) = span.extensions().get::<FormattedFields<N>>() {
                 if !recorded.is_empty() {
@@ -74,6 +148,78 @@ where
             writer.write_char('}')?;
         }
         writer.write_str("}\n")
+    }
+}
+
+/// Formats an event as one line of text for people (`LOG_FORMAT=pretty`):
+/// `<timestamp> <LEVEL> <context>{<field>=<value> …}: <message> <field>=<value> …`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TextLines;
+
+impl<S, N> FormatEvent<S, N> for TextLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        write_timestamp(&mut writer, SystemTime::now())?;
+        write!(writer, " {:>5} ", event.metadata().level())?;
+        let in_context = with_context(|c| {
+            writer.write_str(c.name)?;
+            if let Ok(fields) = c.fields.try_borrow() {
+                writer.write_char('{')?;
+                for (i, (field, value)) in fields.iter().enumerate() {
+                    let space = if i == 0 { "" } else { " " };
+                    write!(writer, "{space}{field}={value}")?;
+                }
+                writer.write_char('}')?;
+            }
+            writer.write_str(": ")
+        })?;
+        if !in_context {
+            if let Some(span) = ctx.lookup_current() {
+                writer.write_str(span.name())?;
+                if let Some(recorded) = span.extensions().get::<FormattedFields<N>>() {
+                    write!(writer, "{{{recorded}}}")?;
+                }
+                writer.write_str(": ")?;
+            }
+        }
+        let mut text = TextVisitor::default();
+        event.record(&mut text);
+        writer.write_str(&text.message)?;
+        writer.write_str(&text.fields)?;
+        writer.write_char('\n')
+    }
+}
+
+/// Collects an event's message and its other fields as ` field=value`.
+#[derive(Default)]
+struct TextVisitor {
+    message: String,
+    fields: String,
+}
+
+impl Visit for TextVisitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            let _ = write!(self.fields, " {}={value}", field.name());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            let _ = write!(self.fields, " {}={value:?}", field.name());
+        }
     }
 }
 
@@ -141,12 +287,17 @@ impl Visit for JsonVisitor<'_, '_> {
         self.field(field, |out| write_escaped(out, value));
     }
 
+    // Numbers through `itoa`: `write!` spent about 450 instructions on each.
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, |out| write!(out, "{value}"));
+        self.field(field, |out| {
+            out.write_str(itoa::Buffer::new().format(value))
+        });
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, |out| write!(out, "{value}"));
+        self.field(field, |out| {
+            out.write_str(itoa::Buffer::new().format(value))
+        });
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
@@ -231,19 +382,99 @@ mod tests {
         }
     }
 
-    fn lines(log: impl FnOnce()) -> Vec<serde_json::Value> {
+    /// What the subscriber of `format` writes while `log` runs.
+    fn output(format: LogFormat, log: impl FnOnce()) -> String {
         let sink = Sink::default();
         let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .event_format(JsonLines)
-            .fmt_fields(JsonFields)
-            .finish();
-        tracing::subscriber::with_default(subscriber, log);
+        let builder = tracing_subscriber::fmt().with_writer(move || writer.clone());
+        match format {
+            LogFormat::Json => tracing::subscriber::with_default(
+                builder
+                    .event_format(JsonLines)
+                    .fmt_fields(JsonFields)
+                    .finish(),
+                log,
+            ),
+            LogFormat::Pretty => {
+                tracing::subscriber::with_default(builder.event_format(TextLines).finish(), log)
+            }
+        }
         let text = String::from_utf8(sink.0.lock().expect("lock").clone()).expect("utf8");
-        text.lines()
+        text
+    }
+
+    fn lines(log: impl FnOnce()) -> Vec<serde_json::Value> {
+        output(LogFormat::Json, log)
+            .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect()
+    }
+
+    /// Runs `task` to its end on a runtime of this thread.
+    fn block_on<F: Future>(task: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(task)
+    }
+
+    /// What a request logs, in context or not, through a yield (a context must hold across
+    /// polls) and with the conversation recorded on the way.
+    async fn request() {
+        tracing::info!("outside");
+        Context::new("request")
+            .with("method", "POST")
+            .with("path", "/api/v1/message")
+            .scope(async {
+                tracing::info!(n = 1, "first");
+                tokio::task::yield_now().await;
+                record("conversation", "user:o:\"u\"");
+                tracing::warn!("second");
+            })
+            .await;
+        tracing::info!("after");
+    }
+
+    #[test]
+    fn a_task_context_names_the_lines_it_logs_in_json() {
+        let got = lines(|| block_on(request()));
+        let spans: Vec<_> = got.iter().map(|l| l.get("span").cloned()).collect();
+        assert_eq!(
+            spans,
+            [
+                None,
+                Some(
+                    serde_json::json!({"method": "POST", "path": "/api/v1/message", "name": "request"})
+                ),
+                Some(
+                    serde_json::json!({"method": "POST", "path": "/api/v1/message", "conversation": "user:o:\"u\"", "name": "request"})
+                ),
+                None,
+            ]
+        );
+        assert_eq!(got[1]["n"], 1);
+        // the fields in the order they were added, the name last
+        let raw = output(LogFormat::Json, || block_on(request()));
+        assert!(
+            raw.contains(r#""span":{"method":"POST","path":"/api/v1/message","conversation":"user:o:\"u\"","name":"request"}"#),
+            "{raw}"
+        );
+    }
+
+    #[test]
+    fn a_task_context_names_the_lines_it_logs_in_text() {
+        let raw = output(LogFormat::Pretty, || block_on(request()));
+        let lines: Vec<&str> = raw.lines().map(|l| &l[28..]).collect();
+        assert_eq!(
+            lines,
+            [
+                " INFO outside",
+                " INFO request{method=POST path=/api/v1/message}: first n=1",
+                " WARN request{method=POST path=/api/v1/message conversation=user:o:\"u\"}: second",
+                " INFO after",
+            ],
+            "{raw}"
+        );
     }
 
     #[test]
