@@ -9,7 +9,7 @@ use broker_core::queue::{Claimed, Finish, Finished, Mode, QueueError, TurnEnd};
 use broker_core::telemetry::Context;
 use broker_core::worker::{backoff, TurnResult};
 use broker_proto::sse::Frame;
-use broker_proto::{Conversation, Failure, Outcome};
+use broker_proto::{ChatResponse, Conversation, Failure, Outcome};
 use serde_json::Value;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
@@ -237,39 +237,27 @@ async fn finish(
     let message_id = claimed.message_id.clone();
     let mut dead_entries = Vec::new();
     let (outcome, terminal) = match result {
-        TurnResult::Completed(response) => {
-            let text = |field: &str| {
-                response
-                    .get(field)
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            };
-            let responses = response
-                .get("responses")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default();
+        TurnResult::Completed { response, json } => {
             // The worker's own complete frame passes unchanged.
             let terminal = match worker_terminal {
                 _ if !records => String::new(),
                 Some((kind, data)) if kind == "complete" => data,
-                _ => serde_json::json!({"type": "complete", "response": response}).to_string(),
+                _ => format!("{{\"type\":\"complete\",\"response\":{json}}}"),
             };
+            let ChatResponse {
+                responses,
+                response_language,
+                voice_audio_url,
+                voice_audio_base64,
+                attachments,
+            } = response;
             let outcome = Outcome::Completed {
                 message_id: message_id.clone(),
                 responses,
-                response_language: text("response_language"),
-                voice_audio_url: text("voice_audio_url"),
-                attachments: response
-                    .get("attachments")
-                    .filter(|a| !a.is_null())
-                    .cloned(),
-                voice_audio_base64: text("voice_audio_base64"),
+                response_language,
+                voice_audio_url,
+                attachments,
+                voice_audio_base64,
                 queue_wait_ms,
                 processing_ms,
             };

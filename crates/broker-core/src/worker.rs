@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker_proto::sse::{Frame, FrameParser};
-use broker_proto::Failure;
+use broker_proto::{ChatResponse, Failure};
 use hyper::header::HeaderValue;
 use hyper::Uri;
 use secrecy::ExposeSecret;
@@ -37,8 +37,11 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// How a turn ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TurnResult {
-    /// The worker's `ChatResponse`.
-    Completed(Value),
+    /// The worker's `ChatResponse`, read, and as it was sent.
+    Completed {
+        response: ChatResponse,
+        json: String,
+    },
     Failed(Failure),
 }
 
@@ -237,22 +240,15 @@ impl WorkerClient {
                 let frame = Frame::parse(&data);
                 on_frame(&data, &frame);
                 let ended = match frame {
-                    Frame::Complete(response) => Some(
-                        if response
-                            .get("responses")
-                            .and_then(Value::as_array)
-                            .is_some_and(|r| r.iter().all(Value::is_string))
-                        {
-                            TurnResult::Completed(response)
-                        } else {
-                            fail(
-                                502,
-                                "invalid worker response",
-                                "INVALID_WORKER_RESPONSE",
-                                "the worker's complete event carried no valid response",
-                            )
-                        },
-                    ),
+                    Frame::Complete(json) => Some(match ChatResponse::parse(&json) {
+                        Some(response) => TurnResult::Completed { response, json },
+                        None => fail(
+                            502,
+                            "invalid worker response",
+                            "INVALID_WORKER_RESPONSE",
+                            "the worker's complete event carried no valid response",
+                        ),
+                    }),
                     Frame::Error(message) => {
                         Some(fail(502, "worker error", "WORKER_ERROR", message))
                     }

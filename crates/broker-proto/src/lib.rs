@@ -16,3 +16,4 @@ pub use conversation::{ChatType, Conversation};
 pub use error::ErrorBody;
 pub use outcome::{Failure, Outcome};
 pub use request::{validate_message, MessageRequest, ValidationError, ValidationLimits};
+pub use sse::ChatResponse;

@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// Cuts a byte stream into the `data:` payloads of its frames.
@@ -70,8 +71,10 @@ fn first_data_line(block: &[u8]) -> Option<String> {
 /// One worker event, classified by its `type`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
-    /// `{"type":"complete","response":ChatResponse}`: the turn's result, the last frame.
-    Complete(Value),
+    /// `{"type":"complete","response":ChatResponse}`: the turn's result, the last frame. The
+    /// response as the worker wrote it (`null` when there was none), read with
+    /// [`ChatResponse::parse`].
+    Complete(String),
     /// `{"type":"error","error":"…"}`: the turn failed, the last frame.
     Error(String),
     /// `{"type":"keepalive"}`.
@@ -87,11 +90,14 @@ impl Frame {
         // Only the fields a frame's kind needs are read, and the type is borrowed: most
         // frames are statuses and progress, whose other fields the broker passes on as
         // sent without looking at them.
+        // The response is kept as text: built into a `Value` it cost the drainer about 5,000
+        // instructions per turn, and a tenth of its work went to reading frames.
         #[derive(Deserialize)]
         struct Raw<'a> {
             #[serde(rename = "type", borrow)]
             kind: Option<Cow<'a, str>>,
-            response: Option<Value>,
+            #[serde(borrow)]
+            response: Option<&'a RawValue>,
             error: Option<Value>,
         }
         let Ok(Raw {
@@ -103,7 +109,7 @@ impl Frame {
             return Self::Invalid;
         };
         match kind.as_ref() {
-            "complete" => Self::Complete(response.unwrap_or(Value::Null)),
+            "complete" => Self::Complete(response.map_or("null", RawValue::get).to_owned()),
             "error" => Self::Error(match error {
                 Some(Value::String(s)) => s,
                 Some(other) => other.to_string(),
@@ -116,6 +122,58 @@ impl Frame {
 
     pub fn is_terminal(&self) -> bool {
         matches!(self, Self::Complete(_) | Self::Error(_))
+    }
+}
+
+/// What the broker reads of the worker's `ChatResponse` (worker-contract.md): the
+/// responses, and the fields it passes on to the client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatResponse {
+    pub responses: Vec<String>,
+    pub response_language: Option<String>,
+    pub voice_audio_url: Option<String>,
+    pub voice_audio_base64: Option<String>,
+    /// Any JSON but `null`.
+    pub attachments: Option<Value>,
+}
+
+impl ChatResponse {
+    /// Reads a `complete` frame's response: `None` unless it is an object whose `responses`
+    /// is an array of strings. The other fields are taken when they are strings
+    /// (`attachments` when it is not `null`) and are otherwise left out; fields the broker
+    /// does not know are skipped.
+    pub fn parse(json: &str) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct Raw<'a> {
+            responses: Option<Vec<String>>,
+            #[serde(borrow)]
+            response_language: Option<&'a RawValue>,
+            #[serde(borrow)]
+            voice_audio_url: Option<&'a RawValue>,
+            #[serde(borrow)]
+            voice_audio_base64: Option<&'a RawValue>,
+            #[serde(borrow)]
+            attachments: Option<&'a RawValue>,
+        }
+        // serde reads a struct from an array too, by position: not a `ChatResponse`.
+        if !json.trim_start().starts_with('{') {
+            return None;
+        }
+        let raw: Raw<'_> = serde_json::from_str(json).ok()?;
+        let text = |field: Option<&RawValue>| {
+            field
+                .filter(|f| f.get().starts_with('"'))
+                .and_then(|f| serde_json::from_str(f.get()).ok())
+        };
+        Some(Self {
+            responses: raw.responses?,
+            response_language: text(raw.response_language),
+            voice_audio_url: text(raw.voice_audio_url),
+            voice_audio_base64: text(raw.voice_audio_base64),
+            attachments: raw
+                .attachments
+                .and_then(|a| serde_json::from_str(a.get()).ok()),
+        })
     }
 }
 
@@ -137,7 +195,10 @@ mod tests {
             frames.extend(parser.push(&wire[split..]));
             assert_eq!(frames.len(), 3, "split at {split}");
             assert_eq!(Frame::parse(&frames[1]), Frame::Keepalive);
-            assert!(matches!(Frame::parse(&frames[2]), Frame::Complete(_)));
+            assert_eq!(
+                Frame::parse(&frames[2]),
+                Frame::Complete("{\"responses\":[\"a\"]}".into())
+            );
             assert_eq!(parser.pending(), 0);
         }
     }
@@ -182,13 +243,56 @@ mod tests {
             Frame::Error("{\"code\":1}".into())
         );
         assert_eq!(
-            Frame::parse("{\"type\":\"complete\",\"response\":{\"responses\":[\"a\"]}}"),
-            Frame::Complete(serde_json::json!({"responses": ["a"]}))
+            Frame::parse("{\"type\":\"complete\",\"response\": {\"responses\":[\"a\"]} }"),
+            Frame::Complete("{\"responses\":[\"a\"]}".into())
+        );
+        assert_eq!(
+            Frame::parse("{\"type\":\"complete\"}"),
+            Frame::Complete("null".into())
         );
         assert!(Frame::parse("{\"type\":\"complete\"}").is_terminal());
         assert_eq!(
             format_frame("{\"type\":\"keepalive\"}"),
             "data: {\"type\":\"keepalive\"}\n\n"
         );
+    }
+
+    #[test]
+    fn chat_responses_are_read_leniently_but_need_their_responses() {
+        let full = r#"{"responses":["a","b\u0021"],"response_language":"en","voice_audio_url":null,
+            "voice_audio_base64":"QUI=","attachments":[{"k":1}],"extra":{"deep":[1,2]}}"#;
+        assert_eq!(
+            ChatResponse::parse(full),
+            Some(ChatResponse {
+                responses: vec!["a".into(), "b!".into()],
+                response_language: Some("en".into()),
+                voice_audio_url: None,
+                voice_audio_base64: Some("QUI=".into()),
+                attachments: Some(serde_json::json!([{"k": 1}])),
+            })
+        );
+        // fields of another type are left out, not refused
+        let odd = r#" {"responses":[],"response_language":5,"voice_audio_url":{"u":"x"},"attachments":null}"#;
+        assert_eq!(
+            ChatResponse::parse(odd),
+            Some(ChatResponse {
+                responses: vec![],
+                response_language: None,
+                voice_audio_url: None,
+                voice_audio_base64: None,
+                attachments: None,
+            })
+        );
+        for bad in [
+            "null",
+            "{}",
+            r#"{"responses":"a"}"#,
+            r#"{"responses":["a",1]}"#,
+            r#"{"responses":null}"#,
+            r#"[["a"]]"#,
+            r#"{"responses":["a"]"#,
+        ] {
+            assert_eq!(ChatResponse::parse(bad), None, "{bad}");
+        }
     }
 }
