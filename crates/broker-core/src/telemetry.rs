@@ -105,50 +105,80 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        writer.write_str("{\"timestamp\":\"")?;
-        write_timestamp(&mut writer, SystemTime::now())?;
-        write!(writer, "\",\"level\":\"{}\"", event.metadata().level())?;
-        let mut fields = JsonVisitor {
-            out: &mut writer,
-            first: false,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        let in_context = with_context(|c| {
-            writer.write_str(",\"span\":{")?;
+        // The line is built in a `String` of this thread, then written at once: pushed onto a
+        // `String`, each piece is a copy; through the subscriber's `Writer` (a `dyn
+        // fmt::Write`) each was a call through a table, and a line has some fifty pieces.
+        thread_local! {
+            static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+        }
+        LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                json_line(ctx, event, &mut line);
+                writer.write_str(&line)
+            }
+            // A line formatted while another is (a field's `Debug` that logs)
+            Err(_) => {
+                let mut line = String::new();
+                json_line(ctx, event, &mut line);
+                writer.write_str(&line)
+            }
+        })
+    }
+}
+
+/// Builds the JSON line of `event` into `out`.
+fn json_line<S, N>(ctx: &FmtContext<'_, S, N>, event: &Event<'_>, out: &mut String)
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    out.push_str("{\"timestamp\":\"");
+    let _ = write_timestamp(out, SystemTime::now());
+    out.push_str("\",\"level\":\"");
+    out.push_str(event.metadata().level().as_str());
+    out.push('"');
+    event.record(&mut JsonVisitor { out, first: false });
+    let in_context = CONTEXT
+        .try_with(|c| {
+            out.push_str(",\"span\":{");
             // Never borrowed elsewhere while a line is written; `try_` all the same.
             if let Ok(fields) = c.fields.try_borrow() {
                 for (field, value) in fields.iter() {
-                    write_escaped(&mut writer, field)?;
-                    writer.write_char(':')?;
-                    write_escaped(&mut writer, value)?;
-                    writer.write_char(',')?;
+                    push_string(out, field);
+                    out.push(':');
+                    push_string(out, value);
+                    out.push(',');
                 }
             }
-            writer.write_str("\"name\":")?;
-            write_escaped(&mut writer, c.name)?;
-            writer.write_char('}')
-        })?;
-        let span = if in_context {
-            None
-        } else {
-            ctx.lookup_current()
-        };
-        if let Some(span) = span {
-            writer.write_str(",\"span\":{")?;
-            if let Some(recorded) = span.extensions().get::<FormattedFields<N>>() {
-                if !recorded.is_empty() {
-                    writer.write_str(recorded)?;
-                    writer.write_char(',')?;
-                }
+            out.push_str("\"name\":");
+            push_string(out, c.name);
+            out.push('}');
+        })
+        .is_ok();
+    let span = if in_context {
+        None
+    } else {
+        ctx.lookup_current()
+    };
+    if let Some(span) = span {
+        out.push_str(",\"span\":{");
+        if let Some(recorded) = span.extensions().get::<FormattedFields<N>>() {
+            if !recorded.is_empty() {
+                out.push_str(recorded);
+                out.push(',');
             }
-            writer.write_str("\"name\":")?;
-            write_escaped(&mut writer, span.name())?;
-            writer.write_char('}')?;
         }
-        writer.write_str("}\n")
+        out.push_str("\"name\":");
+        push_string(out, span.name());
+        out.push('}');
     }
+    out.push_str("}\n");
+}
+
+/// Appends `text` as a JSON string (writing to a `String` cannot fail).
+fn push_string(out: &mut String, text: &str) {
+    let _ = write_escaped(out, text);
 }
 
 /// Formats an event as one line of text for people (`LOG_FORMAT=pretty`):
@@ -233,13 +263,12 @@ impl<'writer> FormatFields<'writer> for JsonFields {
         mut writer: Writer<'writer>,
         fields: R,
     ) -> fmt::Result {
-        let mut visitor = JsonVisitor {
-            out: &mut writer,
+        let mut out = String::new();
+        fields.record(&mut JsonVisitor {
+            out: &mut out,
             first: true,
-            result: Ok(()),
-        };
-        fields.record(&mut visitor);
-        visitor.result
+        });
+        writer.write_str(&out)
     }
 
     fn add_fields(
@@ -247,84 +276,75 @@ impl<'writer> FormatFields<'writer> for JsonFields {
         current: &mut FormattedFields<Self>,
         fields: &tracing::span::Record<'_>,
     ) -> fmt::Result {
-        let first = current.is_empty();
-        let mut writer = current.as_writer();
-        let mut visitor = JsonVisitor {
-            out: &mut writer,
+        let first = current.fields.is_empty();
+        fields.record(&mut JsonVisitor {
+            out: &mut current.fields,
             first,
-            result: Ok(()),
-        };
-        fields.record(&mut visitor);
-        visitor.result
+        });
+        Ok(())
     }
 }
 
-/// Writes each field as `"name":value`, a comma before each but (when `first`) the first.
-struct JsonVisitor<'a, 'w> {
-    out: &'a mut Writer<'w>,
+/// Appends each field as `"name":value`, a comma before each but (when `first`) the first.
+struct JsonVisitor<'a> {
+    out: &'a mut String,
     first: bool,
-    result: fmt::Result,
 }
 
-impl JsonVisitor<'_, '_> {
-    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
-        if self.result.is_err() {
-            return;
+impl JsonVisitor<'_> {
+    fn field(&mut self, field: &Field) -> &mut String {
+        if !std::mem::take(&mut self.first) {
+            self.out.push(',');
         }
-        self.result = (|| {
-            if !std::mem::take(&mut self.first) {
-                self.out.write_char(',')?;
-            }
-            write_escaped(self.out, field.name())?;
-            self.out.write_char(':')?;
-            value(self.out)
-        })();
+        push_string(self.out, field.name());
+        self.out.push(':');
+        self.out
     }
 }
 
-impl Visit for JsonVisitor<'_, '_> {
+// Writing to a `String` cannot fail: the results of `write!` are dropped.
+impl Visit for JsonVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.field(field, |out| write_escaped(out, value));
+        push_string(self.field(field), value);
     }
 
     // Numbers through `itoa`: `write!` spent about 450 instructions on each.
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, |out| {
-            out.write_str(itoa::Buffer::new().format(value))
-        });
+        self.field(field)
+            .push_str(itoa::Buffer::new().format(value));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, |out| {
-            out.write_str(itoa::Buffer::new().format(value))
-        });
+        self.field(field)
+            .push_str(itoa::Buffer::new().format(value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.field(field, |out| write!(out, "{value}"));
+        self.field(field)
+            .push_str(if value { "true" } else { "false" });
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
+        let out = self.field(field);
         if value.is_finite() {
-            self.field(field, |out| write!(out, "{value}"));
+            let _ = write!(out, "{value}");
         } else {
-            self.field(field, |out| write_escaped(out, &value.to_string()));
+            push_string(out, &value.to_string());
         }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         // `message`, `%display` and `?debug` fields all arrive here, as text.
-        self.field(field, |out| {
-            out.write_char('"')?;
-            write!(Escaping(out), "{value:?}")?;
-            out.write_char('"')
-        });
+        let out = self.field(field);
+        out.push('"');
+        let _ = write!(Escaping(&mut *out), "{value:?}");
+        out.push('"');
     }
 }
 
 /// `2026-11-22T17:13:39.792673Z`: UTC, to the microsecond. Its digits are placed by hand:
 /// through `write!` and its padded numbers the stamp cost the API a third of a log line.
-fn write_timestamp(out: &mut dyn fmt::Write, now: SystemTime) -> fmt::Result {
+fn write_timestamp<W: fmt::Write + ?Sized>(out: &mut W, now: SystemTime) -> fmt::Result {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, of_day) = (secs / 86_400, secs % 86_400);

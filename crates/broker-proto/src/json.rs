@@ -4,15 +4,16 @@
 use std::fmt::{self, Write as _};
 
 /// Writes `text` as a JSON string: quoted, with quotes, backslashes and control characters
-/// escaped.
-pub fn write_string(out: &mut dyn fmt::Write, text: &str) -> fmt::Result {
+/// escaped. Generic, so that writing to a `String` compiles to plain pushes: through
+/// `dyn fmt::Write` each piece of a log line was a call through a table.
+pub fn write_string<W: fmt::Write + ?Sized>(out: &mut W, text: &str) -> fmt::Result {
     out.write_char('"')?;
     Escaping(out).write_str(text)?;
     out.write_char('"')
 }
 
 /// Escapes what is written through it for the inside of a JSON string.
-pub struct Escaping<'a>(pub &'a mut dyn fmt::Write);
+pub struct Escaping<'a, W: fmt::Write + ?Sized>(pub &'a mut W);
 
 /// Whether a byte must be escaped in a JSON string. All such bytes are ASCII, so a byte
 /// that is not one of them, including every byte of a multi-byte character, is copied as is.
@@ -20,7 +21,7 @@ fn needs_escape(b: u8) -> bool {
     b < 0x20 || b == b'"' || b == b'\\'
 }
 
-impl fmt::Write for Escaping<'_> {
+impl<W: fmt::Write + ?Sized> fmt::Write for Escaping<'_, W> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
         let bytes = text.as_bytes();
         // Most text has nothing to escape: a check without an early exit, which the
