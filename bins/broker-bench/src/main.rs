@@ -36,7 +36,8 @@ options:
   --step-secs S       seconds per sweep rate (4)
   --svg PATH          where the sweep writes its picture
   --backlog N1,N2     conversation counts for backlog (1000,100000)
-  --backlog-messages T  messages per backlog run (100000)";
+  --backlog-messages T  messages per backlog run (100000)
+  --backlog-rounds R  runs of each backlog count, in mirrored order (A B B A ...) (2)";
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -51,6 +52,7 @@ struct Options {
     svg: Option<String>,
     backlog: Vec<usize>,
     backlog_messages: usize,
+    backlog_rounds: usize,
     scenarios: Vec<String>,
 }
 
@@ -69,6 +71,7 @@ fn parse_args() -> anyhow::Result<Options> {
         svg: None,
         backlog: vec![1000, 100_000],
         backlog_messages: 100_000,
+        backlog_rounds: 2,
         scenarios: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
@@ -105,6 +108,7 @@ fn parse_args() -> anyhow::Result<Options> {
             "--svg" => o.svg = Some(value(&arg)?),
             "--backlog" => o.backlog = list(&arg, &value(&arg)?)?,
             "--backlog-messages" => o.backlog_messages = number(&arg, &value(&arg)?)?,
+            "--backlog-rounds" => o.backlog_rounds = number(&arg, &value(&arg)?)?,
             "sync" | "callback" | "stream" | "light" | "commands" | "sweep" | "wide"
             | "backlog" => o.scenarios.push(arg),
             "all" => o.scenarios.extend(
@@ -121,8 +125,13 @@ fn parse_args() -> anyhow::Result<Options> {
             .map(String::from)
             .to_vec();
     }
-    if o.conversations == 0 || o.messages == 0 || o.drainers == 0 || o.concurrency == 0 {
-        bail!("--conversations, --messages, --drainers and --concurrency must be at least 1");
+    if o.conversations == 0
+        || o.messages == 0
+        || o.drainers == 0
+        || o.concurrency == 0
+        || o.backlog_rounds == 0
+    {
+        bail!("--conversations, --messages, --drainers, --concurrency and --backlog-rounds must be at least 1");
     }
     Ok(o)
 }
@@ -361,10 +370,21 @@ async fn wide(o: &Options) -> anyhow::Result<bool> {
 }
 
 /// Per-message cost draining the same number of messages held by few or many conversations.
+///
+/// Each count runs `--backlog-rounds` times, every other round in reverse order (A B B A):
+/// the machine's speed drifts by more than the figure measures within a run of a minute, and
+/// a drift that is even over the run then moves both counts alike. The ratio is of the means.
 async fn backlog(o: &Options) -> anyhow::Result<bool> {
     let mut all_right = true;
-    let mut per_message = Vec::new();
-    for &conversations in &o.backlog {
+    let mut per_message: Vec<(usize, f64)> = Vec::new();
+    let order = (0..o.backlog_rounds).flat_map(|round| {
+        let mut counts = o.backlog.clone();
+        if round % 2 == 1 {
+            counts.reverse();
+        }
+        counts
+    });
+    for conversations in order {
         let messages = (o.backlog_messages / conversations).max(1);
         let total = conversations * messages;
         let stack = Stack::start(StackOptions {
@@ -412,12 +432,24 @@ async fn backlog(o: &Options) -> anyhow::Result<bool> {
         ));
         all_right &= report::print(line, &results, &stack);
     }
-    if let (Some(first), Some(last)) = (per_message.first(), per_message.last()) {
-        if per_message.len() > 1 {
+    let mean = |count: usize| {
+        let runs: Vec<f64> = per_message
+            .iter()
+            .filter(|(c, _)| *c == count)
+            .map(|(_, us)| *us)
+            .collect();
+        runs.iter().sum::<f64>() / runs.len().max(1) as f64
+    };
+    if let (Some(&first), Some(&last)) = (o.backlog.first(), o.backlog.last()) {
+        if o.backlog.len() > 1 {
+            let (few, many) = (mean(first), mean(last));
             println!(
                 "{}",
-                json!({"run": "backlog", "cost_ratio": report::round(last.1 / first.1, 2),
-                       "of": format!("{} conversations vs {}", last.0, first.0)})
+                json!({"run": "backlog", "cost_ratio": report::round(many / few, 2),
+                       "of": format!("{last} conversations vs {first}"),
+                       "drain_us_per_msg": {first.to_string(): report::round(few, 1),
+                                            last.to_string(): report::round(many, 1)},
+                       "rounds": o.backlog_rounds})
             );
         }
     }
