@@ -216,7 +216,7 @@ impl WorkerClient {
                 }
                 Ok(next) => next,
             };
-            let frames = match next {
+            match next {
                 Ok(None) => {
                     return fail(
                         502,
@@ -234,9 +234,9 @@ impl WorkerClient {
                         "the worker's stream broke before the turn finished",
                     );
                 }
-                Ok(Some(chunk)) => parser.push(chunk),
-            };
-            for data in frames {
+                Ok(Some(chunk)) => parser.feed(chunk),
+            }
+            while let Some(data) = parser.next_frame() {
                 let frame = Frame::parse(&data);
                 on_frame(&data, &frame);
                 let ended = match frame {
