@@ -45,8 +45,8 @@ pub fn init(level: &str, format: LogFormat) {
 /// It does for the broker's two per-message tasks what a tracing span does, without the
 /// subscriber's span registry: a span there is created, formatted, entered and left at every
 /// poll of its future, and closed, which cost about a tenth of the API's and of the drainer's
-/// instructions at one span per message (docs/performance.md, item 28). A context is one
-/// small allocation, swapped into a task-local at each poll. Tasks spawned from the task do
+/// instructions at one span per message (docs/performance.md, item 28). A context is a name
+/// and a short list of owned fields, moved into a task-local at each poll. Tasks spawned from the task do
 /// not inherit it (nor did they a span).
 pub struct Context {
     name: &'static str,
