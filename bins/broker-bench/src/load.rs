@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use broker_core::http1;
+use broker_proto::json::push_string;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -92,12 +93,6 @@ impl Target {
     }
 }
 
-/// Appends `text` as a JSON string.
-fn push_json(out: &mut String, text: &str) {
-    // Writing to a `String` cannot fail.
-    let _ = broker_proto::json::write_string(out, text);
-}
-
 /// The text of message `i` of conversation `c` in run `run`; the mock answers `echo: <text>`.
 pub fn text(run: &str, c: usize, i: usize) -> String {
     format!("{run} c{c} m{i}")
@@ -121,13 +116,13 @@ pub async fn send_one(
     // with the broker, and a `Value` per request and per answer was half its work.
     let mut body = String::with_capacity(128);
     body.push_str("{\"user_id\":");
-    push_json(&mut body, &user(run, c));
+    push_string(&mut body, &user(run, c));
     body.push_str(",\"client_id\":\"bench\",\"message\":");
-    push_json(&mut body, &text);
+    push_string(&mut body, &text);
     let pending = match (mode, &target.receiver) {
         (Mode::Callback, Some(r)) => {
             body.push_str(",\"callback_url\":");
-            push_json(&mut body, &r.url());
+            push_string(&mut body, &r.url());
             Some(r.expect(&text))
         }
         (Mode::Callback, None) => return Err("callback mode needs the receiver".into()),

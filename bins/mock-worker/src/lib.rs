@@ -551,8 +551,7 @@ fn chat_response(text: &str) -> Value {
 fn complete_frame(text: &str) -> Bytes {
     let mut out = String::with_capacity(160 + text.len());
     out.push_str(r#"data: {"response":{"response_language":"en","responses":["#);
-    // Writing to a `String` cannot fail.
-    let _ = broker_proto::json::write_string(&mut out, &format!("echo: {text}"));
+    broker_proto::json::push_string(&mut out, &format!("echo: {text}"));
     out.push_str(r#"],"voice_audio_base64":null,"voice_audio_url":null},"type":"complete"}"#);
     out.push_str("\n\n");
     Bytes::from(out)

@@ -19,7 +19,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFi
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
-use broker_proto::json::{write_string as write_escaped, Escaping};
+use broker_proto::json::{push_string, Escaping};
 
 use crate::config::LogFormat;
 
@@ -174,11 +174,6 @@ where
         out.push('}');
     }
     out.push_str("}\n");
-}
-
-/// Appends `text` as a JSON string (writing to a `String` cannot fail).
-fn push_string(out: &mut String, text: &str) {
-    let _ = write_escaped(out, text);
 }
 
 /// Formats an event as one line of text for people (`LOG_FORMAT=pretty`):

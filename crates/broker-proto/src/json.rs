@@ -12,6 +12,11 @@ pub fn write_string<W: fmt::Write + ?Sized>(out: &mut W, text: &str) -> fmt::Res
     out.write_char('"')
 }
 
+/// Appends `text` to `out` as a JSON string (writing to a `String` cannot fail).
+pub fn push_string(out: &mut String, text: &str) {
+    let _ = write_string(out, text);
+}
+
 /// Escapes what is written through it for the inside of a JSON string.
 pub struct Escaping<'a, W: fmt::Write + ?Sized>(pub &'a mut W);
 

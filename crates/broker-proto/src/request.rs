@@ -520,8 +520,7 @@ pub fn validate_message(
             worker_body.push('"');
             worker_body.push_str(name);
             worker_body.push_str("\":");
-            // Writing to a `String` cannot fail.
-            let _ = json::write_string(&mut worker_body, v);
+            json::push_string(&mut worker_body, v);
             worker_body.push(',');
         }
     }
