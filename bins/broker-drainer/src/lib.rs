@@ -101,7 +101,9 @@ impl Drainer {
         let pool = redis_conn::pool(&settings.redis)?;
         let client = redis_conn::client(&settings.redis)?;
         let keys = Keys::new(&settings.redis.key_prefix, &settings.redis.shard);
-        let worker = WorkerClient::new(&settings.worker).map_err(anyhow::Error::msg)?;
+        let worker = WorkerClient::new(&settings.worker)
+            .map_err(anyhow::Error::msg)?
+            .keep_idle(settings.drainer.concurrency);
         let addr = format!("{}:{}", settings.host, settings.port_or(8001));
         let listener = TcpListener::bind(&addr)
             .await
@@ -133,7 +135,8 @@ impl Drainer {
         let shared = Arc::new(Shared {
             queue,
             worker,
-            callbacks: broker_core::callback::Sender::new(&settings.callbacks),
+            callbacks: broker_core::callback::Sender::new(&settings.callbacks)
+                .keep_idle(settings.drainer.concurrency),
             finisher,
             settings,
             running: Mutex::new(HashMap::new()),

@@ -325,6 +325,8 @@ pub struct Sender {
     attempt_timeout: Duration,
     connect_timeout: Duration,
     retry_base: Duration,
+    /// Idle connections kept per origin, when not the client's default.
+    keep_idle: Option<usize>,
 }
 
 impl Sender {
@@ -347,7 +349,15 @@ impl Sender {
             attempt_timeout: settings.attempt_timeout,
             connect_timeout: settings.attempt_timeout.min(Duration::from_secs(10)),
             retry_base: Duration::from_millis(200),
+            keep_idle: None,
         }
+    }
+
+    /// The same sender keeping up to `max` idle connections per origin: as many as callbacks
+    /// can be under way at once, so a burst to one receiver does not close and reopen them.
+    pub fn keep_idle(mut self, max: usize) -> Self {
+        self.keep_idle = Some(max);
+        self
     }
 
     /// The client for the origin of `uri`, made on first use. Every new connection it opens
@@ -373,8 +383,11 @@ impl Sender {
         let dial = checked_dial(self.policy.clone(), target.clone(), self.connect_timeout);
         // The dial bounds each address by the connect timeout; the attempt's own timeout
         // bounds the whole.
-        let client = http1::Client::with_dial(uri, self.attempt_timeout, dial)
+        let mut client = http1::Client::with_dial(uri, self.attempt_timeout, dial)
             .map_err(|e| format!("callback_url: {e}"))?;
+        if let Some(max) = self.keep_idle {
+            client = client.keep_idle(max);
+        }
         if pools.by_origin.len() >= MAX_ORIGINS {
             if let Some(some) = pools.by_origin.keys().next().cloned() {
                 pools.by_origin.remove(&some);

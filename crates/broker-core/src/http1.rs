@@ -14,6 +14,7 @@
 //! of the answer came back is sent once more on a new one (the server closed the idle
 //! connection as the request left).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -62,18 +63,32 @@ pub struct Client {
     idle: Arc<Pool>,
 }
 
-/// The idle connections of a client and its clones, at most `max` of them.
+/// The idle connections of a client and its clones, at most `max` of them, the most recently
+/// used at the back. A request takes from the back (the connection least likely to have been
+/// closed by the server); a connection given back first closes those at the front that have
+/// been idle for [`IDLE_TTL`], so a pool sized for a burst does not keep its sockets open for
+/// long after it.
 struct Pool {
-    idle: Mutex<Vec<Conn>>,
+    idle: Mutex<VecDeque<Conn>>,
     max: usize,
 }
 
 impl Pool {
     fn keeping(max: usize) -> Arc<Self> {
         Arc::new(Self {
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
             max,
         })
+    }
+}
+
+/// Drops the connections at the front of `idle` that have been idle too long.
+fn close_stale(idle: &mut VecDeque<Conn>) {
+    while idle
+        .front()
+        .is_some_and(|conn| conn.idle_since.elapsed() >= IDLE_TTL)
+    {
+        idle.pop_front();
     }
 }
 
@@ -164,8 +179,8 @@ impl Client {
         })
     }
 
-    /// The same client keeping up to `max` idle connections instead of 64 (a load generator
-    /// keeps one for each of its clients). Call it before the first request: the pool is
+    /// The same client keeping up to `max` idle connections instead of 64 (a drainer keeps as
+    /// many as it runs turns at once, a load generator one for each of its clients). Call it before the first request: the pool is
     /// replaced.
     pub fn keep_idle(mut self, max: usize) -> Self {
         self.idle = Pool::keeping(max);
@@ -176,7 +191,7 @@ impl Client {
     /// only when the next request comes).
     pub fn close_expired(&self) {
         if let Ok(mut idle) = self.idle.idle.lock() {
-            idle.retain(|conn| conn.idle_since.elapsed() < IDLE_TTL);
+            close_stale(&mut idle);
         }
     }
 
@@ -214,7 +229,7 @@ impl Client {
     /// An idle connection that is still open, if any.
     fn checkout(&self) -> Option<Conn> {
         let mut idle = self.idle.idle.lock().ok()?;
-        while let Some(mut conn) = idle.pop() {
+        while let Some(mut conn) = idle.pop_back() {
             if conn.idle_since.elapsed() < IDLE_TTL && conn.still_open() {
                 conn.reused = true;
                 return Some(conn);
@@ -571,8 +586,9 @@ impl Response {
         }
         conn.idle_since = Instant::now();
         if let Ok(mut idle) = self.idle.idle.lock() {
+            close_stale(&mut idle);
             if idle.len() < self.idle.max {
-                idle.push(conn);
+                idle.push_back(conn);
             }
         }
     }
@@ -750,6 +766,30 @@ mod tests {
             assert_eq!(client.idle.idle.lock().expect("lock").len(), kept);
             assert_eq!(*accepted.lock().expect("lock"), 3);
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_given_back_closes_the_ones_idle_too_long() {
+        let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (client, _accepted) = server(vec![answer, answer], 100).await;
+        let mut responses = Vec::new();
+        for _ in 0..3 {
+            responses.push(client.request(HEAD, b"{}").await.expect("request"));
+        }
+        for mut response in responses {
+            assert_eq!(body_of(&mut response).await, "ok");
+        }
+        // The oldest idle connection passes its time; a request takes the newest, and giving
+        // it back closes the old one.
+        let long_ago = Instant::now()
+            .checked_sub(IDLE_TTL)
+            .expect("an instant that long ago");
+        client.idle.idle.lock().expect("lock")[0].idle_since = long_ago;
+        let mut response = client.request(HEAD, b"{}").await.expect("request");
+        assert_eq!(body_of(&mut response).await, "ok");
+        let idle = client.idle.idle.lock().expect("lock");
+        assert_eq!(idle.len(), 2);
+        assert!(idle.iter().all(|conn| conn.idle_since > long_ago));
     }
 
     #[test]

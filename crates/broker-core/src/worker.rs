@@ -98,6 +98,14 @@ impl WorkerClient {
         })
     }
 
+    /// The same client keeping up to `max` idle connections: a drainer keeps as many as it
+    /// runs turns at once, so that turns ending together do not close connections the next
+    /// turns open again.
+    pub fn keep_idle(mut self, max: usize) -> Self {
+        self.client = self.client.keep_idle(max);
+        self
+    }
+
     /// Runs one turn to its end. `on_frame` sees every frame the worker sends, in order: its
     /// data as sent and how it parsed (the events a stream client would see).
     pub async fn run_turn(
