@@ -113,7 +113,7 @@ async fn accept(
     } else {
         Mode::Sync
     };
-    let message_id = uuid::Uuid::new_v4().to_string();
+    let message_id = broker_core::ids::uuid_v4().to_string();
     // Register before enqueueing, so that a fast result cannot be published unheard. Sync
     // results and stream frames are announced on this process's reply channel.
     let waiter = (mode == Mode::Sync).then(|| state.waiters.register(&message_id));

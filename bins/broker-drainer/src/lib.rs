@@ -315,7 +315,7 @@ async fn claim_loop(
         let Some(c) = conn.as_mut() else { continue };
         // The BLMOVE is never abandoned half-way: a command the server already runs could still
         // move a conversation after the client stopped listening. Its own timeout bounds it.
-        let lease = uuid::Uuid::new_v4().simple().to_string();
+        let lease = broker_core::ids::uuid_v4().simple().to_string();
         let outcome = tokio::time::timeout(
             d.block + Duration::from_secs(5),
             shared

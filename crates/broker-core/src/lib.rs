@@ -8,6 +8,7 @@ pub mod callback;
 pub mod clock;
 pub mod config;
 pub mod http1;
+pub mod ids;
 pub mod keys;
 pub mod local_redis;
 pub mod queue;
