@@ -1,6 +1,7 @@
 //! Queue operations: the only code that changes broker state in Redis, each change one script.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use broker_proto::{Conversation, MessageRequest};
@@ -328,12 +329,13 @@ impl QueueStatus {
     }
 }
 
-/// Broker state in Redis: a command pool, the key layout and the scripts.
+/// Broker state in Redis: a command pool, the key layout and the scripts. A clone shares
+/// them: the batchers clone it for every batch.
 #[derive(Clone)]
 pub struct Queue {
     pool: Pool,
-    keys: Keys,
-    scripts: Scripts,
+    keys: Arc<Keys>,
+    scripts: Arc<Scripts>,
 }
 
 const RECORD_FIELDS: [&str; 12] = [
@@ -355,8 +357,8 @@ impl Queue {
     pub fn new(pool: Pool, keys: Keys) -> Self {
         Self {
             pool,
-            keys,
-            scripts: Scripts::new(),
+            keys: Arc::new(keys),
+            scripts: Arc::new(Scripts::new()),
         }
     }
 
