@@ -20,10 +20,11 @@
 
 use std::cell::Cell;
 use std::future::poll_fn;
-use std::io;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_http::Request;
@@ -50,6 +51,9 @@ const FIRST_READ: usize = 2048;
 const COPY_BODY: usize = 4096;
 /// How long a refusal may take to write before the connection is dropped anyway.
 const REFUSAL_WRITE: Duration = Duration::from_secs(1);
+
+/// A streamed answer's bytes ready at once are written when they reach this much.
+const STREAM_WRITE: usize = 64 * 1024;
 
 /// The most a refused request's unread bytes are read and dropped before closing.
 const DRAIN_LIMIT: usize = 256 * 1024;
@@ -468,43 +472,11 @@ impl Conn {
                     out.extend_from_slice(&bytes);
                     self.io.write_all(&out).await?;
                 }
-                Err(body) => {
-                    self.io.write_all(&out).await?;
-                    self.stream(body, false).await?;
-                }
+                Err(body) => write_body(&mut self.io, out, body, false).await?,
             },
-            BodySize::Stream => {
-                self.io.write_all(&out).await?;
-                drop(out);
-                self.stream(body, true).await?;
-            }
+            BodySize::Stream => write_body(&mut self.io, out, body, true).await?,
         }
         Ok(keep_alive)
-    }
-
-    /// Writes a body as it comes, each piece as soon as it is there, chunked or as is.
-    async fn stream<B: MessageBody>(&mut self, body: B, chunked: bool) -> io::Result<()> {
-        let mut body = pin!(body);
-        let mut frame = Vec::new();
-        while let Some(piece) = poll_fn(|cx| body.as_mut().poll_next(cx)).await {
-            let piece = piece.map_err(|e| io::Error::other(e.into().to_string()))?;
-            if piece.is_empty() {
-                continue;
-            }
-            if chunked {
-                frame.clear();
-                frame.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-                frame.extend_from_slice(&piece);
-                frame.extend_from_slice(b"\r\n");
-                self.io.write_all(&frame).await?;
-            } else {
-                self.io.write_all(&piece).await?;
-            }
-        }
-        if chunked {
-            self.io.write_all(b"0\r\n\r\n").await?;
-        }
-        Ok(())
     }
 
     /// Answers a refusal, if it has an answer, and closes. Always `None`: no request to serve.
@@ -540,6 +512,65 @@ impl Conn {
         })
         .await;
         None
+    }
+}
+
+/// Writes `out` (the head) and a body as it comes, chunked or as is. What the body has
+/// ready goes out in one write, as soon as it has no more ready: an SSE answer's frames
+/// are sent the moment they are produced, and frames produced together (a turn's last
+/// frames and the end of the body) leave in one packet instead of one each.
+async fn write_body<W, B>(io: &mut W, mut out: Vec<u8>, body: B, chunked: bool) -> io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    B: MessageBody,
+{
+    enum Step<E> {
+        Piece(Result<Bytes, E>),
+        Flush,
+        End,
+    }
+    let mut body = pin!(body);
+    loop {
+        let step = poll_fn(|cx| match body.as_mut().poll_next(cx) {
+            Poll::Ready(Some(piece)) => Poll::Ready(Step::Piece(piece)),
+            Poll::Ready(None) => Poll::Ready(Step::End),
+            Poll::Pending if out.is_empty() => Poll::Pending,
+            Poll::Pending => Poll::Ready(Step::Flush),
+        })
+        .await;
+        match step {
+            Step::Piece(piece) => {
+                let piece = piece.map_err(|e| io::Error::other(e.into().to_string()))?;
+                if piece.is_empty() {
+                    continue;
+                }
+                if chunked {
+                    let _ = write!(out, "{:x}\r\n", piece.len());
+                    out.extend_from_slice(&piece);
+                    out.extend_from_slice(b"\r\n");
+                } else {
+                    out.extend_from_slice(&piece);
+                }
+                // A body that always has more ready is still written as it goes.
+                if out.len() >= STREAM_WRITE {
+                    io.write_all(&out).await?;
+                    out.clear();
+                }
+            }
+            Step::Flush => {
+                io.write_all(&out).await?;
+                out.clear();
+            }
+            Step::End => {
+                if chunked {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+                if !out.is_empty() {
+                    io.write_all(&out).await?;
+                }
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -734,6 +765,7 @@ fn http_date() -> [u8; 29] {
 mod tests {
     use super::*;
     use actix_service::{IntoServiceFactory, ServiceFactory};
+    use actix_web::body::BodyStream;
     use actix_web::dev::AppConfig;
     use actix_web::{web, App};
     use tokio::io::AsyncReadExt;
@@ -750,6 +782,90 @@ mod tests {
         HttpResponse::Ok().streaming(futures_util::stream::iter(
             parts.into_iter().map(Ok::<_, actix_web::Error>),
         ))
+    }
+
+    /// Keeps each write it is given, whole.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl tokio::io::AsyncWrite for Writes {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_writes_what_is_ready_at_once_and_the_rest_when_it_comes() {
+        // Everything ready: the head, both chunks and the end in one write.
+        let ready = futures_util::stream::iter(
+            [Bytes::from_static(b"one "), Bytes::from_static(b"two")]
+                .map(Ok::<_, actix_web::Error>),
+        );
+        let mut io = Writes::default();
+        write_body(
+            &mut io,
+            b"HEAD\r\n\r\n".to_vec(),
+            BodyStream::new(ready),
+            true,
+        )
+        .await
+        .expect("write");
+        assert_eq!(
+            io.0,
+            [b"HEAD\r\n\r\n4\r\none \r\n3\r\ntwo\r\n0\r\n\r\n".to_vec()]
+        );
+
+        // A piece that comes later: what was ready goes out before it, without waiting.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        tx.send(Bytes::from_static(b"first")).expect("send");
+        let later = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|piece| (Ok::<_, actix_web::Error>(piece), rx))
+        });
+        let mut io = Writes::default();
+        let mut writing = Box::pin(async move {
+            write_body(
+                &mut io,
+                b"HEAD\r\n\r\n".to_vec(),
+                BodyStream::new(later),
+                true,
+            )
+            .await
+            .map(|()| io)
+        });
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(std::future::Future::poll(writing.as_mut(), &mut cx).is_pending());
+        tx.send(Bytes::from_static(b"second")).expect("send");
+        drop(tx);
+        let io = writing.await.expect("write");
+        assert_eq!(
+            io.0,
+            [
+                b"HEAD\r\n\r\n5\r\nfirst\r\n".to_vec(),
+                b"6\r\nsecond\r\n0\r\n\r\n".to_vec()
+            ]
+        );
     }
 
     /// Serves a small app on a local port with short timeouts; the sender stops it.
