@@ -401,6 +401,10 @@ async fn reconcile(shared: &Shared) -> Result<(), broker_core::queue::QueueError
 async fn heartbeat_loop(shared: Arc<Shared>, mut end: watch::Receiver<bool>) {
     let every = shared.settings.drainer.heartbeat;
     loop {
+        // Connections kept for a burst of turns or callbacks are closed once idle for long,
+        // even when no turn comes to give one back.
+        shared.worker.close_expired();
+        shared.callbacks.close_expired();
         match shared.queue.heartbeat(shared.id()).await {
             Ok(_) => {
                 let now = now_ms();

@@ -315,6 +315,16 @@ struct Pools {
     swept: Instant,
 }
 
+impl Pools {
+    /// Closes the connections idle past their time, in every origin's pool.
+    fn sweep(&mut self) {
+        self.swept = Instant::now();
+        self.by_origin
+            .values()
+            .for_each(http1::Client::close_expired);
+    }
+}
+
 /// Sends signed callbacks, retrying connection errors, 408, 429 and 5xx within the budget.
 #[derive(Clone)]
 pub struct Sender {
@@ -360,6 +370,12 @@ impl Sender {
         self
     }
 
+    /// Closes the connections that have been idle too long (the drainer calls it on its
+    /// heartbeat, so that an idle drainer does not keep them).
+    pub fn close_expired(&self) {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner()).sweep();
+    }
+
     /// The client for the origin of `uri`, made on first use. Every new connection it opens
     /// goes through the policy again.
     fn client_for(&self, uri: &Uri, target: &Target) -> Result<http1::Client, String> {
@@ -371,11 +387,7 @@ impl Sender {
         );
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         if pools.swept.elapsed() >= SWEEP_EVERY {
-            pools.swept = Instant::now();
-            pools
-                .by_origin
-                .values()
-                .for_each(http1::Client::close_expired);
+            pools.sweep();
         }
         if let Some(client) = pools.by_origin.get(&origin) {
             return Ok(client.clone());

@@ -180,15 +180,15 @@ impl Client {
     }
 
     /// The same client keeping up to `max` idle connections instead of 64 (a drainer keeps as
-    /// many as it runs turns at once, a load generator one for each of its clients). Call it before the first request: the pool is
-    /// replaced.
+    /// many as it runs turns at once, a load generator one for each of its clients). Call it
+    /// before the first request: the pool is replaced.
     pub fn keep_idle(mut self, max: usize) -> Self {
         self.idle = Pool::keeping(max);
         self
     }
 
     /// Closes the idle connections that have been idle too long (they are otherwise closed
-    /// only when the next request comes).
+    /// only when a connection is taken or given back).
     pub fn close_expired(&self) {
         if let Ok(mut idle) = self.idle.idle.lock() {
             close_stale(&mut idle);

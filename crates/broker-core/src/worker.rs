@@ -106,6 +106,11 @@ impl WorkerClient {
         self
     }
 
+    /// Closes the connections that have been idle too long.
+    pub fn close_expired(&self) {
+        self.client.close_expired();
+    }
+
     /// Runs one turn to its end. `on_frame` sees every frame the worker sends, in order: its
     /// data as sent and how it parsed (the events a stream client would see).
     pub async fn run_turn(
