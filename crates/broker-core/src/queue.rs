@@ -430,14 +430,14 @@ impl Queue {
             } = message.borrow();
             let conv = &request.conversation;
             invocation
-                .key(self.keys.message(message_id))
-                .key(self.keys.queue(conv))
-                .key(self.keys.conversation(conv))
+                .key(self.keys.message_name(message_id))
+                .key(self.keys.queue_name(conv))
+                .key(self.keys.conversation_name(conv))
                 .key(match &request.client_message_id {
-                    Some(cmid) => self.keys.dedup(conv, cmid),
-                    None => self.keys.message(message_id),
+                    Some(cmid) => self.keys.dedup_name(conv, cmid),
+                    None => self.keys.message_name(message_id),
                 })
-                .key(self.keys.events(message_id));
+                .key(self.keys.events_name(message_id));
         }
         invocation
             .arg(now_ms())
@@ -646,10 +646,10 @@ impl Queue {
         for turn in turns {
             let turn = turn.borrow();
             invocation
-                .key(self.keys.conversation(&turn.conversation))
-                .key(self.keys.queue(&turn.conversation))
-                .key(self.keys.message(&turn.message_id))
-                .key(self.keys.events(&turn.message_id));
+                .key(self.keys.conversation_name(&turn.conversation))
+                .key(self.keys.queue_name(&turn.conversation))
+                .key(self.keys.message_name(&turn.message_id))
+                .key(self.keys.events_name(&turn.message_id));
         }
         invocation
             .arg(now_ms())
