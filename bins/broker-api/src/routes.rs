@@ -278,7 +278,7 @@ pub async fn delete_message(
         queue_wait_ms: 0,
         processing_ms: 0,
     };
-    let json = serde_json::to_string(&outcome).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let json = outcome.to_json();
     let frame = json!({"type": "error", "error": "the message was cancelled before it ran", "code": "CANCELLED", "message_id": id}).to_string();
     match state
         .queue

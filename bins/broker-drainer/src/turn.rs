@@ -300,7 +300,7 @@ async fn finish(
             (outcome, ("error", terminal))
         }
     };
-    let json = serde_json::to_string(&outcome).unwrap_or_default();
+    let json = outcome.to_json();
     let mut finish = if records {
         let mut finish = Finish::new(outcome.status(), &json, terminal.0, &terminal.1);
         finish.frames = left.frames;

@@ -48,6 +48,10 @@ impl<W: fmt::Write + ?Sized> fmt::Write for Escaping<'_, W> {
                 b'\n' => self.0.write_str("\\n")?,
                 b'\r' => self.0.write_str("\\r")?,
                 b'\t' => self.0.write_str("\\t")?,
+                // As serde_json writes them, so that text written here is byte for byte
+                // what it would write (`Outcome::to_json` relies on it).
+                0x08 => self.0.write_str("\\b")?,
+                0x0c => self.0.write_str("\\f")?,
                 _ => write!(self.0, "\\u{b:04x}")?,
             }
             plain = i + 1;
