@@ -1098,9 +1098,24 @@ fn parse_claim(entry: &Value, now: u64) -> Result<(Conversation, Claim), QueueEr
         }
         other => return Err(QueueError::Protocol(format!("claim returned {other:?}"))),
     };
-    // Nine fields, then the body, which takes the rest (see `claim.lua`).
-    let mut parts = turn.splitn(10, '\0');
-    let mut next = || parts.next().unwrap_or_default();
+    // Nine fields, then the body, which takes the rest (see `claim.lua`). The separators are
+    // found with `memchr`; a NUL is one byte, so each piece is a `str` of its own.
+    let mut rest = turn;
+    let mut fields = 0;
+    let mut next = || {
+        fields += 1;
+        if fields == 10 {
+            return std::mem::take(&mut rest);
+        }
+        match memchr::memchr(0, rest.as_bytes()) {
+            Some(at) => {
+                let field = &rest[..at];
+                rest = &rest[at + 1..];
+                field
+            }
+            None => std::mem::take(&mut rest),
+        }
+    };
     let conversation = Conversation::from_key(next().to_owned());
     let (message_id, attempts, enqueued_at) = (next(), next(), next());
     let claim = Claim::Turn(Box::new(Claimed {
@@ -1141,5 +1156,68 @@ fn as_u64(v: &Value) -> Result<u64, QueueError> {
         other => as_string(other)?
             .parse()
             .map_err(|_| QueueError::Protocol(format!("expected a number, got {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn(text: &str) -> Claimed {
+        match parse_claim(&Value::BulkString(text.as_bytes().to_vec()), 7) {
+            Ok((_, Claim::Turn(claimed))) => *claimed,
+            other => panic!("not a turn: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_claimed_turn_is_read_field_by_field_with_the_body_last() {
+        let claimed = turn(
+            &[
+                "c",
+                "m1",
+                "3",
+                "1000",
+                "bt:replies:a",
+                "sync",
+                "alice",
+                "cm",
+                "https://x/cb",
+                "{\"a\":\"\0\"}",
+            ]
+            .join("\0"),
+        );
+        assert_eq!(
+            (
+                claimed.message_id.as_str(),
+                claimed.attempts,
+                claimed.enqueued_at,
+                claimed.started_at
+            ),
+            ("m1", 3, 1000, 7)
+        );
+        assert_eq!(
+            [
+                claimed.reply.as_str(),
+                claimed.mode.as_str(),
+                claimed.user_id.as_str(),
+                claimed.client_message_id.as_str(),
+                claimed.callback_url.as_str()
+            ],
+            ["bt:replies:a", "sync", "alice", "cm", "https://x/cb"]
+        );
+        // The body takes the rest, a NUL in it included.
+        assert_eq!(claimed.body, "{\"a\":\"\0\"}");
+        // Fields missing at the end read as empty (and the numbers as their defaults).
+        let short = turn("c\0m2");
+        assert_eq!(
+            (
+                short.message_id.as_str(),
+                short.attempts,
+                short.enqueued_at,
+                short.body.as_str()
+            ),
+            ("m2", 1, 7, "")
+        );
     }
 }
