@@ -193,30 +193,97 @@ fn records_events(claimed: &Claimed) -> bool {
     Mode::parse(&claimed.mode).is_none_or(Mode::records_events)
 }
 
-/// The client-facing callback body of design §8.
+/// The client-facing callback body of design §8: the outcome's fields, `status`
+/// (`completed` or `error`), `user_id`, `conversation` and `client_message_id`. Written
+/// directly, keys in alphabetical order as the `serde_json::Map` it was built in before wrote
+/// them (a test holds the two to the same bytes): through a `Value` every response, and any
+/// audio, was copied into a tree and out again.
 fn callback_payload(claimed: &Claimed, conversation: &Conversation, outcome: &Outcome) -> Vec<u8> {
-    let mut body = match serde_json::to_value(outcome) {
-        Ok(Value::Object(map)) => map,
-        _ => serde_json::Map::new(),
-    };
-    body.insert(
-        "status".into(),
-        Value::from(match outcome {
-            Outcome::Completed { .. } => "completed",
-            Outcome::Failed { .. } => "error",
-        }),
-    );
-    body.insert("user_id".into(), Value::from(claimed.user_id.as_str()));
-    body.insert("conversation".into(), Value::from(conversation.as_str()));
-    body.insert(
-        "client_message_id".into(),
-        if claimed.client_message_id.is_empty() {
-            Value::Null
-        } else {
-            Value::from(claimed.client_message_id.as_str())
-        },
-    );
-    serde_json::to_vec(&Value::Object(body)).unwrap_or_default()
+    use broker_proto::json::push_string;
+    fn number(out: &mut String, n: u64) {
+        out.push_str(itoa::Buffer::new().format(n));
+    }
+    fn text_or_null(out: &mut String, text: Option<&str>) {
+        match text {
+            Some(text) => push_string(out, text),
+            None => out.push_str("null"),
+        }
+    }
+    let client_message_id = Some(claimed.client_message_id.as_str()).filter(|id| !id.is_empty());
+    let mut out = String::with_capacity(384);
+    out.push('{');
+    match outcome {
+        Outcome::Completed {
+            message_id,
+            responses,
+            response_language,
+            voice_audio_url,
+            attachments,
+            voice_audio_base64,
+            queue_wait_ms,
+            processing_ms,
+        } => {
+            if let Some(attachments) = attachments {
+                out.push_str(r#""attachments":"#);
+                out.push_str(&attachments.to_string());
+                out.push(',');
+            }
+            out.push_str(r#""client_message_id":"#);
+            text_or_null(&mut out, client_message_id);
+            out.push_str(r#","conversation":"#);
+            push_string(&mut out, conversation.as_str());
+            out.push_str(r#","message_id":"#);
+            push_string(&mut out, message_id);
+            out.push_str(r#","processing_ms":"#);
+            number(&mut out, *processing_ms);
+            out.push_str(r#","queue_wait_ms":"#);
+            number(&mut out, *queue_wait_ms);
+            out.push_str(r#","response_language":"#);
+            text_or_null(&mut out, response_language.as_deref());
+            out.push_str(r#","responses":["#);
+            for (i, response) in responses.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                push_string(&mut out, response);
+            }
+            out.push_str(r#"],"status":"completed","user_id":"#);
+            push_string(&mut out, &claimed.user_id);
+            out.push_str(r#","voice_audio_base64":"#);
+            text_or_null(&mut out, voice_audio_base64.as_deref());
+            out.push_str(r#","voice_audio_url":"#);
+            text_or_null(&mut out, voice_audio_url.as_deref());
+        }
+        Outcome::Failed {
+            message_id,
+            failure,
+            queue_wait_ms,
+            processing_ms,
+        } => {
+            out.push_str(r#""client_message_id":"#);
+            text_or_null(&mut out, client_message_id);
+            out.push_str(r#","code":"#);
+            push_string(&mut out, &failure.code);
+            out.push_str(r#","conversation":"#);
+            push_string(&mut out, conversation.as_str());
+            out.push_str(r#","error":"#);
+            push_string(&mut out, &failure.error);
+            out.push_str(r#","http_status":"#);
+            number(&mut out, u64::from(failure.http_status));
+            out.push_str(r#","message":"#);
+            push_string(&mut out, &failure.message);
+            out.push_str(r#","message_id":"#);
+            push_string(&mut out, message_id);
+            out.push_str(r#","processing_ms":"#);
+            number(&mut out, *processing_ms);
+            out.push_str(r#","queue_wait_ms":"#);
+            number(&mut out, *queue_wait_ms);
+            out.push_str(r#","status":"error","user_id":"#);
+            push_string(&mut out, &claimed.user_id);
+        }
+    }
+    out.push('}');
+    out.into_bytes()
 }
 
 async fn finish(
@@ -400,6 +467,86 @@ where
                     () = tokio::time::sleep(delay) => {}
                     () = crate::flag_set(&mut hard_stop) => return None,
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The callback body as it was built before: the outcome as a `serde_json::Map`, the
+    /// client's fields inserted, serialised.
+    fn through_a_map(claimed: &Claimed, conversation: &Conversation, outcome: &Outcome) -> Vec<u8> {
+        let mut body = match serde_json::to_value(outcome) {
+            Ok(Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        let status = match outcome {
+            Outcome::Completed { .. } => "completed",
+            Outcome::Failed { .. } => "error",
+        };
+        body.insert("status".into(), Value::from(status));
+        body.insert("user_id".into(), Value::from(claimed.user_id.as_str()));
+        body.insert("conversation".into(), Value::from(conversation.as_str()));
+        let client_message_id = if claimed.client_message_id.is_empty() {
+            Value::Null
+        } else {
+            Value::from(claimed.client_message_id.as_str())
+        };
+        body.insert("client_message_id".into(), client_message_id);
+        serde_json::to_vec(&Value::Object(body)).expect("serialise")
+    }
+
+    #[test]
+    fn the_callback_body_is_the_one_a_map_would_write() {
+        let mut texts: Vec<String> = (0u8..0x80).map(|b| char::from(b).to_string()).collect();
+        texts.extend(["", "plain", "é\"ü\u{1f}✓", "a\\b\n"].map(str::to_owned));
+        for (i, text) in texts.iter().enumerate() {
+            let claimed = Claimed {
+                message_id: "m".into(),
+                attempts: 1,
+                body: String::new(),
+                enqueued_at: 0,
+                started_at: 0,
+                reply: String::new(),
+                mode: "callback".into(),
+                user_id: text.clone(),
+                client_message_id: if i % 2 == 0 {
+                    String::new()
+                } else {
+                    text.clone()
+                },
+                callback_url: "https://example.org/cb".into(),
+            };
+            let conversation = Conversation::from_key(format!("user:org:{text}"));
+            let optional = (i % 3 != 0).then(|| text.clone());
+            let outcomes = [
+                Outcome::Completed {
+                    message_id: text.clone(),
+                    responses: (0..i % 3).map(|_| text.clone()).collect(),
+                    response_language: optional.clone(),
+                    voice_audio_url: optional.clone(),
+                    attachments: (i % 2 == 0).then(|| json!({"b": [text], "a": null})),
+                    voice_audio_base64: optional,
+                    queue_wait_ms: i as u64,
+                    processing_ms: u64::MAX,
+                },
+                Outcome::Failed {
+                    message_id: text.clone(),
+                    failure: Failure::new(400 + i as u16, text, text, text.clone()),
+                    queue_wait_ms: 3,
+                    processing_ms: i as u64,
+                },
+            ];
+            for outcome in outcomes {
+                assert_eq!(
+                    String::from_utf8(callback_payload(&claimed, &conversation, &outcome)),
+                    String::from_utf8(through_a_map(&claimed, &conversation, &outcome)),
+                    "{outcome:?}"
+                );
             }
         }
     }
