@@ -199,16 +199,9 @@ fn records_events(claimed: &Claimed) -> bool {
 /// them (a test holds the two to the same bytes): through a `Value` every response, and any
 /// audio, was copied into a tree and out again.
 fn callback_payload(claimed: &Claimed, conversation: &Conversation, outcome: &Outcome) -> Vec<u8> {
-    use broker_proto::json::push_string;
-    fn number(out: &mut String, n: u64) {
-        out.push_str(itoa::Buffer::new().format(n));
-    }
-    fn text_or_null(out: &mut String, text: Option<&str>) {
-        match text {
-            Some(text) => push_string(out, text),
-            None => out.push_str("null"),
-        }
-    }
+    use broker_proto::json::{
+        push_number as number, push_string, push_string_or_null as text_or_null, push_strings,
+    };
     let client_message_id = Some(claimed.client_message_id.as_str()).filter(|id| !id.is_empty());
     let mut out = String::with_capacity(384);
     out.push('{');
@@ -240,14 +233,9 @@ fn callback_payload(claimed: &Claimed, conversation: &Conversation, outcome: &Ou
             number(&mut out, *queue_wait_ms);
             out.push_str(r#","response_language":"#);
             text_or_null(&mut out, response_language.as_deref());
-            out.push_str(r#","responses":["#);
-            for (i, response) in responses.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                push_string(&mut out, response);
-            }
-            out.push_str(r#"],"status":"completed","user_id":"#);
+            out.push_str(r#","responses":"#);
+            push_strings(&mut out, responses);
+            out.push_str(r#","status":"completed","user_id":"#);
             push_string(&mut out, &claimed.user_id);
             out.push_str(r#","voice_audio_base64":"#);
             text_or_null(&mut out, voice_audio_base64.as_deref());

@@ -17,6 +17,31 @@ pub fn push_string(out: &mut String, text: &str) {
     let _ = write_string(out, text);
 }
 
+/// Appends `text` as a JSON string, or `null` for none.
+pub fn push_string_or_null(out: &mut String, text: Option<&str>) {
+    match text {
+        Some(text) => push_string(out, text),
+        None => out.push_str("null"),
+    }
+}
+
+/// Appends `texts` as a JSON array of strings.
+pub fn push_strings(out: &mut String, texts: &[String]) {
+    out.push('[');
+    for (i, text) in texts.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_string(out, text);
+    }
+    out.push(']');
+}
+
+/// Appends `n` as a JSON number.
+pub fn push_number(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
 /// Escapes what is written through it for the inside of a JSON string.
 pub struct Escaping<'a, W: fmt::Write + ?Sized>(pub &'a mut W);
 

@@ -80,15 +80,11 @@ impl Outcome {
     /// test holds them to it), written directly. Through serde, the tagged enum went field by
     /// field through a map serializer, about 2,500 instructions a turn in the drainer.
     pub fn to_json(&self) -> String {
-        use crate::json::push_string;
+        use crate::json::{push_number as number, push_string, push_string_or_null, push_strings};
+        let text_or_null = |out: &mut String, text: &Option<String>| {
+            push_string_or_null(out, text.as_deref());
+        };
         let mut out = String::with_capacity(256);
-        let number = |out: &mut String, n: u64| {
-            out.push_str(itoa::Buffer::new().format(n));
-        };
-        let text_or_null = |out: &mut String, text: &Option<String>| match text {
-            Some(text) => push_string(out, text),
-            None => out.push_str("null"),
-        };
         match self {
             Self::Completed {
                 message_id,
@@ -102,14 +98,9 @@ impl Outcome {
             } => {
                 out.push_str(r#"{"status":"completed","message_id":"#);
                 push_string(&mut out, message_id);
-                out.push_str(r#","responses":["#);
-                for (i, response) in responses.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    push_string(&mut out, response);
-                }
-                out.push_str(r#"],"response_language":"#);
+                out.push_str(r#","responses":"#);
+                push_strings(&mut out, responses);
+                out.push_str(r#","response_language":"#);
                 text_or_null(&mut out, response_language);
                 out.push_str(r#","voice_audio_url":"#);
                 text_or_null(&mut out, voice_audio_url);
