@@ -554,7 +554,15 @@ where
         .await;
         match step {
             Step::Piece(piece) => {
-                let piece = piece.map_err(|e| io::Error::other(e.into().to_string()))?;
+                let piece = match piece {
+                    Ok(piece) => piece,
+                    Err(e) => {
+                        // What came before the failure still goes out, as it would have
+                        // piece by piece; the body then ends without its closing chunk.
+                        let _ = io.write_all(&out).await;
+                        return Err(io::Error::other(e.into().to_string()));
+                    }
+                };
                 if piece.is_empty() {
                     continue;
                 }
@@ -880,6 +888,22 @@ mod tests {
                 b"6\r\nsecond\r\n0\r\n\r\n".to_vec()
             ]
         );
+
+        // A body that fails: what it gave before goes out, without the closing chunk.
+        let failing = futures_util::stream::iter([
+            Ok(Bytes::from_static(b"kept")),
+            Err(actix_web::error::ErrorInternalServerError("gone")),
+        ]);
+        let mut io = Writes::default();
+        let written = write_body(
+            &mut io,
+            b"HEAD\r\n\r\n".to_vec(),
+            BodyStream::new(failing),
+            true,
+        )
+        .await;
+        assert!(written.is_err());
+        assert_eq!(io.0, [b"HEAD\r\n\r\n4\r\nkept\r\n".to_vec()]);
     }
 
     /// Serves a small app on a local port with short timeouts; the sender stops it.
