@@ -205,14 +205,16 @@ impl Application {
                 .wrap(actix_web::middleware::from_fn(log_request))
                 .route("/health", web::get().to(routes::health))
                 .route("/metrics", web::get().to(routes::metrics))
-                .service(
-                    web::scope("/api/v1")
-                        .route("/message", web::post().to(routes::post_message))
-                        .route("/message/{id}", web::get().to(routes::get_message))
-                        .route("/message/{id}", web::delete().to(routes::delete_message))
-                        .route("/queue/{user_id}", web::get().to(routes::get_queue))
-                        .route("/stream", web::get().to(stream::get_stream)),
+                // Whole paths rather than a `/api/v1` scope: a scope routes every request twice
+                // (the scope's prefix, then its resources) through one more boxed service.
+                .route("/api/v1/message", web::post().to(routes::post_message))
+                .route("/api/v1/message/{id}", web::get().to(routes::get_message))
+                .route(
+                    "/api/v1/message/{id}",
+                    web::delete().to(routes::delete_message),
                 )
+                .route("/api/v1/queue/{user_id}", web::get().to(routes::get_queue))
+                .route("/api/v1/stream", web::get().to(stream::get_stream))
                 .default_service(web::to(routes::not_found))
         };
         // actix-server runs the workers; each builds its App and serves its connections with
