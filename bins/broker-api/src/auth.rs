@@ -1,11 +1,16 @@
 //! Client authentication: `X-API-Key: <key>` or `Authorization: Bearer <key>`, compared in
 //! constant time against every configured key.
 
+use actix_web::http::header::{HeaderName, AUTHORIZATION};
 use actix_web::HttpRequest;
 use broker_core::config::ApiKey;
 use secrecy::ExposeSecret;
 
 use crate::error::ApiError;
+
+/// Named once: a header looked up by `&str` has its name parsed (and, not being a standard
+/// one, allocated) on every request.
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// The configured keys, or none in insecure development mode.
 #[derive(Clone)]
@@ -26,11 +31,11 @@ impl Auth {
         }
         let headers = req.headers();
         let presented = headers
-            .get("x-api-key")
+            .get(X_API_KEY)
             .and_then(|v| v.to_str().ok())
             .or_else(|| {
                 headers
-                    .get("authorization")
+                    .get(AUTHORIZATION)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.strip_prefix("Bearer "))
             })

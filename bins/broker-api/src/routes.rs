@@ -51,6 +51,9 @@ enum Accepted {
     },
 }
 
+/// `Prefer` (RFC 7240), named once rather than on every request.
+const PREFER: header::HeaderName = header::HeaderName::from_static("prefer");
+
 /// A request's body, at most `limit` bytes. The transport hands over a whole body as one
 /// chunk, which is then used as it is, not copied.
 async fn read_body<P, E>(payload: &mut P, limit: usize) -> Result<web::Bytes, ApiError>
@@ -90,11 +93,7 @@ async fn accept(
     state.auth.check(req)?;
     let headers = req.headers();
     let wants_stream = header_has(headers, header::ACCEPT, "text/event-stream");
-    let wants_async = header_has(
-        headers,
-        header::HeaderName::from_static("prefer"),
-        "respond-async",
-    );
+    let wants_async = header_has(headers, PREFER, "respond-async");
     if let Some(ct) = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
