@@ -61,28 +61,29 @@ where
     P: futures_util::Stream<Item = Result<web::Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let mut first: Option<web::Bytes> = None;
-    let mut more = web::BytesMut::new();
+    // The body as one chunk, until a second comes; then all of it joined.
+    let mut whole = web::Bytes::new();
+    let mut joined: Option<web::BytesMut> = None;
     while let Some(chunk) = payload.next().await {
         let chunk =
             chunk.map_err(|e| ApiError::Invalid(format!("body: could not be read ({e})")))?;
-        let read = first.as_ref().map_or(0, web::Bytes::len) + more.len();
+        let read = joined.as_ref().map_or(whole.len(), web::BytesMut::len);
         if read + chunk.len() > limit {
             return Err(ApiError::TooLarge(format!(
                 "the body is larger than {limit} bytes"
             )));
         }
-        match first.take() {
-            None if more.is_empty() => first = Some(chunk),
-            earlier => {
-                if let Some(earlier) = earlier {
-                    more.extend_from_slice(&earlier);
-                }
-                more.extend_from_slice(&chunk);
+        match joined.as_mut() {
+            Some(joined) => joined.extend_from_slice(&chunk),
+            None if whole.is_empty() => whole = chunk,
+            None => {
+                let mut both = web::BytesMut::from(&whole[..]);
+                both.extend_from_slice(&chunk);
+                joined = Some(both);
             }
         }
     }
-    Ok(first.unwrap_or_else(|| more.freeze()))
+    Ok(joined.map_or(whole, web::BytesMut::freeze))
 }
 
 async fn accept(
