@@ -63,6 +63,13 @@ pub fn line(head: Value, results: &Results, worker_ms: u64, usage: &Usage) -> Va
     line["msgs_per_s"] = json!(round(n as f64 / results.elapsed.as_secs_f64().max(1e-9), 0));
     line["added_ms"] = json!({"p50": added(0.5), "p90": added(0.9), "p99": added(0.99),
                               "max": added(1.0)});
+    if !results.late_us.is_empty() {
+        // Already in `added_ms`: how much of it passed before the send left.
+        let mut late = results.late_us.clone();
+        late.sort_unstable();
+        let ms = |q: f64| round(quantile(&late, q) as f64 / 1000.0, 3);
+        line["send_late_ms"] = json!({"p50": ms(0.5), "p99": ms(0.99), "max": ms(1.0)});
+    }
     line["redis_cmds_per_msg"] = json!(per_msg(total));
     line["redis_cmds"] = Value::Object(top);
     // Where Redis' time goes, by command (a script's time includes its commands').

@@ -105,6 +105,16 @@ fn the_sweep_draws_latency_against_offered_load() {
     assert_eq!(steps[0]["offered_per_s"], 50.0);
     assert_eq!(steps[0]["msgs"], 50);
     assert_run_line_figures(steps[0]);
+    // How late the sends left: part of the added latency, never more than it.
+    let late = &steps[0]["send_late_ms"];
+    for q in ["p50", "p99", "max"] {
+        assert!(late[q].as_f64().is_some_and(|v| v >= 0.0), "{late}");
+    }
+    assert!(
+        late["max"].as_f64() <= steps[0]["added_ms"]["max"].as_f64(),
+        "{}",
+        steps[0]
+    );
     let picture = std::fs::read_to_string(&svg).unwrap();
     assert!(picture.starts_with("<svg"), "{picture}");
     assert_eq!(picture.matches("<polyline").count(), 3, "{picture}");
