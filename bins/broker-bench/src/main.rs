@@ -4,6 +4,7 @@
 //! `docs/performance.md` for what each scenario measures and the figures.
 
 mod load;
+mod probe;
 mod report;
 mod stack;
 

@@ -97,6 +97,10 @@ pub fn line(head: Value, results: &Results, worker_ms: u64, usage: &Usage) -> Va
         .map(|(k, v)| (k.clone(), json!(round(*v, 1))))
         .collect::<serde_json::Map<_, _>>()
         .into();
+    // Not finite only if the wake-up probe could not run; JSON has no NaN.
+    let probe = |v: f64| v.is_finite().then(|| round(v, 1));
+    line["probe"] = json!({"cpu_ms": probe(usage.probe.cpu_ms),
+                           "wake_rtt_us": probe(usage.probe.wake_rtt_us)});
     if let Some(rewrites) = usage.aof_rewrites {
         line["aof_rewrites"] = json!(rewrites);
     }

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use broker_core::local_redis::free_port;
 
+use crate::probe::Probe;
+
 /// The API key and callback secret the bench gives the broker.
 pub const API_KEY: &str = "bench-key";
 pub const CALLBACK_SECRET: &str = "bench-callback-secret";
@@ -261,8 +263,10 @@ impl Stack {
         format!("http://127.0.0.1:{}", self.api_port)
     }
 
-    /// Starts a measurement: resets Redis' command counts and every process's peak RSS.
+    /// Starts a measurement: probes the machine's speed (while the stack is idle), then
+    /// resets Redis' command counts and every process's peak RSS.
     pub fn begin(&self) -> anyhow::Result<Sample> {
+        let probe = crate::probe::probe();
         let mut c = redis::Client::open(self.redis_url())?.get_connection()?;
         redis::cmd("CONFIG").arg("RESETSTAT").query::<()>(&mut c)?;
         let pids = self.pids();
@@ -276,6 +280,7 @@ impl Stack {
                 .map(|(n, p)| (n.clone(), cpu_seconds(*p)))
                 .collect(),
             aof_rewrites: aof_rewrites(&mut c)?,
+            probe,
         })
     }
 
@@ -309,6 +314,7 @@ impl Stack {
             aof_rewrites: rewrites
                 .zip(begin.aof_rewrites)
                 .map(|(end, begin)| end.saturating_sub(begin)),
+            probe: begin.probe,
         })
     }
 
@@ -327,10 +333,12 @@ impl Drop for Stack {
     }
 }
 
-/// CPU time at the start of a measurement, and Redis's count of AOF rewrites.
+/// CPU time at the start of a measurement, Redis's count of AOF rewrites, and the machine's
+/// speed just before.
 pub struct Sample {
     cpu: BTreeMap<String, f64>,
     aof_rewrites: Option<u64>,
+    probe: Probe,
 }
 
 /// What a measurement cost.
@@ -344,6 +352,8 @@ pub struct Usage {
     /// AOF rewrites Redis started during the measurement: each forks a child that copies the
     /// whole dataset, on the same two cores. `None` when Redis does not count them (< 7.0).
     pub aof_rewrites: Option<u64>,
+    /// How fast the machine was just before the measurement.
+    pub probe: Probe,
 }
 
 /// `aof_rewrites` of `INFO persistence` (Redis 7.0 and later).
