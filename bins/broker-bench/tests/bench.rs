@@ -49,6 +49,13 @@ fn assert_run_line_figures(line: &Value) {
             "{process}: {line}"
         );
     }
+    // The machine's speed, probed before the measurement.
+    for figure in ["cpu_ms", "wake_rtt_us"] {
+        assert!(
+            line["probe"][figure].as_f64().unwrap() > 0.0,
+            "{figure}: {line}"
+        );
+    }
 }
 
 #[test]
