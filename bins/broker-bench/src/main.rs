@@ -393,11 +393,13 @@ async fn backlog(o: &Options) -> anyhow::Result<bool> {
             ..stack_options(o, None)
         })?;
         let target = Target::new(&stack.api_url(), None)?;
+        let (empty, _) = stack.redis_memory()?;
         let loaded = Instant::now();
         if let Err(e) = load::preload(&target, "backlog", conversations, messages, 256).await {
             bail!("backlog preload: {e}");
         }
         let preload_s = loaded.elapsed().as_secs_f64();
+        let (full, keys) = stack.redis_memory()?;
         let begin = stack.begin()?;
         let started = Instant::now();
         let mut stack = stack;
@@ -405,6 +407,7 @@ async fn backlog(o: &Options) -> anyhow::Result<bool> {
         wait_drained(&stack, Duration::from_secs(600)).await?;
         let elapsed = started.elapsed();
         let usage = stack.end(&begin)?;
+        let (drained, kept) = stack.redis_memory()?;
         let mut results = Results {
             elapsed,
             ..Results::default()
@@ -427,6 +430,13 @@ async fn backlog(o: &Options) -> anyhow::Result<bool> {
         line["msgs_per_s"] = json!(report::round(total as f64 / elapsed.as_secs_f64(), 0));
         line["drain_us_per_msg"] = json!(report::round(per_msg_us, 1));
         line["preload_s"] = json!(report::round(preload_s, 2));
+        // What the queued backlog holds in Redis, per message: with one message per
+        // conversation, what an open conversation costs. Then what each finished message
+        // keeps for the result TTL (its record and its stream of frames).
+        line["redis_bytes_per_queued"] = json!(full.saturating_sub(empty) / total as u64);
+        line["redis_key_bytes_queued"] = json!(keys);
+        line["redis_bytes_per_finished"] = json!(drained.saturating_sub(empty) / total as u64);
+        line["redis_key_bytes_finished"] = json!(kept);
         line["redis_cmds_per_msg"] = json!(report::round(
             usage.commands.values().sum::<u64>() as f64 / total as f64,
             2

@@ -318,6 +318,34 @@ impl Stack {
         })
     }
 
+    /// What Redis holds now: `used_memory` in bytes, and `MEMORY USAGE` of one key of each
+    /// kind the broker keeps per queued message (the first `SCAN` finds for each pattern).
+    pub fn redis_memory(&self) -> anyhow::Result<(u64, BTreeMap<&'static str, u64>)> {
+        let mut c = redis::Client::open(self.redis_url())?.get_connection()?;
+        let info: String = redis::cmd("INFO").arg("memory").query(&mut c)?;
+        let used = info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|n| n.trim().parse().ok())
+            .context("INFO memory: no used_memory")?;
+        let mut keys = BTreeMap::new();
+        for (kind, pattern) in [
+            ("conv", "*:conv:*"),
+            ("queue", "*:q:*"),
+            ("message", "*:msg:*"),
+            ("events", "*:events:*"),
+        ] {
+            if let Some(key) = first_key(&mut c, pattern)? {
+                let bytes: Option<u64> =
+                    redis::cmd("MEMORY").arg("USAGE").arg(&key).query(&mut c)?;
+                if let Some(bytes) = bytes {
+                    keys.insert(kind, bytes);
+                }
+            }
+        }
+        Ok((used, keys))
+    }
+
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.log"))
     }
@@ -354,6 +382,27 @@ pub struct Usage {
     pub aof_rewrites: Option<u64>,
     /// How fast the machine was just before the measurement.
     pub probe: Probe,
+}
+
+/// The first key `SCAN` finds matching `pattern`, if any.
+fn first_key(c: &mut redis::Connection, pattern: &str) -> anyhow::Result<Option<String>> {
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query(c)?;
+        if let Some(key) = keys.into_iter().next() {
+            return Ok(Some(key));
+        }
+        if next == 0 {
+            return Ok(None);
+        }
+        cursor = next;
+    }
 }
 
 /// `aof_rewrites` of `INFO persistence` (Redis 7.0 and later).

@@ -127,3 +127,55 @@ fn the_sweep_draws_latency_against_offered_load() {
     assert_eq!(picture.matches("<polyline").count(), 3, "{picture}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_backlog_drains_in_mirrored_order_and_weighs_what_redis_keeps() {
+    let lines = bench(&[
+        "backlog",
+        "--backlog",
+        "2,8",
+        "--backlog-messages",
+        "16",
+        "--backlog-rounds",
+        "2",
+    ]);
+    let runs: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["run"] == "backlog" && l.get("msgs").is_some())
+        .collect();
+    let order: Vec<u64> = runs
+        .iter()
+        .map(|l| l["conversations"].as_u64().unwrap())
+        .collect();
+    assert_eq!(order, [2, 8, 8, 2], "{lines:?}");
+    for line in &runs {
+        assert_eq!(line["msgs"], 16, "{line}");
+        assert_eq!(line["errors"], 0, "{line}");
+        assert!(line["drain_us_per_msg"].as_f64().unwrap() > 0.0, "{line}");
+        // Every queued message holds a record, a place in its queue and its stream of frames
+        // (async), and every finished one keeps its record and frames for the result TTL.
+        for figure in ["redis_bytes_per_queued", "redis_bytes_per_finished"] {
+            assert!(line[figure].as_u64().unwrap() > 0, "{figure}: {line}");
+        }
+        for kind in ["conv", "queue", "message", "events"] {
+            let bytes = &line["redis_key_bytes_queued"][kind];
+            assert!(bytes.as_u64().unwrap() > 0, "{kind}: {line}");
+        }
+        for kind in ["message", "events"] {
+            let bytes = &line["redis_key_bytes_finished"][kind];
+            assert!(bytes.as_u64().unwrap() > 0, "{kind}: {line}");
+        }
+        // A drained conversation leaves no state or queue behind.
+        for kind in ["conv", "queue"] {
+            assert!(
+                line["redis_key_bytes_finished"][kind].is_null(),
+                "{kind}: {line}"
+            );
+        }
+    }
+    let ratio = lines
+        .iter()
+        .find(|l| l.get("cost_ratio").is_some())
+        .expect("a cost_ratio line");
+    assert!(ratio["cost_ratio"].as_f64().unwrap() > 0.0, "{ratio}");
+}
