@@ -5,11 +5,12 @@ use broker_core::config::{Settings, EXIT_BAD_CONFIG};
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load_or_exit("broker-api");
-    broker_core::telemetry::init(&settings.log_level, settings.log_format);
+    let _logs = broker_core::telemetry::init(&settings.log_level, settings.log_format);
     let app = match broker_api::Application::build(settings).await {
         Ok(app) => app,
         Err(e) if e.is::<broker_api::NoKeys>() => {
             eprintln!("broker-api: {e}");
+            broker_core::log_writer::flush();
             std::process::exit(EXIT_BAD_CONFIG);
         }
         Err(e) => return Err(e),

@@ -5,7 +5,7 @@ use broker_core::config::Settings;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load_or_exit("broker-drainer");
-    broker_core::telemetry::init(&settings.log_level, settings.log_format);
+    let _logs = broker_core::telemetry::init(&settings.log_level, settings.log_format);
     let drainer = broker_drainer::Drainer::build(settings).await?;
     drainer
         .run(async {

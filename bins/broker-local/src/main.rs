@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(EXIT_BAD_CONFIG);
         }
     };
-    broker_core::telemetry::init(&settings.log_level, settings.log_format);
+    let _logs = broker_core::telemetry::init(&settings.log_level, settings.log_format);
 
     let mut api_settings = settings.clone();
     api_settings.port = Some(api_port);

@@ -11,6 +11,7 @@ pub mod http1;
 pub mod ids;
 pub mod keys;
 pub mod local_redis;
+pub mod log_writer;
 pub mod queue;
 pub mod redis_conn;
 pub mod scripts;

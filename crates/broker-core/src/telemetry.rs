@@ -22,21 +22,45 @@ use tracing_subscriber::EnvFilter;
 use broker_proto::json::{push_string, Escaping};
 
 use crate::config::LogFormat;
+use crate::log_writer;
 
 /// Installs the global subscriber; `level` is `LOG_LEVEL` (a level or a filter directive).
 /// A second call (tests building several apps in one process) is a no-op.
-pub fn init(level: &str, format: LogFormat) {
+///
+/// Lines go to standard output a few at a time ([`log_writer`]): keep the returned guard
+/// until `main` ends, so that the last lines are written, and call [`log_writer::flush`]
+/// before `std::process::exit`. A panic writes what is held before its message.
+pub fn init(level: &str, format: LogFormat) -> Flush {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
-    let _ = match format {
+        .with_target(false)
+        .with_writer(log_writer::Batched);
+    let installed = match format {
         LogFormat::Json => builder
             .event_format(JsonLines)
             .fmt_fields(JsonFields)
             .try_init(),
         LogFormat::Pretty => builder.event_format(TextLines).try_init(),
     };
+    if installed.is_ok() {
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |panic| {
+            log_writer::STDOUT.try_flush();
+            report(panic);
+        }));
+    }
+    Flush(())
+}
+
+/// Writes the log lines still held when dropped (see [`init`]).
+#[must_use = "dropped at once, it writes nothing at the end of `main`"]
+pub struct Flush(());
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        log_writer::flush();
+    }
 }
 
 /// What a task is working on (a request, a turn), named on every line it logs: as the
