@@ -162,9 +162,9 @@ async fn accept(
     let (message_id, position, waiter) = match enqueued {
         Enqueued::Accepted { position, queued } => {
             // Text fields as `&str`: written as they are, without the formatting machinery.
+            // The conversation is in the request's context (its `span`), recorded above.
             tracing::info!(
                 message_id = message_id.as_str(),
-                conversation = request.conversation.as_str(),
                 position,
                 mode = mode.as_str(),
                 "message accepted"

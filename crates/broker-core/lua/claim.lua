@@ -9,8 +9,9 @@
 -- claimed by the next call: its turn runs then.
 --
 -- Under load many conversations are ready at once. Up to ARGV[6] - 1 more are then moved
--- (`LMOVE`, the same ends as the BLMOVE) and claimed here, atomically: a drainer with room for
--- k turns starts k of them in one round trip instead of k. The lease of the conversation
+-- (`RPOP` with a count, then one `LPUSH`: the same ends as the BLMOVE) and claimed here,
+-- atomically: a drainer with room for k turns starts k of them in one round trip instead of
+-- k. The lease of the conversation
 -- returned at position p >= 2 is ARGV[3] .. '.' .. p; the first one's is ARGV[3] itself.
 --
 -- The one script that touches keys not given in KEYS: the conversations' state and queues and
@@ -103,14 +104,20 @@ if not first then
   return claimed
 end
 claimed[1] = first
-for _ = 2, tonumber(ARGV[6]) or 1 do
-  conv = redis.call('LMOVE', KEYS[3], KEYS[1], 'RIGHT', 'LEFT')
-  if not conv then
-    break
+local room = (tonumber(ARGV[6]) or 1) - 1
+if room > 0 then
+  -- Moved all at once, as `room` LMOVEs from the same ends would move them one by one (the
+  -- last moved ends up at the head): two calls instead of one per conversation, and one
+  -- more that finds the list empty.
+  local moved = redis.call('RPOP', KEYS[3], room)
+  if moved then
+    redis.call('LPUSH', KEYS[1], unpack(moved))
+    for _, conv in ipairs(moved) do
+      -- A conversation already running elsewhere (listed twice by mistake) is left for
+      -- reconcile, as the BLMOVE's would be; the next one is tried.
+      local p = #claimed + 1
+      claimed[p] = claim(conv, ARGV[3] .. '.' .. p, true)
+    end
   end
-  -- A conversation already running elsewhere (listed twice by mistake) is left for
-  -- reconcile, as the BLMOVE's would be; the next one is tried.
-  local p = #claimed + 1
-  claimed[p] = claim(conv, ARGV[3] .. '.' .. p, true)
 end
 return counted(claimed)
