@@ -242,6 +242,21 @@ impl Stack {
 
     fn spawn(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        // A bench killed by a signal drops nothing: its processes would stay behind, holding
+        // ports and a core. The kernel stops each of them when the thread that started it
+        // ends, and these are all started from the main thread (the runtime is
+        // current-thread).
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // prctl(2), which is async-signal-safe; its result is checked, nothing is allocated.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

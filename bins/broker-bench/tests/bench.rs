@@ -179,3 +179,74 @@ fn the_backlog_drains_in_mirrored_order_and_weighs_what_redis_keeps() {
         .expect("a cost_ratio line");
     assert!(ratio["cost_ratio"].as_f64().unwrap() > 0.0, "{ratio}");
 }
+
+/// The processes a bench killed with SIGKILL started stop with it, instead of staying behind.
+#[test]
+fn a_killed_bench_leaves_no_process_behind() {
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_broker-bench"))
+        .args(["sync", "--conversations", "20", "--messages", "1000000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run broker-bench");
+    let parent = bench.id().to_string();
+    // The children of `pid`, from /proc.
+    let children = |pid: &str| -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| {
+                        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                        // pid (comm) state ppid ...: the comm may hold spaces, the ')' ends it
+                        let after = stat.rsplit_once(')')?.1;
+                        let ppid = after.split_whitespace().nth(1)?;
+                        (ppid == pid).then(|| e.file_name().to_string_lossy().into_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // redis-server, the mock worker, the API and the drainer
+    let started = loop {
+        let now = children(&parent);
+        if now.len() >= 4 {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bench did not start its processes: {now:?}"
+        );
+        std::thread::yield_now();
+    };
+    bench.kill().expect("kill the bench");
+    bench.wait().expect("wait");
+    let gone = |pid: &String| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, s)| s.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !started.iter().all(gone) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after the bench was killed: {:?}",
+            started.iter().filter(|p| !gone(p)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // What a killed bench cannot remove itself: its directory (`broker-bench-<pid>-<n>`).
+    let mine = format!("broker-bench-{parent}-");
+    for entry in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry.file_name().to_string_lossy().starts_with(&mine) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
