@@ -298,6 +298,30 @@ pub async fn closed_loop(
     all
 }
 
+/// `conversations` taking turns, one message in the broker at a time: conversation 0 sends
+/// its first message and waits for the answer, then conversation 1 sends its first, and so
+/// on round, `messages` rounds. The other reading of "4 conversations sending in turn".
+pub async fn in_turn(
+    target: &Target,
+    mode: Mode,
+    run: &str,
+    conversations: usize,
+    messages: usize,
+) -> Results {
+    let start = Instant::now();
+    let mut all = Results::default();
+    for i in 0..messages {
+        for c in 0..conversations {
+            match send_one(target, mode, run, c, i).await {
+                Ok(d) => all.latencies_us.push(d.as_micros() as u64),
+                Err(e) => all.errors.push(e),
+            }
+        }
+    }
+    all.elapsed = start.elapsed();
+    all
+}
+
 /// The most requests the open loop keeps in flight: each holds a socket in this process and
 /// one in the API, and past the knee they pile up until the file-descriptor limit (20,000
 /// here) would fail sends that the broker never saw.

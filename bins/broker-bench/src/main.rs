@@ -17,10 +17,12 @@ use stack::{Stack, StackOptions};
 
 const USAGE: &str = "usage: broker-bench [options] [scenario ...]
 
-scenarios (default: sync callback stream light commands):
+scenarios (default: sync callback stream light turns commands):
   sync | callback | stream   closed loop: U conversations x M messages, each conversation
                              sending its next message once the previous result is in
   light                      4 conversations x 500 messages, sync: latency at light load
+  turns                      the same 4 x 500 taking turns, one message in the broker at a
+                             time (conversation 0, 1, 2, 3, 0, ...)
   commands                   sync, 50 x 20, with Redis MONITOR: commands sent per message
   sweep                      open loop, sync, at fixed offered rates; --svg draws latency
   wide                       10,000 sync requests waiting at once, 3 s worker, one drainer
@@ -110,11 +112,12 @@ fn parse_args() -> anyhow::Result<Options> {
             "--backlog" => o.backlog = list(&arg, &value(&arg)?)?,
             "--backlog-messages" => o.backlog_messages = number(&arg, &value(&arg)?)?,
             "--backlog-rounds" => o.backlog_rounds = number(&arg, &value(&arg)?)?,
-            "sync" | "callback" | "stream" | "light" | "commands" | "sweep" | "wide"
+            "sync" | "callback" | "stream" | "light" | "turns" | "commands" | "sweep" | "wide"
             | "backlog" => o.scenarios.push(arg),
             "all" => o.scenarios.extend(
                 [
-                    "sync", "callback", "stream", "light", "commands", "sweep", "wide", "backlog",
+                    "sync", "callback", "stream", "light", "turns", "commands", "sweep", "wide",
+                    "backlog",
                 ]
                 .map(String::from),
             ),
@@ -122,7 +125,7 @@ fn parse_args() -> anyhow::Result<Options> {
         }
     }
     if o.scenarios.is_empty() {
-        o.scenarios = ["sync", "callback", "stream", "light", "commands"]
+        o.scenarios = ["sync", "callback", "stream", "light", "turns", "commands"]
             .map(String::from)
             .to_vec();
     }
@@ -178,12 +181,17 @@ async fn run(o: Options) -> anyhow::Result<bool> {
     let mut all_right = true;
     for scenario in o.scenarios.clone() {
         let right = match scenario.as_str() {
-            "sync" => closed(&o, "sync", Mode::Sync, o.conversations, o.messages).await?,
+            "sync" => closed(&o, "sync", Mode::Sync, (o.conversations, o.messages), false).await?,
             "callback" => {
-                closed(&o, "callback", Mode::Callback, o.conversations, o.messages).await?
+                let load = (o.conversations, o.messages);
+                closed(&o, "callback", Mode::Callback, load, false).await?
             }
-            "stream" => closed(&o, "stream", Mode::Stream, o.conversations, o.messages).await?,
-            "light" => closed(&o, "light", Mode::Sync, 4, 500).await?,
+            "stream" => {
+                let load = (o.conversations, o.messages);
+                closed(&o, "stream", Mode::Stream, load, false).await?
+            }
+            "light" => closed(&o, "light", Mode::Sync, (4, 500), false).await?,
+            "turns" => closed(&o, "turns", Mode::Sync, (4, 500), true).await?,
             "commands" => commands(&o).await?,
             "sweep" => sweep(&o).await?,
             "wide" => wide(&o).await?,
@@ -223,20 +231,25 @@ async fn warm_up(target: &Target, mode: Mode, conversations: usize) -> anyhow::R
     Ok(())
 }
 
-/// A closed-loop run on a fresh stack.
+/// A closed-loop run on a fresh stack: each conversation sends its next message once its
+/// last answer is in, all at once, or, `in_turn`, one conversation after the other.
 async fn closed(
     o: &Options,
     run: &str,
     mode: Mode,
-    conversations: usize,
-    messages: usize,
+    (conversations, messages): (usize, usize),
+    in_turn: bool,
 ) -> anyhow::Result<bool> {
     let receiver = receiver_for(mode).await?;
     let stack = Stack::start(stack_options(o, receiver.as_ref().map(Receiver::port)))?;
     let target = Target::new(&stack.api_url(), receiver.clone())?;
     warm_up(&target, mode, conversations).await?;
     let begin = stack.begin()?;
-    let mut results = load::closed_loop(&target, mode, run, conversations, messages).await;
+    let mut results = if in_turn {
+        load::in_turn(&target, mode, run, conversations, messages).await
+    } else {
+        load::closed_loop(&target, mode, run, conversations, messages).await
+    };
     let usage = stack.end(&begin)?;
     results
         .errors
@@ -246,8 +259,8 @@ async fn closed(
     }
     let line = report::line(
         json!({"run": run, "mode": mode.name(), "conversations": conversations,
-               "messages": messages, "worker_ms": o.worker_ms, "drainers": o.drainers,
-               "concurrency": o.concurrency}),
+               "messages": messages, "in_turn": in_turn, "worker_ms": o.worker_ms,
+               "drainers": o.drainers, "concurrency": o.concurrency}),
         &results,
         o.worker_ms,
         &usage,

@@ -79,6 +79,18 @@ fn every_mode_runs_checked_and_reports_its_figures() {
 }
 
 #[test]
+fn turns_runs_four_conversations_one_message_at_a_time() {
+    let lines = bench(&["turns"]);
+    let line = lines
+        .iter()
+        .find(|l| l["run"] == "turns")
+        .unwrap_or_else(|| panic!("no turns line: {lines:?}"));
+    assert_eq!(line["conversations"], 4, "{line}");
+    assert_eq!(line["in_turn"], true, "{line}");
+    assert_run_line(line, 2_000);
+}
+
+#[test]
 fn a_sync_message_costs_at_most_five_redis_round_trips() {
     let lines = bench(&["commands"]);
     let line = lines.iter().find(|l| l["run"] == "commands").unwrap();
