@@ -250,6 +250,14 @@ pub struct Results {
 }
 
 impl Results {
+    /// Counts one message: its latency, or what was wrong with its answer.
+    fn record(&mut self, sent: Result<Duration, String>) {
+        match sent {
+            Ok(d) => self.latencies_us.push(d.as_micros() as u64),
+            Err(e) => self.errors.push(e),
+        }
+    }
+
     fn merge(&mut self, other: Results) {
         self.latencies_us.extend(other.latencies_us);
         self.late_us.extend(other.late_us);
@@ -279,10 +287,7 @@ pub async fn closed_loop(
         tasks.spawn(async move {
             let mut r = Results::default();
             for i in 0..messages {
-                match send_one(&target, mode, &run, c, i).await {
-                    Ok(d) => r.latencies_us.push(d.as_micros() as u64),
-                    Err(e) => r.errors.push(e),
-                }
+                r.record(send_one(&target, mode, &run, c, i).await);
             }
             r
         });
@@ -300,7 +305,7 @@ pub async fn closed_loop(
 
 /// `conversations` taking turns, one message in the broker at a time: conversation 0 sends
 /// its first message and waits for the answer, then conversation 1 sends its first, and so
-/// on round, `messages` rounds. The other reading of "4 conversations sending in turn".
+/// on, `messages` rounds. The other reading of "4 conversations sending in turn".
 pub async fn in_turn(
     target: &Target,
     mode: Mode,
@@ -312,10 +317,7 @@ pub async fn in_turn(
     let mut all = Results::default();
     for i in 0..messages {
         for c in 0..conversations {
-            match send_one(target, mode, run, c, i).await {
-                Ok(d) => all.latencies_us.push(d.as_micros() as u64),
-                Err(e) => all.errors.push(e),
-            }
+            all.record(send_one(target, mode, run, c, i).await);
         }
     }
     all.elapsed = start.elapsed();

@@ -162,10 +162,16 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
-    /// A sink per test: each test's batch writes into its own buffer.
-    macro_rules! sink {
-        ($name:ident) => {
-            static $name: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+    /// A batch per test, writing into its own buffer and counting its writes.
+    macro_rules! batch {
+        ($batch:ident, $out:ident, $calls:ident) => {
+            static $out: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+            static $calls: Mutex<usize> = Mutex::new(0);
+            static $batch: Batch = Batch::new(|b| {
+                *lock(&$calls) += 1;
+                lock(&$out).extend_from_slice(b);
+                Ok(())
+            });
         };
     }
 
@@ -187,11 +193,7 @@ mod tests {
 
     #[test]
     fn lines_arrive_whole_and_in_each_threads_order_without_a_flush() {
-        sink!(OUT);
-        static BATCH: Batch = Batch::new(|b| {
-            lock(&OUT).extend_from_slice(b);
-            Ok(())
-        });
+        batch!(BATCH, OUT, CALLS);
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 thread::spawn(move || {
@@ -222,13 +224,7 @@ mod tests {
 
     #[test]
     fn the_lines_of_a_linger_go_in_one_write() {
-        static CALLS: Mutex<usize> = Mutex::new(0);
-        sink!(OUT);
-        static BATCH: Batch = Batch::new(|b| {
-            *lock(&CALLS) += 1;
-            lock(&OUT).extend_from_slice(b);
-            Ok(())
-        });
+        batch!(BATCH, OUT, CALLS);
         // Holding the batch's write order keeps the writer thread from writing, however slow
         // this thread is: the 100 lines are all held when it may.
         let order = lock(&BATCH.writing);
@@ -246,11 +242,7 @@ mod tests {
 
     #[test]
     fn flush_writes_at_once_and_a_full_buffer_is_written_by_the_logging_thread() {
-        sink!(OUT);
-        static BATCH: Batch = Batch::new(|b| {
-            lock(&OUT).extend_from_slice(b);
-            Ok(())
-        });
+        batch!(BATCH, OUT, CALLS);
         BATCH.push(b"first\n").expect("push");
         BATCH.flush().expect("flush");
         assert_eq!(written(&OUT), "first\n");
@@ -272,11 +264,7 @@ mod tests {
 
     #[test]
     fn the_panic_hooks_flush_does_not_wait_for_a_lock() {
-        sink!(OUT);
-        static BATCH: Batch = Batch::new(|b| {
-            lock(&OUT).extend_from_slice(b);
-            Ok(())
-        });
+        batch!(BATCH, OUT, CALLS);
         let order = lock(&BATCH.writing);
         BATCH.push(b"held\n").expect("push");
         BATCH.try_flush();
