@@ -337,6 +337,7 @@ pub struct Sender {
     retry_base: Duration,
     /// Idle connections kept per origin, when not the client's default.
     keep_idle: Option<usize>,
+    trust: http1::Trust,
 }
 
 impl Sender {
@@ -360,6 +361,7 @@ impl Sender {
             connect_timeout: settings.attempt_timeout.min(Duration::from_secs(10)),
             retry_base: Duration::from_millis(200),
             keep_idle: None,
+            trust: settings.trust.clone(),
         }
     }
 
@@ -396,7 +398,7 @@ impl Sender {
         let dial = checked_dial(self.policy.clone(), target.clone(), self.connect_timeout);
         // The dial bounds each address by the connect timeout; the attempt's own timeout
         // bounds the whole.
-        let mut client = http1::Client::with_dial(uri, self.attempt_timeout, dial)
+        let mut client = http1::Client::with_dial(uri, self.attempt_timeout, dial, &self.trust)
             .map_err(|e| format!("callback_url: {e}"))?;
         if let Some(max) = self.keep_idle {
             client = client.keep_idle(max);
@@ -745,6 +747,7 @@ mod tests {
             allowlist: Allowlist::parse(&format!("127.0.0.1:{port}")).expect("allowlist"),
             budget: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(5),
+            trust: crate::http1::Trust::default(),
         };
         let sender = Sender::new(&settings);
         let url = format!("http://127.0.0.1:{port}/hooks/in?token=t");

@@ -15,6 +15,8 @@ use figment::Figment;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
+use crate::http1::Trust;
+
 /// Exit code for bad configuration (`EX_USAGE`).
 pub const EXIT_BAD_CONFIG: i32 = 64;
 
@@ -51,6 +53,7 @@ pub const ENV_NAMES: &[&str] = &[
     "BROKER_CALLBACK_ALLOWLIST",
     "BROKER_CALLBACK_BUDGET_MS",
     "BROKER_CALLBACK_TIMEOUT_MS",
+    "BROKER_EXTRA_CA_FILE",
     "WORKER_BASE_URL",
     "WORKER_API_KEY",
     "WORKER_CONNECT_TIMEOUT_MS",
@@ -105,6 +108,7 @@ struct Raw {
     broker_callback_allowlist: String,
     broker_callback_budget_ms: u64,
     broker_callback_timeout_ms: u64,
+    broker_extra_ca_file: String,
     worker_base_url: String,
     worker_api_key: String,
     worker_connect_timeout_ms: u64,
@@ -157,6 +161,7 @@ impl Default for Raw {
             broker_callback_allowlist: String::new(),
             broker_callback_budget_ms: 60_000,
             broker_callback_timeout_ms: 10_000,
+            broker_extra_ca_file: String::new(),
             worker_base_url: "http://127.0.0.1:8787".into(),
             worker_api_key: String::new(),
             worker_connect_timeout_ms: 5_000,
@@ -237,6 +242,8 @@ pub struct CallbackSettings {
     pub budget: Duration,
     /// Time one attempt may take.
     pub attempt_timeout: Duration,
+    /// The certificate authorities trusted for `https` callback URLs.
+    pub trust: Trust,
 }
 
 /// Hosts (optionally `host:port`) that callbacks may reach over plain http or on private
@@ -325,6 +332,8 @@ pub struct WorkerSettings {
     pub retry_base: Duration,
     pub retry_max: Duration,
     pub busy_max_wait: Duration,
+    /// The certificate authorities trusted for an `https` worker.
+    pub trust: Trust,
 }
 
 /// The drainer's own behaviour.
@@ -541,6 +550,18 @@ impl Raw {
             p.extend(e);
             Allowlist::default()
         });
+        let trust = if self.broker_extra_ca_file.is_empty() {
+            Trust::default()
+        } else {
+            let path = &self.broker_extra_ca_file;
+            std::fs::read(path)
+                .map_err(|e| format!("cannot read {path}: {e}"))
+                .and_then(|pem| Trust::with_extra_pem(&pem).map_err(|e| format!("{path}: {e}")))
+                .unwrap_or_else(|e| {
+                    p.push(format!("BROKER_EXTRA_CA_FILE: {e}"));
+                    Trust::default()
+                })
+        };
         let callback_secret = self.broker_callback_secret.trim().to_owned();
         if let Some(encoded) = callback_secret.strip_prefix("whsec_") {
             use base64::Engine;
@@ -632,6 +653,7 @@ impl Raw {
                 retry_base: ms(self.worker_retry_base_ms),
                 retry_max: ms(self.worker_retry_max_ms),
                 busy_max_wait: secs(self.worker_busy_max_wait_secs),
+                trust: trust.clone(),
             },
             drainer: DrainerSettings {
                 id: drainer_id,
@@ -652,6 +674,7 @@ impl Raw {
                 allowlist,
                 budget: ms(self.broker_callback_budget_ms),
                 attempt_timeout: ms(self.broker_callback_timeout_ms),
+                trust,
             },
         })
     }
@@ -755,6 +778,41 @@ mod tests {
             "BROKER_API_KEYS",
         ] {
             assert!(text.contains(name), "{text}");
+        }
+    }
+
+    #[test]
+    fn an_extra_ca_file_is_read_at_start_and_a_bad_one_is_named() {
+        let ca = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/tls/ca.pem"
+        );
+        let s = Settings::from_pairs([("BROKER_EXTRA_CA_FILE", ca)]).unwrap();
+        assert_eq!(
+            format!("{:?}", s.worker.trust),
+            "Trust { extra certificates: 1 }"
+        );
+        assert_eq!(
+            format!("{:?}", s.callbacks.trust),
+            "Trust { extra certificates: 1 }"
+        );
+        assert_eq!(
+            format!("{:?}", Settings::from_pairs([]).unwrap().worker.trust),
+            "Trust { extra certificates: 0 }"
+        );
+        let not_pem = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        for (path, says) in [
+            ("/nonexistent/ca.pem", "cannot read /nonexistent/ca.pem"),
+            (not_pem, "no PEM certificate"),
+        ] {
+            let err = Settings::from_pairs([("BROKER_EXTRA_CA_FILE", path)])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.contains("BROKER_EXTRA_CA_FILE: ") && err.contains(says),
+                "{err}"
+            );
         }
     }
 

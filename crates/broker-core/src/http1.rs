@@ -138,20 +138,78 @@ fn invalid(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
+/// The certificate authorities a client trusts over TLS: the public ones (the webpki roots),
+/// and the extra ones of `BROKER_EXTRA_CA_FILE` (a private CA in front of the worker or a
+/// callback receiver).
+#[derive(Clone, Default)]
+pub struct Trust {
+    extra: Arc<[rustls::pki_types::CertificateDer<'static>]>,
+}
+
+impl std::fmt::Debug for Trust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Trust {{ extra certificates: {} }}", self.extra.len())
+    }
+}
+
+impl Trust {
+    /// The public authorities and every certificate of `pem` (PEM text); an error when it
+    /// holds none, or one that cannot be read.
+    pub fn with_extra_pem(pem: &[u8]) -> Result<Self, String> {
+        use rustls::pki_types::pem::PemObject;
+        let extra = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("not a PEM certificate: {e}"))?;
+        if extra.is_empty() {
+            return Err("no PEM certificate in it".into());
+        }
+        let trust = Self {
+            extra: extra.into(),
+        };
+        // A certificate the TLS library refuses as a trust anchor shows now, not on the first
+        // request.
+        trust.connector()?;
+        Ok(trust)
+    }
+
+    fn connector(&self) -> Result<tokio_rustls::TlsConnector, String> {
+        if self.extra.is_empty() {
+            tls_connector()
+        } else {
+            new_tls_connector(&self.extra)
+        }
+    }
+}
+
 impl Client {
-    /// A client for the origin of `url` (`http` or `https`).
+    /// A client for the origin of `url` (`http` or `https`, trusting the public authorities).
     pub fn new(url: &Uri, connect_timeout: Duration) -> Result<Self, String> {
-        Self::build(url, connect_timeout, None)
+        Self::build(url, connect_timeout, None, &Trust::default())
+    }
+
+    /// [`Client::new`] trusting the authorities of `trust`.
+    pub fn trusting(url: &Uri, connect_timeout: Duration, trust: &Trust) -> Result<Self, String> {
+        Self::build(url, connect_timeout, None, trust)
     }
 
     /// A client for the origin of `url` whose connections `dial` opens (TLS, when the scheme
-    /// asks for it, still verifies the URL's host name). `connect_timeout` bounds the dial and
-    /// the TLS handshake together.
-    pub fn with_dial(url: &Uri, connect_timeout: Duration, dial: Dial) -> Result<Self, String> {
-        Self::build(url, connect_timeout, Some(dial))
+    /// asks for it, still verifies the URL's host name against `trust`). `connect_timeout`
+    /// bounds the dial and the TLS handshake together.
+    pub fn with_dial(
+        url: &Uri,
+        connect_timeout: Duration,
+        dial: Dial,
+        trust: &Trust,
+    ) -> Result<Self, String> {
+        Self::build(url, connect_timeout, Some(dial), trust)
     }
 
-    fn build(url: &Uri, connect_timeout: Duration, dial: Option<Dial>) -> Result<Self, String> {
+    fn build(
+        url: &Uri,
+        connect_timeout: Duration,
+        dial: Option<Dial>,
+        trust: &Trust,
+    ) -> Result<Self, String> {
         let host = url
             .host()
             .ok_or_else(|| "no host".to_owned())?
@@ -163,7 +221,7 @@ impl Client {
             Some("https") => {
                 let name = rustls::pki_types::ServerName::try_from(host.clone())
                     .map_err(|e| format!("{host}: {e}"))?;
-                (Some((tls_connector()?, name)), 443)
+                (Some((trust.connector()?, name)), 443)
             }
             _ => return Err("the scheme must be http or https".into()),
         };
@@ -266,15 +324,23 @@ impl Client {
 }
 
 /// A TLS connector trusting the webpki roots, speaking HTTP/1.1; built once, shared by every
-/// client.
+/// client that trusts no extra authority.
 fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
     static CONNECTOR: OnceLock<Result<tokio_rustls::TlsConnector, String>> = OnceLock::new();
-    CONNECTOR.get_or_init(new_tls_connector).clone()
+    CONNECTOR.get_or_init(|| new_tls_connector(&[])).clone()
 }
 
-fn new_tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
+/// A TLS connector trusting the webpki roots and `extra`, speaking HTTP/1.1.
+fn new_tls_connector(
+    extra: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<tokio_rustls::TlsConnector, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for certificate in extra {
+        roots
+            .add(certificate.clone())
+            .map_err(|e| format!("not a usable certificate authority: {e}"))?;
+    }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -72,8 +72,9 @@ impl WorkerClient {
         let stream_uri: Uri = format!("{}/api/v1/chat/stream", settings.base_url)
             .parse()
             .map_err(|e| format!("WORKER_BASE_URL: {e}"))?;
-        let client = http1::Client::new(&stream_uri, settings.connect_timeout)
-            .map_err(|e| format!("WORKER_BASE_URL: {e}"))?;
+        let client =
+            http1::Client::trusting(&stream_uri, settings.connect_timeout, &settings.trust)
+                .map_err(|e| format!("WORKER_BASE_URL: {e}"))?;
         let authority = stream_uri
             .authority()
             .map(|a| a.as_str())
