@@ -10,7 +10,8 @@
 //! So a line is appended to a buffer in memory, and a thread of its own writes what has
 //! gathered at most [`LINGER`] after the first line of a batch, in one call. The order of the
 //! lines is kept. Nothing waits for the writer thread: the line's own thread only appends
-//! (and wakes the writer when the buffer was empty). When the buffer holds [`MAX_HELD`] bytes
+//! (and wakes the writer when the buffer was empty and the writer sleeps; while lines keep
+//! coming, the writer wakes on its own timer, once per batch). When the buffer holds [`MAX_HELD`] bytes
 //! (the reader of standard output is not keeping up), the line's thread writes the batch
 //! itself, so a slow reader holds up the logging threads as a direct write did, and the
 //! memory held stays bounded.
@@ -92,12 +93,17 @@ impl Batch {
 
     /// Writes what is held, in this thread.
     pub fn flush(&self) -> io::Result<()> {
+        self.write_held().map(drop)
+    }
+
+    /// Writes what is held; whether there was anything.
+    fn write_held(&self) -> io::Result<bool> {
         let _order = lock(&self.writing);
         let batch = std::mem::take(&mut *lock(&self.lines));
         if batch.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
-        (self.sink)(&batch)
+        (self.sink)(&batch).map(|()| true)
     }
 
     /// As [`Batch::flush`], but gives up rather than wait for a lock: for the panic hook,
@@ -122,11 +128,16 @@ impl Batch {
                 thread::Builder::new()
                     .name("log-writer".into())
                     .spawn(move || loop {
-                        // Woken by the first line of a batch (a wake-up with nothing to
-                        // write only costs an empty pass).
+                        // Parked until the first line after a quiet spell. While lines keep
+                        // coming it wakes only on its own timer, once per batch, and a
+                        // logging thread's unpark finds it awake, which costs no system call.
                         thread::park();
-                        thread::sleep(LINGER);
-                        let _ = self.flush();
+                        loop {
+                            thread::sleep(LINGER);
+                            if !matches!(self.write_held(), Ok(true)) {
+                                break;
+                            }
+                        }
                     })
                     .ok()
                     .map(|handle| handle.thread().clone())
