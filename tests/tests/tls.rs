@@ -7,9 +7,14 @@
 use std::time::Duration;
 
 use broker_tests::{
-    eventually, tls_fixture, tls_proxy, Behaviour, Receiver, Stack, TestMock, TestRedis,
+    eventually, tls_fixture, tls_proxy, Answer, Behaviour, Receiver, Stack, TestMock, TestRedis,
 };
-use serde_json::json;
+use serde_json::{json, Value};
+
+/// Posts `body` to the stack's API.
+async fn post(s: &Stack, body: &Value) -> Answer {
+    s.http.post_message(&s.api.base, body, &[]).await.unwrap()
+}
 
 /// The port of a `http://127.0.0.1:<port>` URL.
 fn port_of(url: &str) -> u16 {
@@ -42,28 +47,20 @@ async fn the_worker_and_a_callback_receiver_are_reached_over_tls_with_the_extra_
     )
     .await;
 
-    let answer = s
-        .http
-        .post_message(
-            &s.api.base,
-            &json!({"user_id": "tls", "client_id": "web", "message": "over tls"}),
-            &[],
-        )
-        .await
-        .unwrap();
+    let answer = post(
+        &s,
+        &json!({"user_id": "tls", "client_id": "web", "message": "over tls"}),
+    )
+    .await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(answer.body["responses"], json!(["echo: over tls"]));
 
-    let queued = s
-        .http
-        .post_message(
-            &s.api.base,
-            &json!({"user_id": "tls-cb", "client_id": "web", "message": "call me back",
-                    "callback_url": callback_url}),
-            &[],
-        )
-        .await
-        .unwrap();
+    let queued = post(
+        &s,
+        &json!({"user_id": "tls-cb", "client_id": "web", "message": "call me back",
+                "callback_url": callback_url}),
+    )
+    .await;
     assert_eq!(queued.status, 202, "{}", queued.text);
     let delivered = eventually("the callback over TLS", Duration::from_secs(30), || async {
         let accepted = receiver.accepted();
@@ -86,15 +83,11 @@ async fn without_the_extra_ca_the_same_worker_is_not_trusted() {
     let mock = TestMock::start(Duration::ZERO);
     let worker = format!("https://127.0.0.1:{}", tls_proxy(port_of(&mock.url)).await);
     let s = Stack::with(redis, mock, Some(&worker), &[("WORKER_MAX_ATTEMPTS", "2")]).await;
-    let answer = s
-        .http
-        .post_message(
-            &s.api.base,
-            &json!({"user_id": "tls", "client_id": "web", "message": "trust me"}),
-            &[],
-        )
-        .await
-        .unwrap();
+    let answer = post(
+        &s,
+        &json!({"user_id": "tls", "client_id": "web", "message": "trust me"}),
+    )
+    .await;
     assert_eq!(answer.status, 503, "{}", answer.text);
     assert_eq!(answer.body["code"], "WORKER_UNAVAILABLE");
     assert!(
