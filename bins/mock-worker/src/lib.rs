@@ -697,6 +697,10 @@ async fn stats_endpoint(state: web::Data<MockState>) -> HttpResponse {
         "max_in_flight": s.max_in_flight,
         "violations": s.violations,
         "started": s.started,
+        // What a turn waits before its answer, so a benchmark against a running mock can
+        // tell the broker's time from the worker's.
+        "latency_ms": state.settings.latency.as_millis() as u64,
+        "jitter_ms": state.settings.jitter.as_millis() as u64,
     }))
 }
 
