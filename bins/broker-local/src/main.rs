@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
         Some("dev-key")
     };
 
-    let _redis = if is_set(&pairs, "REDIS_URL") {
+    let local_redis = if is_set(&pairs, "REDIS_URL") {
         None
     } else {
         let dir = PathBuf::from("target/local-redis");
@@ -111,8 +111,13 @@ async fn main() -> anyhow::Result<()> {
         .map(str::to_owned)
         .unwrap_or_else(|| "<your BROKER_API_KEY>".into());
     println!();
+    // The URL of a Redis given in REDIS_URL may hold a password: only the local one is shown.
+    let redis = local_redis
+        .as_ref()
+        .map(|r| format!(", redis: {}", r.url()))
+        .unwrap_or_default();
     println!(
-        "broker running: API on http://127.0.0.1:{port}  (worker: {})",
+        "broker running: API on http://127.0.0.1:{port}  (worker: {}{redis})",
         settings.worker.base_url
     );
     println!("try:");
