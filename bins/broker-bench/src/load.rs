@@ -21,8 +21,6 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Semaphore};
 
-use crate::stack::API_KEY;
-
 /// How a message's result comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -47,8 +45,12 @@ const MAX_ANSWER: usize = 16 * 1024 * 1024;
 /// Where and how to send.
 #[derive(Clone)]
 pub struct Target {
+    /// The API's base URL, for messages.
+    api: String,
     /// `host:port` of the API, for the `Host` header.
     authority: String,
+    /// The API key, sent as `X-API-Key`.
+    key: String,
     /// The broker's own HTTP/1.1 client (the drainer's): kept-alive connections, no task or
     /// channel per request, so the load costs the machine little beside what it measures.
     client: http1::Client,
@@ -56,7 +58,7 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn new(api: &str, receiver: Option<Receiver>) -> anyhow::Result<Self> {
+    pub fn new(api: &str, key: &str, receiver: Option<Receiver>) -> anyhow::Result<Self> {
         let uri: hyper::Uri = api.parse()?;
         let authority = uri
             .authority()
@@ -67,19 +69,27 @@ impl Target {
             // one kept connection per client: a run has up to 10,000 at once
             .keep_idle(20_000);
         Ok(Self {
+            api: api.to_owned(),
             authority,
+            key: key.to_owned(),
             client,
             receiver,
         })
+    }
+
+    /// The API's base URL.
+    pub fn api(&self) -> &str {
+        &self.api
     }
 
     /// Posts `body` to the API's message endpoint with the `extra` header lines; returns the
     /// status and the whole answer.
     async fn post(&self, extra: &str, body: &[u8]) -> Result<(u16, Vec<u8>), String> {
         let head = format!(
-            "POST /api/v1/message HTTP/1.1\r\nhost: {}\r\nx-api-key: {API_KEY}\r\n\
+            "POST /api/v1/message HTTP/1.1\r\nhost: {}\r\nx-api-key: {}\r\n\
              content-type: application/json\r\n{extra}content-length: {}\r\n\r\n",
             self.authority,
+            self.key,
             body.len()
         );
         let mut response = self
@@ -542,26 +552,12 @@ pub async fn preload(
 /// Checks, from the mock worker's record, that each conversation's turns started exactly once,
 /// in send order, and that no conversation ever had two turns at once. Returns the problems.
 pub async fn check_order(
-    mock_port: u16,
+    mock_url: &str,
     run: &str,
     conversations: usize,
     messages: usize,
 ) -> Vec<String> {
-    let stats: Value = match async {
-        let uri: hyper::Uri = format!("http://127.0.0.1:{mock_port}/mock/stats")
-            .parse()
-            .map_err(|e| format!("{e}"))?;
-        let client = http1::Client::new(&uri, Duration::from_secs(10))?;
-        let head = format!("GET /mock/stats HTTP/1.1\r\nhost: 127.0.0.1:{mock_port}\r\n\r\n");
-        let mut r = client
-            .request(head.as_bytes(), b"")
-            .await
-            .map_err(|e| e.to_string())?;
-        let b = r.collect(MAX_ANSWER).await.map_err(|e| e.to_string())?;
-        serde_json::from_slice(&b).map_err(|e| e.to_string())
-    }
-    .await
-    {
+    let stats = match mock_stats(mock_url).await {
         Ok(v) => v,
         Err(e) => return vec![format!("mock stats: {e}")],
     };
@@ -606,6 +602,29 @@ pub async fn check_order(
     problems
 }
 
+/// The mock worker's record (`GET /mock/stats`).
+pub async fn mock_stats(mock_url: &str) -> Result<Value, String> {
+    let base: hyper::Uri = mock_url.parse().map_err(|e| format!("{mock_url}: {e}"))?;
+    let authority = base
+        .authority()
+        .map(|a| a.to_string())
+        .ok_or_else(|| format!("{mock_url}: no host"))?;
+    let client = http1::Client::new(&base, Duration::from_secs(10))?;
+    let head = format!("GET /mock/stats HTTP/1.1\r\nhost: {authority}\r\n\r\n");
+    let mut r = client
+        .request(head.as_bytes(), b"")
+        .await
+        .map_err(|e| format!("{mock_url}: {e}"))?;
+    let b = r.collect(MAX_ANSWER).await.map_err(|e| e.to_string())?;
+    if r.status != 200 {
+        return Err(format!(
+            "{mock_url}/mock/stats answered {}: is it the mock worker?",
+            r.status
+        ));
+    }
+    serde_json::from_slice(&b).map_err(|e| format!("{mock_url}/mock/stats: {e}"))
+}
+
 /// Where the receiver reports a callback's arrival (or what was wrong with it).
 type Arrival = oneshot::Sender<Result<Instant, String>>;
 
@@ -619,8 +638,9 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    pub async fn start() -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+    /// Listens on `addr` (`127.0.0.1:0` for a port of its own); the callback URL names it.
+    pub async fn start(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
         let receiver = Self {
             addr: listener.local_addr()?,
             waiting: Arc::default(),

@@ -8,28 +8,31 @@ mod probe;
 mod report;
 mod stack;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use load::{Mode, Receiver, Results, Target};
 use serde_json::{json, Value};
-use stack::{Stack, StackOptions};
+use stack::{Running, Stack, StackOptions};
 
 const USAGE: &str = "usage: broker-bench [options] [scenario ...]
 
 scenarios (default: sync callback stream light turns commands):
   sync | callback | stream   closed loop: U conversations x M messages, each conversation
                              sending its next message once the previous result is in
-  light                      4 conversations x 500 messages, sync: latency at light load
-  turns                      the same 4 x 500 taking turns, one message in the broker at a
-                             time (conversation 0, 1, 2, 3, 0, ...)
+  light                      4 conversations x 500 messages (or --messages), sync: latency
+                             at light load
+  turns                      the same 4 conversations taking turns, one message in the
+                             broker at a time (conversation 0, 1, 2, 3, 0, ...)
   commands                   sync, 50 x 20, with Redis MONITOR: commands sent per message
   sweep                      open loop, sync, at fixed offered rates; --svg draws latency
   wide                       10,000 sync requests waiting at once, 3 s worker, one drainer
                              running all 10,000 turns: peak RSS of broker-api and drainer
   backlog                    per-message cost draining 100,000 messages held by 1,000
                              conversations, then by 100,000 conversations
-  all                        every scenario above
+  all                        every scenario above (against a running broker: all but wide
+                             and backlog, which need a stack of their own)
 
 options:
   --conversations U   (200)      --messages M  (50)     --worker-ms N  (0)
@@ -40,7 +43,19 @@ options:
   --svg PATH          where the sweep writes its picture
   --backlog N1,N2     conversation counts for backlog (1000,100000)
   --backlog-messages T  messages per backlog run (100000)
-  --backlog-rounds R  runs of each backlog count, in mirrored order (A B B A ...) (2)";
+  --backlog-rounds R  runs of each backlog count, in mirrored order (A B B A ...) (2)
+
+against a running broker (the bench then starts nothing):
+  --api URL           the broker API's base URL; its key from BENCH_API_KEY (default
+                      dev-key, the key of `./dev run`)
+  --mock URL          the mock worker behind it (required: it checks every answer and the
+                      order of the turns, and says how long its turns wait)
+  --redis URL         the broker's Redis: command counts, and the commands scenario (optional)
+  --pid NAME=PID      a process on this machine whose CPU and peak RSS go in the lines
+                      (repeatable; e.g. --pid api=1234 --pid drainer=5678)
+  --receiver ADDR     where the callback receiver listens, HOST:PORT the drainer can reach
+                      and its BROKER_CALLBACK_ALLOWLIST allows (127.0.0.1:0)
+  --worker-ms N       (default: the mock's own MOCK_LATENCY_MS, read from it)";
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -57,7 +72,31 @@ struct Options {
     backlog_messages: usize,
     backlog_rounds: usize,
     scenarios: Vec<String>,
+    /// Messages per conversation of `light` and `turns`: 500, or `--messages` when given.
+    light_messages: usize,
+    /// A broker the bench did not start (`--api`), or `None` to start a stack per run.
+    running: Option<Running>,
+    /// The API key the load sends.
+    api_key: String,
+    /// Where the callback receiver listens.
+    receiver: SocketAddr,
+    /// Whether the worker's latency is read from the running mock (no `--worker-ms`).
+    worker_ms_from_mock: bool,
+    /// Appended to the run's name in message texts and user ids: a running broker's mock
+    /// keeps what earlier runs sent, so each bench's conversations must be its own.
+    tag: String,
 }
+
+impl Options {
+    /// The name a run's messages and users carry.
+    fn tagged(&self, run: &str) -> String {
+        format!("{run}{}", self.tag)
+    }
+}
+
+/// The scenarios a running broker can serve: `wide` and `backlog` start stacks with their
+/// own settings and stop and start the drainers.
+const OWN_STACK_ONLY: [&str; 2] = ["wide", "backlog"];
 
 fn parse_args() -> anyhow::Result<Options> {
     let mut o = Options {
@@ -76,7 +115,18 @@ fn parse_args() -> anyhow::Result<Options> {
         backlog_messages: 100_000,
         backlog_rounds: 2,
         scenarios: Vec::new(),
+        light_messages: 500,
+        running: None,
+        api_key: stack::API_KEY.into(),
+        receiver: SocketAddr::from(([127, 0, 0, 1], 0)),
+        worker_ms_from_mock: false,
+        tag: String::new(),
     };
+    let (mut api, mut mock, mut redis, mut pids) = (None, None, None, Vec::new());
+    // Options that configure a stack the bench starts, and the running broker's, as given.
+    let (mut stack_set, mut running_set) = (Vec::new(), Vec::new());
+    let mut worker_ms_set = false;
+    let mut all = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -91,12 +141,21 @@ fn parse_args() -> anyhow::Result<Options> {
             v.split(',').map(|x| number(name, x.trim())).collect()
         }
         match arg.as_str() {
+            "--drainers" | "--concurrency" | "--fsync" => stack_set.push(arg.clone()),
+            "--mock" | "--redis" | "--pid" | "--receiver" => running_set.push(arg.clone()),
+            "--worker-ms" => worker_ms_set = true,
+            _ => {}
+        }
+        match arg.as_str() {
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
             "--conversations" => o.conversations = number(&arg, &value(&arg)?)?,
-            "--messages" => o.messages = number(&arg, &value(&arg)?)?,
+            "--messages" => {
+                o.messages = number(&arg, &value(&arg)?)?;
+                o.light_messages = o.messages;
+            }
             "--worker-ms" => o.worker_ms = number(&arg, &value(&arg)?)?,
             "--drainers" => o.drainers = number(&arg, &value(&arg)?)?,
             "--concurrency" => o.concurrency = number(&arg, &value(&arg)?)?,
@@ -112,22 +171,92 @@ fn parse_args() -> anyhow::Result<Options> {
             "--backlog" => o.backlog = list(&arg, &value(&arg)?)?,
             "--backlog-messages" => o.backlog_messages = number(&arg, &value(&arg)?)?,
             "--backlog-rounds" => o.backlog_rounds = number(&arg, &value(&arg)?)?,
+            "--api" => api = Some(url(&arg, &value(&arg)?, &["http", "https"])?),
+            "--mock" => mock = Some(url(&arg, &value(&arg)?, &["http", "https"])?),
+            "--redis" => redis = Some(url(&arg, &value(&arg)?, &["redis", "rediss"])?),
+            "--pid" => pids.push(pid(&value(&arg)?)?),
+            "--receiver" => {
+                let v = value(&arg)?;
+                let addr: SocketAddr = v
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--receiver: not HOST:PORT: {v:?}"))?;
+                if addr.ip().is_unspecified() {
+                    bail!("--receiver: {v} is no address a drainer can call back: name the host");
+                }
+                o.receiver = addr;
+            }
             "sync" | "callback" | "stream" | "light" | "turns" | "commands" | "sweep" | "wide"
             | "backlog" => o.scenarios.push(arg),
-            "all" => o.scenarios.extend(
-                [
-                    "sync", "callback", "stream", "light", "turns", "commands", "sweep", "wide",
-                    "backlog",
-                ]
-                .map(String::from),
-            ),
+            "all" => all = true,
             other => bail!("unknown argument {other:?}\n\n{USAGE}"),
         }
     }
+    match (api, mock) {
+        (Some(api), Some(mock)) => {
+            if !stack_set.is_empty() {
+                bail!(
+                    "{}: these set up a stack the bench starts; a running broker (--api) has \
+                     its own",
+                    stack_set.join(", ")
+                );
+            }
+            o.running = Some(Running {
+                api,
+                mock,
+                redis,
+                pids,
+            });
+            o.api_key = std::env::var("BENCH_API_KEY").unwrap_or_else(|_| "dev-key".into());
+            // Unique per bench: the running mock's record keeps earlier runs' conversations.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            o.tag = format!(".{:x}{:x}", std::process::id(), nanos);
+            o.worker_ms_from_mock = !worker_ms_set;
+        }
+        (Some(_), None) => bail!(
+            "--api needs --mock: the mock worker behind the broker, whose answers and record \
+             check every message"
+        ),
+        (None, _) if !running_set.is_empty() => bail!(
+            "{}: only for a running broker, named with --api",
+            running_set.join(", ")
+        ),
+        (None, _) => {}
+    }
+    let running = o.running.is_some();
+    let has_redis = o.running.as_ref().is_none_or(|r| r.redis.is_some());
+    if all {
+        o.scenarios.extend(
+            [
+                "sync", "callback", "stream", "light", "turns", "commands", "sweep", "wide",
+                "backlog",
+            ]
+            .into_iter()
+            .filter(|s| !running || !OWN_STACK_ONLY.contains(s))
+            .filter(|s| has_redis || *s != "commands")
+            .map(String::from),
+        );
+    }
     if o.scenarios.is_empty() {
         o.scenarios = ["sync", "callback", "stream", "light", "turns", "commands"]
+            .into_iter()
+            .filter(|s| has_redis || *s != "commands")
             .map(String::from)
-            .to_vec();
+            .collect();
+    }
+    if running {
+        if let Some(s) = o
+            .scenarios
+            .iter()
+            .find(|s| OWN_STACK_ONLY.contains(&s.as_str()))
+        {
+            bail!("{s} starts a stack with settings of its own: run it without --api");
+        }
+        if !has_redis && o.scenarios.iter().any(|s| s == "commands") {
+            bail!("commands counts with Redis' MONITOR: give the broker's Redis with --redis");
+        }
     }
     if o.conversations == 0
         || o.messages == 0
@@ -138,6 +267,38 @@ fn parse_args() -> anyhow::Result<Options> {
         bail!("--conversations, --messages, --drainers, --concurrency and --backlog-rounds must be at least 1");
     }
     Ok(o)
+}
+
+/// A URL whose scheme is one of `schemes`.
+fn url(name: &str, v: &str, schemes: &[&str]) -> anyhow::Result<String> {
+    match v.split_once("://") {
+        Some((scheme, rest)) if schemes.contains(&scheme) && !rest.is_empty() => {
+            Ok(v.trim_end_matches('/').to_owned())
+        }
+        _ => bail!(
+            "{name}: not a {} URL: {:?}",
+            schemes.join(" or "),
+            stack::redacted(v)
+        ),
+    }
+}
+
+/// `NAME=PID` of a process on this machine.
+fn pid(v: &str) -> anyhow::Result<(String, u32)> {
+    let (name, pid) = v
+        .split_once('=')
+        .filter(|(n, _)| !n.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("--pid: not NAME=PID: {v:?}"))?;
+    let pid: u32 = pid
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--pid: not a process id: {pid:?}"))?;
+    if name == "bench" {
+        bail!("--pid: the name bench is the bench's own");
+    }
+    if std::fs::metadata(format!("/proc/{pid}/stat")).is_err() {
+        bail!("--pid: no process {pid} on this machine");
+    }
+    Ok((name.to_owned(), pid))
 }
 
 fn main() {
@@ -173,11 +334,24 @@ fn main() {
 }
 
 /// Runs the scenarios; `Ok(false)` when an answer was wrong.
-async fn run(o: Options) -> anyhow::Result<bool> {
-    println!(
-        "{}",
-        json!({"machine": stack::machine(), "redis": stack::redis_version(), "fsync": o.fsync})
-    );
+async fn run(mut o: Options) -> anyhow::Result<bool> {
+    let mut head = json!({"machine": stack::machine(), "redis": stack::redis_version(),
+                          "fsync": o.fsync});
+    if let Some(r) = &o.running {
+        let stats = load::mock_stats(&r.mock)
+            .await
+            .map_err(|e| anyhow::anyhow!("--mock: {e}"))?;
+        if o.worker_ms_from_mock {
+            o.worker_ms = stats["latency_ms"]
+                .as_u64()
+                .context("--mock: its stats do not say its latency: give --worker-ms")?;
+        }
+        // The running broker's Redis and persistence are its own.
+        head = json!({"machine": stack::machine(), "api": r.api, "mock": r.mock,
+                      "worker_jitter_ms": stats["jitter_ms"],
+                      "redis": r.redis.as_deref().and_then(stack::running_redis_version)});
+    }
+    println!("{head}");
     let mut all_right = true;
     for scenario in o.scenarios.clone() {
         let right = match scenario.as_str() {
@@ -190,8 +364,8 @@ async fn run(o: Options) -> anyhow::Result<bool> {
                 let load = (o.conversations, o.messages);
                 closed(&o, "stream", Mode::Stream, load, false).await?
             }
-            "light" => closed(&o, "light", Mode::Sync, (4, 500), false).await?,
-            "turns" => closed(&o, "turns", Mode::Sync, (4, 500), true).await?,
+            "light" => closed(&o, "light", Mode::Sync, (4, o.light_messages), false).await?,
+            "turns" => closed(&o, "turns", Mode::Sync, (4, o.light_messages), true).await?,
             "commands" => commands(&o).await?,
             "sweep" => sweep(&o).await?,
             "wide" => wide(&o).await?,
@@ -214,19 +388,46 @@ fn stack_options(o: &Options, callback_port: Option<u16>) -> StackOptions {
     }
 }
 
-async fn receiver_for(mode: Mode) -> anyhow::Result<Option<Receiver>> {
+/// A stack for one run: started afresh, or the running broker.
+fn stack_for(o: &Options, options: StackOptions) -> anyhow::Result<Stack> {
+    match &o.running {
+        Some(r) => Ok(Stack::attach(r, options)),
+        None => Stack::start(options),
+    }
+}
+
+/// The load's target on `stack`.
+fn target(o: &Options, stack: &Stack, receiver: Option<Receiver>) -> anyhow::Result<Target> {
+    Target::new(stack.api_url(), &o.api_key, receiver)
+}
+
+async fn receiver_for(o: &Options, mode: Mode) -> anyhow::Result<Option<Receiver>> {
     Ok(if mode == Mode::Callback {
-        Some(Receiver::start().await?)
+        let r = Receiver::start(o.receiver)
+            .await
+            .with_context(|| format!("the callback receiver on {}", o.receiver))?;
+        Some(r)
     } else {
         None
     })
 }
 
 /// Warms connections up with two messages per conversation (not measured).
-async fn warm_up(target: &Target, mode: Mode, conversations: usize) -> anyhow::Result<()> {
-    let r = load::closed_loop(target, mode, "warm", conversations, 2).await;
+async fn warm_up(
+    o: &Options,
+    target: &Target,
+    mode: Mode,
+    conversations: usize,
+) -> anyhow::Result<()> {
+    let r = load::closed_loop(target, mode, &o.tagged("warm"), conversations, 2).await;
     if let Some(e) = r.errors.first() {
-        bail!("warm-up failed: {e}");
+        let refused = e.contains("status 401") || e.contains("status 403");
+        let hint = if o.running.is_some() && refused {
+            " (the API refused the key: set BENCH_API_KEY to one of its keys)"
+        } else {
+            ""
+        };
+        bail!("warm-up against {} failed: {e}{hint}", target.api());
     }
     Ok(())
 }
@@ -240,20 +441,21 @@ async fn closed(
     (conversations, messages): (usize, usize),
     in_turn: bool,
 ) -> anyhow::Result<bool> {
-    let receiver = receiver_for(mode).await?;
-    let stack = Stack::start(stack_options(o, receiver.as_ref().map(Receiver::port)))?;
-    let target = Target::new(&stack.api_url(), receiver.clone())?;
-    warm_up(&target, mode, conversations).await?;
+    let receiver = receiver_for(o, mode).await?;
+    let stack = stack_for(o, stack_options(o, receiver.as_ref().map(Receiver::port)))?;
+    let target = target(o, &stack, receiver.clone())?;
+    warm_up(o, &target, mode, conversations).await?;
+    let name = o.tagged(run);
     let begin = stack.begin()?;
     let mut results = if in_turn {
-        load::in_turn(&target, mode, run, conversations, messages).await
+        load::in_turn(&target, mode, &name, conversations, messages).await
     } else {
-        load::closed_loop(&target, mode, run, conversations, messages).await
+        load::closed_loop(&target, mode, &name, conversations, messages).await
     };
     let usage = stack.end(&begin)?;
     results
         .errors
-        .extend(load::check_order(stack.mock_port, run, conversations, messages).await);
+        .extend(load::check_order(stack.mock_url(), &name, conversations, messages).await);
     if let Some(r) = &receiver {
         results.errors.extend(r.unexpected());
     }
@@ -272,17 +474,21 @@ async fn closed(
 /// those its scripts run.
 async fn commands(o: &Options) -> anyhow::Result<bool> {
     let (conversations, messages) = (50, 20);
-    let stack = Stack::start(stack_options(o, None))?;
-    let target = Target::new(&stack.api_url(), None)?;
-    warm_up(&target, Mode::Sync, conversations).await?;
-    let monitor = report::Monitor::start(stack.redis_port).await?;
+    let stack = stack_for(o, stack_options(o, None))?;
+    let target = target(o, &stack, None)?;
+    warm_up(o, &target, Mode::Sync, conversations).await?;
+    let url = stack
+        .redis_url()
+        .context("commands needs the broker's Redis")?;
+    let monitor = report::Monitor::start(url).await?;
+    let name = o.tagged("cmds");
     let begin = stack.begin()?;
-    let mut results = load::closed_loop(&target, Mode::Sync, "cmds", conversations, messages).await;
+    let mut results = load::closed_loop(&target, Mode::Sync, &name, conversations, messages).await;
     let usage = stack.end(&begin)?;
     let counts = monitor.stop().await;
     results
         .errors
-        .extend(load::check_order(stack.mock_port, "cmds", conversations, messages).await);
+        .extend(load::check_order(stack.mock_url(), &name, conversations, messages).await);
     let n = results.latencies_us.len().max(1) as f64;
     let per = |m: &std::collections::BTreeMap<String, u64>| -> Value {
         m.iter()
@@ -310,13 +516,13 @@ async fn commands(o: &Options) -> anyhow::Result<bool> {
 /// Open-loop sweep: latency against offered load.
 async fn sweep(o: &Options) -> anyhow::Result<bool> {
     let conversations = 2000;
-    let stack = Stack::start(stack_options(o, None))?;
-    let target = Target::new(&stack.api_url(), None)?;
-    warm_up(&target, Mode::Sync, 200).await?;
+    let stack = stack_for(o, stack_options(o, None))?;
+    let target = target(o, &stack, None)?;
+    warm_up(o, &target, Mode::Sync, 200).await?;
     let mut points = Vec::new();
     let mut all_right = true;
     for (step, rate) in o.rates.iter().copied().enumerate() {
-        let run = format!("sweep{step}");
+        let run = o.tagged(&format!("sweep{step}"));
         let begin = stack.begin()?;
         let results = load::open_loop(
             &target,
@@ -369,7 +575,7 @@ async fn wide(o: &Options) -> anyhow::Result<bool> {
         ..stack_options(o, None)
     };
     let stack = Stack::start(options)?;
-    let target = Target::new(&stack.api_url(), None)?;
+    let target = target(o, &stack, None)?;
     let begin = stack.begin()?;
     let results = load::closed_loop(&target, Mode::Sync, "wide", conversations, 1).await;
     let usage = stack.end(&begin)?;
@@ -405,7 +611,7 @@ async fn backlog(o: &Options) -> anyhow::Result<bool> {
             defer_drainers: true,
             ..stack_options(o, None)
         })?;
-        let target = Target::new(&stack.api_url(), None)?;
+        let target = target(o, &stack, None)?;
         let (empty, _) = stack.redis_memory()?;
         let loaded = Instant::now();
         if let Err(e) = load::preload(&target, "backlog", conversations, messages, 256).await {
@@ -426,7 +632,7 @@ async fn backlog(o: &Options) -> anyhow::Result<bool> {
             ..Results::default()
         };
         results.errors =
-            load::check_order(stack.mock_port, "backlog", conversations, messages).await;
+            load::check_order(stack.mock_url(), "backlog", conversations, messages).await;
         let per_msg_us = elapsed.as_secs_f64() * 1e6 / total as f64;
         per_message.push((conversations, per_msg_us));
         let mut line = report::line(
@@ -482,7 +688,7 @@ async fn backlog(o: &Options) -> anyhow::Result<bool> {
 
 /// Polls the broker's stats until nothing is queued or running.
 async fn wait_drained(stack: &Stack, limit: Duration) -> anyhow::Result<()> {
-    let client = redis::Client::open(stack.redis_url())?;
+    let client = redis::Client::open(stack.redis_url().context("no Redis to poll")?)?;
     // The crate's default response timeout (500 ms) is shorter than Redis can take to answer
     // while it drains a 100,000-message backlog on this machine: a full run failed on it.
     let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(limit));

@@ -4,9 +4,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::load::Results;
@@ -28,7 +27,7 @@ fn quantile(v: &[u64], q: f64) -> u64 {
 
 /// Commands the bench itself sends to Redis around a measurement; not the broker's cost.
 /// (The backlog run's polling `HMGET`s are counted: a few hundred per 100,000 messages.)
-const OWN: [&str; 2] = ["config|resetstat", "info"];
+const OWN: [&str; 1] = ["info"];
 
 /// The JSON line of a run: `head` plus throughput, added latency, Redis, CPU and memory.
 pub fn line(head: Value, results: &Results, worker_ms: u64, usage: &Usage) -> Value {
@@ -94,7 +93,7 @@ pub fn line(head: Value, results: &Results, worker_ms: u64, usage: &Usage) -> Va
     line["peak_rss_mib"] = usage
         .rss
         .iter()
-        .map(|(k, v)| (k.clone(), json!(round(*v, 1))))
+        .map(|(k, v)| (k.clone(), json!(v.map(|v| round(v, 1)))))
         .collect::<serde_json::Map<_, _>>()
         .into();
     // Not finite only if the wake-up probe could not run; JSON has no NaN.
@@ -108,17 +107,21 @@ pub fn line(head: Value, results: &Results, worker_ms: u64, usage: &Usage) -> Va
 }
 
 /// Prints the line, and the first wrong answers; `false` when there were any.
-pub fn print(line: Value, results: &Results, stack: &Stack) -> bool {
+pub fn print(mut line: Value, results: &Results, stack: &Stack) -> bool {
+    if !stack.started() {
+        // A running broker's drainers and their concurrency are its own, unknown here.
+        if let Some(fields) = line.as_object_mut() {
+            fields.remove("drainers");
+            fields.remove("concurrency");
+        }
+        line["running"] = json!(true);
+    }
     println!("{line}");
     for e in results.errors.iter().take(5) {
         eprintln!("  wrong: {e}");
     }
     if !results.errors.is_empty() {
-        eprintln!(
-            "  ({} wrong; process logs in {} until the stack stops)",
-            results.errors.len(),
-            stack.log_path("api").display()
-        );
+        eprintln!("  ({} wrong; {})", results.errors.len(), stack.logs());
     }
     results.errors.is_empty()
 }
@@ -139,20 +142,19 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    pub async fn start(port: u16) -> anyhow::Result<Self> {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-        stream.write_all(b"MONITOR\r\n").await?;
-        let mut lines = BufReader::new(stream).lines();
-        // "+OK" first: from then on every command is reported.
-        let _ = lines.next_line().await?;
+    /// Starts counting on the Redis at `url` (its password and TLS as for any client).
+    pub async fn start(url: &str) -> anyhow::Result<Self> {
+        // From its return on, every command is reported.
+        let monitor = redis::Client::open(url)?.get_async_monitor().await?;
         let (stop, mut stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
+            let mut lines = std::pin::pin!(monitor.into_on_message::<String>());
             let mut counts = Counts::default();
             loop {
                 tokio::select! {
-                    line = lines.next_line() => match line {
-                        Ok(Some(l)) => count(&mut counts, &l),
-                        _ => break,
+                    line = lines.next() => match line {
+                        Some(l) => count(&mut counts, &l),
+                        None => break,
                     },
                     _ = &mut stopped => break,
                 }
@@ -168,7 +170,7 @@ impl Monitor {
     }
 }
 
-/// `+1700000000.123456 [0 127.0.0.1:5555] "evalsha" "..." ...` or `[0 lua]` for scripts.
+/// `1700000000.123456 [0 127.0.0.1:5555] "evalsha" "..." ...` or `[0 lua]` for scripts.
 fn count(counts: &mut Counts, line: &str) {
     let Some((source, rest)) = line.split_once('[').and_then(|(_, r)| r.split_once(']')) else {
         return;

@@ -1,6 +1,6 @@
 //! The processes under test: redis-server, the mock worker, `broker-api` and drainers, each a
 //! real process started from the binaries next to this one, with its CPU time and peak RSS read
-//! from `/proc`.
+//! from `/proc`; or a broker already running, which the bench only measures.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,6 +30,21 @@ pub struct StackOptions {
     pub defer_drainers: bool,
 }
 
+/// A broker the bench did not start (`--api` and its options): it drives load at it and
+/// measures what it can reach.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// The broker API's base URL.
+    pub api: String,
+    /// The mock worker behind the broker: its record checks the order of the turns, and it
+    /// says how long its turns wait.
+    pub mock: String,
+    /// The broker's Redis, for command counts (`INFO commandstats`, `MONITOR`); optional.
+    pub redis: Option<String>,
+    /// Processes on this machine whose CPU time and peak RSS go in the lines, by name.
+    pub pids: Vec<(String, u32)>,
+}
+
 /// One started process.
 pub struct Proc {
     pub name: String,
@@ -49,15 +64,19 @@ impl Drop for Proc {
     }
 }
 
-/// A running stack. Dropping it stops every process.
+/// The stack under test. Dropping one the bench started stops every process of it.
 pub struct Stack {
-    pub dir: PathBuf,
-    pub redis_port: u16,
-    pub api_port: u16,
-    pub mock_port: u16,
+    /// Where started processes keep their logs and Redis its files; `None` when the bench
+    /// started nothing.
+    dir: Option<PathBuf>,
+    redis_url: Option<String>,
+    api_url: String,
+    mock_url: String,
     options: StackOptions,
     bin_dir: PathBuf,
     pub procs: Vec<Proc>,
+    /// Processes the bench did not start, measured by pid.
+    measured: Vec<(String, u32)>,
 }
 
 impl Stack {
@@ -80,57 +99,77 @@ impl Stack {
             free_port()?
         ));
         std::fs::create_dir_all(&dir)?;
+        let redis_port = free_port()?;
         let mut stack = Self {
-            dir,
-            redis_port: free_port()?,
-            api_port: 0,
-            mock_port: 0,
+            dir: Some(dir),
+            redis_url: Some(format!("redis://127.0.0.1:{redis_port}/")),
+            api_url: String::new(),
+            mock_url: String::new(),
             options,
             bin_dir,
             procs: Vec::new(),
+            measured: Vec::new(),
         };
-        stack.start_redis()?;
-        stack.mock_port = stack.start_serving("mock", |stack, port| {
+        stack.start_redis(redis_port)?;
+        let mock_port = stack.start_serving("mock", |stack, port| {
             let mut mock = Command::new(stack.bin_dir.join("mock-worker"));
             mock.env("MOCK_HOST", "127.0.0.1")
                 .env("MOCK_PORT", port.to_string())
                 .env("MOCK_LATENCY_MS", stack.options.worker_ms.to_string());
             mock
         })?;
-        stack.api_port = stack.start_serving("api", |stack, port| {
+        stack.mock_url = format!("http://127.0.0.1:{mock_port}");
+        let api_port = stack.start_serving("api", |stack, port| {
             let mut api = Command::new(stack.bin_dir.join("broker-api"));
             stack.broker_env(&mut api).env("PORT", port.to_string());
             api
         })?;
+        stack.api_url = format!("http://127.0.0.1:{api_port}");
         if !stack.options.defer_drainers {
             stack.start_drainers()?;
         }
         Ok(stack)
     }
 
-    fn start_redis(&mut self) -> anyhow::Result<()> {
+    /// A broker already running: nothing is started, and dropping it stops nothing.
+    pub fn attach(running: &Running, options: StackOptions) -> Self {
+        Self {
+            dir: None,
+            redis_url: running.redis.clone(),
+            api_url: running.api.clone(),
+            mock_url: running.mock.clone(),
+            options,
+            bin_dir: PathBuf::new(),
+            procs: Vec::new(),
+            measured: running.pids.clone(),
+        }
+    }
+
+    /// The directory of a started stack.
+    fn dir(&self) -> anyhow::Result<&PathBuf> {
+        self.dir
+            .as_ref()
+            .context("the bench started nothing of a running broker")
+    }
+
+    fn start_redis(&mut self, port: u16) -> anyhow::Result<()> {
         let mut cmd = Command::new("redis-server");
-        cmd.args([
-            "--port",
-            &self.redis_port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ])
-        .arg("--dir")
-        .arg(&self.dir)
-        .args(["--appendonly", "yes", "--appendfsync", &self.options.fsync])
-        .args([
-            "--save",
-            "",
-            "--protected-mode",
-            "no",
-            "--loglevel",
-            "warning",
-        ]);
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir()?)
+            .args(["--appendonly", "yes", "--appendfsync", &self.options.fsync])
+            .args([
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+                "--loglevel",
+                "warning",
+            ]);
         self.spawn("redis", &mut cmd)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(client) = redis::Client::open(self.redis_url()) {
+            if let Ok(client) = redis::Client::open(self.redis_url().unwrap_or_default()) {
                 if let Ok(mut c) = client.get_connection() {
                     if redis::cmd("PING").query::<String>(&mut c).is_ok() {
                         return Ok(());
@@ -207,19 +246,21 @@ impl Stack {
 
     /// The last lines of a process's log.
     fn log_tail(&self, name: &str) -> String {
-        let log = std::fs::read_to_string(self.log_path(name)).unwrap_or_default();
+        let log = match &self.dir {
+            Some(dir) => {
+                std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+            }
+            None => String::new(),
+        };
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     fn broker_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
-        cmd.env("REDIS_URL", self.redis_url())
+        cmd.env("REDIS_URL", self.redis_url().unwrap_or_default())
             .env("HOST", "127.0.0.1")
             .env("BROKER_API_KEY", API_KEY)
-            .env(
-                "WORKER_BASE_URL",
-                format!("http://127.0.0.1:{}", self.mock_port),
-            )
+            .env("WORKER_BASE_URL", &self.mock_url)
             .env("BROKER_CALLBACK_SECRET", CALLBACK_SECRET)
             .env(
                 "BROKER_CALLBACK_ALLOWLIST",
@@ -241,7 +282,7 @@ impl Stack {
     }
 
     fn spawn(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<()> {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let log = std::fs::File::create(self.dir()?.join(format!("{name}.log")))?;
         // A bench killed by a signal drops nothing: its processes would stay behind, holding
         // ports and a core. The kernel stops each of them when the thread that started it
         // ends, and these are all started from the main thread (the runtime is
@@ -270,31 +311,60 @@ impl Stack {
         Ok(())
     }
 
-    pub fn redis_url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.redis_port)
+    /// The broker's Redis, when the bench knows it.
+    pub fn redis_url(&self) -> Option<&str> {
+        self.redis_url.as_deref()
     }
 
-    pub fn api_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.api_port)
+    pub fn api_url(&self) -> &str {
+        &self.api_url
+    }
+
+    pub fn mock_url(&self) -> &str {
+        &self.mock_url
+    }
+
+    /// Whether the bench started this stack (and so may start and stop parts of it).
+    pub fn started(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    /// A connection to the broker's Redis, when the bench knows it.
+    fn redis(&self) -> anyhow::Result<Option<redis::Connection>> {
+        self.redis_url()
+            .map(|url| {
+                redis::Client::open(url)
+                    .and_then(|c| c.get_connection())
+                    .with_context(|| format!("connect to the broker's Redis at {}", redacted(url)))
+            })
+            .transpose()
     }
 
     /// Starts a measurement: probes the machine's speed (while the stack is idle), then
-    /// resets Redis' command counts and every process's peak RSS.
+    /// reads Redis' command counts and resets every process's peak RSS. (The counts are
+    /// read, not reset: the Redis of a running broker may be watched by others.)
     pub fn begin(&self) -> anyhow::Result<Sample> {
         let probe = crate::probe::probe();
-        let mut c = redis::Client::open(self.redis_url())?.get_connection()?;
-        redis::cmd("CONFIG").arg("RESETSTAT").query::<()>(&mut c)?;
+        let redis = match self.redis()? {
+            Some(mut c) => Some(RedisSample::read(&mut c)?),
+            None => None,
+        };
         let pids = self.pids();
-        for pid in pids.values() {
-            // "5" resets VmHWM (the peak RSS) to the current RSS.
-            let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+        let mut rss_reset = Vec::new();
+        for (name, pid) in &pids {
+            // "5" resets VmHWM (the peak RSS) to the current RSS. Only the owner of a
+            // process may: another user's would report its peak since it started.
+            if std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok() {
+                rss_reset.push(name.clone());
+            }
         }
         Ok(Sample {
             cpu: pids
                 .iter()
                 .map(|(n, p)| (n.clone(), cpu_seconds(*p)))
                 .collect(),
-            aof_rewrites: aof_rewrites(&mut c)?,
+            rss_reset,
+            redis,
             probe,
         })
     }
@@ -304,6 +374,7 @@ impl Stack {
             .procs
             .iter()
             .map(|p| (p.name.clone(), p.pid()))
+            .chain(self.measured.iter().cloned())
             .collect();
         pids.insert("bench".into(), std::process::id());
         pids
@@ -316,27 +387,45 @@ impl Stack {
         for (name, pid) in self.pids() {
             let before = begin.cpu.get(&name).copied().unwrap_or(0.0);
             cpu.insert(name.clone(), cpu_seconds(pid) - before);
-            rss.insert(name, peak_rss_mib(pid));
+            let reset = begin.rss_reset.contains(&name);
+            rss.insert(name, reset.then(|| peak_rss_mib(pid)));
         }
-        let mut c = redis::Client::open(self.redis_url())?.get_connection()?;
-        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut c)?;
-        let rewrites = aof_rewrites(&mut c)?;
+        let (commands, usec, aof_rewrites) = match (self.redis()?, &begin.redis) {
+            (Some(mut c), Some(before)) => {
+                let after = RedisSample::read(&mut c)?;
+                (
+                    difference(&after.calls, &before.calls),
+                    difference(&after.usec, &before.usec),
+                    after
+                        .aof_rewrites
+                        .zip(before.aof_rewrites)
+                        .map(|(end, begin)| end.saturating_sub(begin)),
+                )
+            }
+            _ => Default::default(),
+        };
         Ok(Usage {
             cpu,
             rss,
-            commands: command_stat(&info, "calls="),
-            usec: command_stat(&info, "usec="),
-            aof_rewrites: rewrites
-                .zip(begin.aof_rewrites)
-                .map(|(end, begin)| end.saturating_sub(begin)),
+            commands,
+            usec,
+            aof_rewrites,
             probe: begin.probe,
         })
+    }
+
+    /// Where the processes' logs are, for a run with wrong answers.
+    pub fn logs(&self) -> String {
+        match &self.dir {
+            Some(dir) => format!("process logs in {} until the stack stops", dir.display()),
+            None => "see the running broker's logs".into(),
+        }
     }
 
     /// What Redis holds now: `used_memory` in bytes, and `MEMORY USAGE` of one key of each
     /// kind the broker keeps per queued message (the first `SCAN` finds for each pattern).
     pub fn redis_memory(&self) -> anyhow::Result<(u64, BTreeMap<&'static str, u64>)> {
-        let mut c = redis::Client::open(self.redis_url())?.get_connection()?;
+        let mut c = self.redis()?.context("the broker's Redis is not known")?;
         let info: String = redis::cmd("INFO").arg("memory").query(&mut c)?;
         let used = info
             .lines()
@@ -360,10 +449,6 @@ impl Stack {
         }
         Ok((used, keys))
     }
-
-    pub fn log_path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.log"))
-    }
 }
 
 impl Drop for Stack {
@@ -372,23 +457,71 @@ impl Drop for Stack {
         while let Some(p) = self.procs.pop() {
             drop(p);
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
-/// CPU time at the start of a measurement, Redis's count of AOF rewrites, and the machine's
-/// speed just before.
+/// CPU time at the start of a measurement, the processes whose peak RSS was reset, Redis'
+/// counts, and the machine's speed just before.
 pub struct Sample {
     cpu: BTreeMap<String, f64>,
-    aof_rewrites: Option<u64>,
+    rss_reset: Vec<String>,
+    redis: Option<RedisSample>,
     probe: Probe,
+}
+
+/// Redis' counts at one moment: calls and microseconds per command (`INFO commandstats`),
+/// and AOF rewrites (`INFO persistence`; Redis 7.0 and later).
+struct RedisSample {
+    calls: BTreeMap<String, u64>,
+    usec: BTreeMap<String, u64>,
+    aof_rewrites: Option<u64>,
+}
+
+impl RedisSample {
+    fn read(c: &mut redis::Connection) -> anyhow::Result<Self> {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(c)?;
+        Ok(Self {
+            calls: command_stat(&info, "calls="),
+            usec: command_stat(&info, "usec="),
+            aof_rewrites: aof_rewrites(c)?,
+        })
+    }
+}
+
+/// `after - before` per name, leaving out what did not change.
+fn difference(
+    after: &BTreeMap<String, u64>,
+    before: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(name, n)| {
+            let was = before.get(name).copied().unwrap_or(0);
+            (name.clone(), n.saturating_sub(was))
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// A Redis URL without its password, for messages.
+pub fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://***@{}", &url[at + 1..]),
+        _ => url.to_owned(),
+    }
 }
 
 /// What a measurement cost.
 pub struct Usage {
     pub cpu: BTreeMap<String, f64>,
-    pub rss: BTreeMap<String, f64>,
-    /// Calls per command name from `INFO commandstats`, commands run inside scripts included.
+    /// Peak RSS in MiB over the measurement; `None` for a process whose peak the bench could
+    /// not reset (another user's).
+    pub rss: BTreeMap<String, Option<f64>>,
+    /// Calls per command name from `INFO commandstats`, commands run inside scripts included;
+    /// empty when the broker's Redis is not known.
     pub commands: BTreeMap<String, u64>,
     /// Microseconds Redis spent per command name (a script's time includes its commands').
     pub usec: BTreeMap<String, u64>,
@@ -541,6 +674,15 @@ pub fn machine() -> String {
     format!("{cores} cores, {cpu}, {mem:.0} GiB, Linux {kernel}")
 }
 
+/// The version a running Redis reports (`INFO server`).
+pub fn running_redis_version(url: &str) -> Option<String> {
+    let mut c = redis::Client::open(url).ok()?.get_connection().ok()?;
+    let info: String = redis::cmd("INFO").arg("server").query(&mut c).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(|v| v.trim().to_owned())
+}
+
 pub fn redis_version() -> String {
     Command::new("redis-server")
         .arg("--version")
@@ -567,10 +709,10 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).expect("a temporary directory");
         Stack {
-            dir,
-            redis_port: 0,
-            api_port: 0,
-            mock_port: 0,
+            dir: Some(dir),
+            redis_url: None,
+            api_url: String::new(),
+            mock_url: String::new(),
             options: StackOptions {
                 worker_ms: 0,
                 drainers: 1,
@@ -581,6 +723,7 @@ mod tests {
             },
             bin_dir: PathBuf::new(),
             procs: Vec::new(),
+            measured: Vec::new(),
         }
     }
 

@@ -80,14 +80,64 @@ fn every_mode_runs_checked_and_reports_its_figures() {
 
 #[test]
 fn turns_runs_four_conversations_one_message_at_a_time() {
-    let lines = bench(&["turns"]);
+    let lines = bench(&["turns", "--messages", "50"]);
     let line = lines
         .iter()
         .find(|l| l["run"] == "turns")
         .unwrap_or_else(|| panic!("no turns line: {lines:?}"));
     assert_eq!(line["conversations"], 4, "{line}");
     assert_eq!(line["in_turn"], true, "{line}");
-    assert_run_line(line, 2_000);
+    assert_run_line(line, 200);
+}
+
+/// What only a running broker's options mean, or only a stack of the bench's own can do, is
+/// refused before anything starts, with the reason.
+#[test]
+fn options_for_a_running_broker_are_checked_before_anything_starts() {
+    let mock = ["--mock", "http://127.0.0.1:9"];
+    let api = ["--api", "http://127.0.0.1:9"];
+    for (args, why) in [
+        (&api[..], "--api needs --mock"),
+        (&mock[..], "--mock: only for a running broker"),
+        (
+            &["--redis", "redis://:pw@127.0.0.1:9"][..],
+            "--redis: only for a running broker",
+        ),
+        (
+            &[&api[..], &mock[..], &["wide"]].concat()[..],
+            "wide starts a stack",
+        ),
+        (
+            &[&api[..], &mock[..], &["commands"]].concat()[..],
+            "give the broker's Redis with --redis",
+        ),
+        (
+            &[&api[..], &mock[..], &["--drainers", "2"]].concat()[..],
+            "a running broker (--api) has its own",
+        ),
+        (
+            &[&api[..], &mock[..], &["--pid", "x=4294967295"]].concat()[..],
+            "no process 4294967295",
+        ),
+        (
+            &[&api[..], &mock[..], &["--receiver", "0.0.0.0:9"]].concat()[..],
+            "name the host",
+        ),
+        (
+            &["--api", "127.0.0.1:9", "--mock", "http://127.0.0.1:9"][..],
+            "--api: not a http or https URL",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_broker-bench"))
+            .args(args)
+            .output()
+            .expect("run broker-bench");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+        assert!(!stderr.contains(":pw@"), "a password in an error: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?} printed a line");
+    }
 }
 
 #[test]
