@@ -174,7 +174,13 @@ fn parse_args() -> anyhow::Result<Options> {
             "--api" => api = Some(url(&arg, &value(&arg)?, &["http", "https"])?),
             "--mock" => mock = Some(url(&arg, &value(&arg)?, &["http", "https"])?),
             "--redis" => redis = Some(url(&arg, &value(&arg)?, &["redis", "rediss"])?),
-            "--pid" => pids.push(pid(&value(&arg)?)?),
+            "--pid" => {
+                let (name, pid) = pid(&value(&arg)?)?;
+                if pids.iter().any(|(n, _)| *n == name) {
+                    bail!("--pid: {name} is named twice");
+                }
+                pids.push((name, pid));
+            }
             "--receiver" => {
                 let v = value(&arg)?;
                 let addr: SocketAddr = v
@@ -335,9 +341,7 @@ fn main() {
 
 /// Runs the scenarios; `Ok(false)` when an answer was wrong.
 async fn run(mut o: Options) -> anyhow::Result<bool> {
-    let mut head = json!({"machine": stack::machine(), "redis": stack::redis_version(),
-                          "fsync": o.fsync});
-    if let Some(r) = &o.running {
+    let head = if let Some(r) = &o.running {
         let stats = load::mock_stats(&r.mock)
             .await
             .map_err(|e| anyhow::anyhow!("--mock: {e}"))?;
@@ -347,10 +351,12 @@ async fn run(mut o: Options) -> anyhow::Result<bool> {
                 .context("--mock: its stats do not say its latency: give --worker-ms")?;
         }
         // The running broker's Redis and persistence are its own.
-        head = json!({"machine": stack::machine(), "api": r.api, "mock": r.mock,
-                      "worker_jitter_ms": stats["jitter_ms"],
-                      "redis": r.redis.as_deref().and_then(stack::running_redis_version)});
-    }
+        json!({"machine": stack::machine(), "api": r.api, "mock": r.mock,
+               "worker_jitter_ms": stats["jitter_ms"],
+               "redis": r.redis.as_deref().and_then(stack::running_redis_version)})
+    } else {
+        json!({"machine": stack::machine(), "redis": stack::redis_version(), "fsync": o.fsync})
+    };
     println!("{head}");
     let mut all_right = true;
     for scenario in o.scenarios.clone() {

@@ -108,6 +108,8 @@ fn turns_runs_four_conversations_one_message_at_a_time() {
 fn options_for_a_running_broker_are_checked_before_anything_starts() {
     let mock = ["--mock", "http://127.0.0.1:9"];
     let api = ["--api", "http://127.0.0.1:9"];
+    let me = format!("me={}", std::process::id());
+    let twice = ["--pid", me.as_str(), "--pid", me.as_str()];
     for (args, why) in [
         (&api[..], "--api needs --mock"),
         (&mock[..], "--mock: only for a running broker"),
@@ -134,6 +136,10 @@ fn options_for_a_running_broker_are_checked_before_anything_starts() {
         (
             &[&api[..], &mock[..], &["--receiver", "0.0.0.0:9"]].concat()[..],
             "name the host",
+        ),
+        (
+            &[&api[..], &mock[..], &twice[..]].concat()[..],
+            "me is named twice",
         ),
         (
             &["--api", "127.0.0.1:9", "--mock", "http://127.0.0.1:9"][..],
