@@ -106,7 +106,12 @@ local function finish(k, a)
     heard[#heard + 1] = message_id
     heard[#heard + 1] = outcome
   end
-  redis.call('LREM', KEYS[1], '0', conversation)
+  -- From the tail, where the oldest takes are (BLMOVE and the take push at the head), and
+  -- turns end about in the order they began: the scan stops at the first match instead of
+  -- reading the whole list (up to the drainer's concurrency, 3 % of Redis' work under load).
+  -- A conversation is in at most one list once (design §6); a copy left by a bug would be
+  -- released by reconcile as nobody's turn.
+  redis.call('LREM', KEYS[1], '-1', conversation)
   counts.processing = counts.processing - 1
   local total = status .. '_total'
   counts[total] = (counts[total] or 0) + 1
