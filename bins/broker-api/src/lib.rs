@@ -13,7 +13,6 @@ mod routes;
 mod stream;
 mod waiters;
 
-use std::net::TcpListener;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -182,8 +181,9 @@ impl Application {
             })
         };
         let addr = format!("{}:{}", settings.host, settings.port_or(8000));
-        let listener =
-            TcpListener::bind(&addr).with_context(|| format!("bind the API on {addr}"))?;
+        // A backlog for bursts of connections (`broker_core::listener`), not std's 128.
+        let listener = broker_core::listener::bind(addr.as_str())
+            .with_context(|| format!("bind the API on {addr}"))?;
         let port = listener.local_addr()?.port();
         tracing::info!(
             addr = %listener.local_addr()?,

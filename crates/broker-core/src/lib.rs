@@ -10,6 +10,7 @@ pub mod config;
 pub mod http1;
 pub mod ids;
 pub mod keys;
+pub mod listener;
 pub mod local_redis;
 pub mod log_writer;
 pub mod queue;
