@@ -21,18 +21,9 @@ pub enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
-    /// A request head over the transport's limits (size or header count).
-    #[error("{0}")]
-    HeadTooLarge(String),
-    /// A request head that did not arrive in time.
+    /// A request body that did not arrive in time.
     #[error("{0}")]
     RequestTimeout(String),
-    /// A transfer coding the transport does not decode.
-    #[error("{0}")]
-    NotImplemented(String),
-    /// An `Expect` other than `100-continue`.
-    #[error("{0}")]
-    ExpectationFailed(String),
     #[error("{0}")]
     NotAcceptable(String),
     #[error("{0}")]
@@ -83,15 +74,8 @@ impl ApiError {
             Self::UnsupportedMediaType(text) => {
                 ErrorBody::new("unsupported media type", "UNSUPPORTED_MEDIA_TYPE", text)
             }
-            Self::HeadTooLarge(text) => {
-                ErrorBody::new("request head too large", "HEAD_TOO_LARGE", text)
-            }
             Self::RequestTimeout(text) => {
                 ErrorBody::new("request timeout", "REQUEST_TIMEOUT", text)
-            }
-            Self::NotImplemented(text) => ErrorBody::new("not implemented", "NOT_IMPLEMENTED", text),
-            Self::ExpectationFailed(text) => {
-                ErrorBody::new("expectation failed", "EXPECTATION_FAILED", text)
             }
             Self::NotAcceptable(text) => ErrorBody::new("not acceptable", "NOT_ACCEPTABLE", text),
             Self::Conflict(text) => ErrorBody::new("conflict", "NOT_CANCELLABLE", text),
@@ -130,10 +114,7 @@ impl ResponseError for ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
-            Self::ExpectationFailed(_) => StatusCode::EXPECTATION_FAILED,
             Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Self::Conflict(_) | Self::NotStreamable(_) => StatusCode::CONFLICT,
             Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,

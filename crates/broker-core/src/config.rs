@@ -15,7 +15,7 @@ use figment::Figment;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use crate::http1::Trust;
+use crate::http_client::Trust;
 
 /// Exit code for bad configuration (`EX_USAGE`).
 pub const EXIT_BAD_CONFIG: i32 = 64;
@@ -23,7 +23,6 @@ pub const EXIT_BAD_CONFIG: i32 = 64;
 /// Names of the environment variables the settings are read from, one per setting.
 pub const ENV_NAMES: &[&str] = &[
     "REDIS_URL",
-    "REDIS_POOL_SIZE",
     "REDIS_TIMEOUT_MS",
     "REDIS_CONNECT_TIMEOUT_MS",
     "BROKER_KEY_PREFIX",
@@ -43,6 +42,8 @@ pub const ENV_NAMES: &[&str] = &[
     "BROKER_DEDUP_TTL_SECS",
     "BROKER_RESULT_TTL_SECS",
     "BROKER_MAX_BODY_BYTES",
+    "BROKER_BODY_TIMEOUT_SECS",
+    "BROKER_MAX_CONNECTIONS",
     "BROKER_INSTANCE_ID",
     "BROKER_MAX_CLAIMS",
     "BROKER_DEAD_LIST_MAX",
@@ -78,7 +79,6 @@ pub const ENV_NAMES: &[&str] = &[
 #[serde(default)]
 struct Raw {
     redis_url: String,
-    redis_pool_size: u64,
     redis_timeout_ms: u64,
     redis_connect_timeout_ms: u64,
     broker_key_prefix: String,
@@ -98,6 +98,8 @@ struct Raw {
     broker_dedup_ttl_secs: u64,
     broker_result_ttl_secs: u64,
     broker_max_body_bytes: u64,
+    broker_body_timeout_secs: u64,
+    broker_max_connections: u64,
     broker_instance_id: String,
     broker_max_claims: u64,
     broker_dead_list_max: u64,
@@ -131,7 +133,6 @@ impl Default for Raw {
     fn default() -> Self {
         Self {
             redis_url: "redis://127.0.0.1:6379".into(),
-            redis_pool_size: 1,
             redis_timeout_ms: 5_000,
             redis_connect_timeout_ms: 2_000,
             broker_key_prefix: "bt".into(),
@@ -151,6 +152,8 @@ impl Default for Raw {
             broker_dedup_ttl_secs: 86_400,
             broker_result_ttl_secs: 86_400,
             broker_max_body_bytes: 36 * 1024 * 1024,
+            broker_body_timeout_secs: 60,
+            broker_max_connections: 25_000,
             broker_instance_id: String::new(),
             broker_max_claims: 5,
             broker_dead_list_max: 10_000,
@@ -201,9 +204,6 @@ pub struct ApiKey {
 pub struct RedisSettings {
     /// May carry a password: never log it, use [`RedisSettings::redacted_url`].
     pub url: SecretString,
-    /// The most command connections the pool opens. Commands share a connection, so one is
-    /// normal; a second opens only while the first is being checked or opened.
-    pub pool_size: usize,
     pub response_timeout: Duration,
     pub connect_timeout: Duration,
     pub key_prefix: String,
@@ -223,6 +223,11 @@ pub struct ApiSettings {
     pub dedup_ttl: Duration,
     pub result_ttl: Duration,
     pub max_body_bytes: usize,
+    /// A request's whole body must arrive within this (`BROKER_BODY_TIMEOUT_SECS`).
+    pub body_timeout: Duration,
+    /// Open client connections per API worker thread (`BROKER_MAX_CONNECTIONS`); more wait
+    /// in the listen backlog.
+    pub max_connections: usize,
     pub instance_id: String,
     /// Silence after which an SSE client gets a keepalive frame.
     pub sse_keepalive: Duration,
@@ -454,7 +459,6 @@ impl Raw {
                 p.push(format!("{name}: must be greater than 0"));
             }
         };
-        positive("REDIS_POOL_SIZE", self.redis_pool_size);
         positive("REDIS_TIMEOUT_MS", self.redis_timeout_ms);
         positive("REDIS_CONNECT_TIMEOUT_MS", self.redis_connect_timeout_ms);
         positive("BROKER_SYNC_TIMEOUT_SECS", self.broker_sync_timeout_secs);
@@ -466,6 +470,8 @@ impl Raw {
         positive("BROKER_DEDUP_TTL_SECS", self.broker_dedup_ttl_secs);
         positive("BROKER_RESULT_TTL_SECS", self.broker_result_ttl_secs);
         positive("BROKER_MAX_BODY_BYTES", self.broker_max_body_bytes);
+        positive("BROKER_BODY_TIMEOUT_SECS", self.broker_body_timeout_secs);
+        positive("BROKER_MAX_CONNECTIONS", self.broker_max_connections);
         positive("BROKER_MAX_CLAIMS", self.broker_max_claims);
         positive("BROKER_DEAD_LIST_MAX", self.broker_dead_list_max);
         positive("BROKER_EVENTS_MAX", self.broker_events_max);
@@ -616,7 +622,6 @@ impl Raw {
         Ok(Settings {
             redis: RedisSettings {
                 url: self.redis_url.into(),
-                pool_size: to_usize(self.redis_pool_size),
                 response_timeout: ms(self.redis_timeout_ms),
                 connect_timeout: ms(self.redis_connect_timeout_ms),
                 key_prefix: self.broker_key_prefix,
@@ -637,6 +642,8 @@ impl Raw {
                 dedup_ttl: secs(self.broker_dedup_ttl_secs),
                 result_ttl: secs(self.broker_result_ttl_secs),
                 max_body_bytes: to_usize(self.broker_max_body_bytes),
+                body_timeout: secs(self.broker_body_timeout_secs),
+                max_connections: to_usize(self.broker_max_connections),
                 instance_id,
                 sse_keepalive: ms(self.broker_sse_keepalive_ms),
                 workers: self.broker_api_workers.map_or_else(
