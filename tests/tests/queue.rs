@@ -26,7 +26,7 @@ async fn fixture() -> Fixture {
     let redis = TestRedis::start().await;
     let s = settings(redis.url(), "http://127.0.0.1:9", &[]);
     let keys = Keys::new("bt", "0");
-    let queue = Queue::new(redis_conn::pool(&s.redis).unwrap(), keys.clone());
+    let queue = Queue::new(redis_conn::shared(&s.redis).unwrap(), keys.clone());
     let client = redis_conn::client(&s.redis).unwrap();
     let blocking = redis_conn::blocking_connection(&client, &s.redis)
         .await

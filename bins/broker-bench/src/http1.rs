@@ -1,12 +1,8 @@
-//! A lean HTTP/1.1 client for the worker leg and for callbacks: one `POST` and its (streamed)
-//! answer per exchange, on pooled keep-alive connections, over TCP or TLS (rustls, webpki
-//! roots).
-//!
-//! Why not hyper's client: a drainer holds one worker connection per running turn, and runs
-//! thousands at once while the worker thinks. hyper gives each connection its own task, a
-//! request channel and 8 KiB buffers, about 14 KiB before the first byte. Here the turn's task
-//! owns its connection and one buffer that starts at 1 KiB, and no other task is woken to
-//! pass a frame along.
+//! The load generator's HTTP/1.1 client: one request and its (streamed) answer per exchange,
+//! on pooled keep-alive connections. It is part of the measuring instrument, not of the
+//! broker: the bench shares the machine with the processes it measures, and this client
+//! costs it less CPU per request than hyper's pooled client, so that less of the machine
+//! goes to the load itself. The broker's own client is hyper's (`broker_core::http_client`).
 //!
 //! What it speaks: `Content-Length`, `chunked` and close-delimited bodies; `Connection: close`;
 //! informational (1xx) answers are skipped. A connection goes back to the pool only after its
@@ -117,8 +113,6 @@ enum Body {
 /// An answer whose head was read. Its body is read with [`Response::next`].
 pub struct Response {
     pub status: u16,
-    /// `Retry-After` in seconds, when given as a number.
-    pub retry_after: Option<u64>,
     conn: Option<Conn>,
     body: Body,
     keep_alive: bool,
@@ -153,25 +147,6 @@ impl std::fmt::Debug for Trust {
 }
 
 impl Trust {
-    /// The public authorities and every certificate of `pem` (PEM text); an error when it
-    /// holds none, or one that cannot be read.
-    pub fn with_extra_pem(pem: &[u8]) -> Result<Self, String> {
-        use rustls::pki_types::pem::PemObject;
-        let extra = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("not a PEM certificate: {e}"))?;
-        if extra.is_empty() {
-            return Err("no PEM certificate in it".into());
-        }
-        let trust = Self {
-            extra: extra.into(),
-        };
-        // A certificate the TLS library refuses as a trust anchor shows now, not on the first
-        // request.
-        trust.connector()?;
-        Ok(trust)
-    }
-
     fn connector(&self) -> Result<tokio_rustls::TlsConnector, String> {
         if self.extra.is_empty() {
             tls_connector()
@@ -185,23 +160,6 @@ impl Client {
     /// A client for the origin of `url` (`http` or `https`, trusting the public authorities).
     pub fn new(url: &Uri, connect_timeout: Duration) -> Result<Self, String> {
         Self::build(url, connect_timeout, None, &Trust::default())
-    }
-
-    /// [`Client::new`] trusting the authorities of `trust`.
-    pub fn trusting(url: &Uri, connect_timeout: Duration, trust: &Trust) -> Result<Self, String> {
-        Self::build(url, connect_timeout, None, trust)
-    }
-
-    /// A client for the origin of `url` whose connections `dial` opens (TLS, when the scheme
-    /// asks for it, still verifies the URL's host name against `trust`). `connect_timeout`
-    /// bounds the dial and the TLS handshake together.
-    pub fn with_dial(
-        url: &Uri,
-        connect_timeout: Duration,
-        dial: Dial,
-        trust: &Trust,
-    ) -> Result<Self, String> {
-        Self::build(url, connect_timeout, Some(dial), trust)
     }
 
     fn build(
@@ -245,14 +203,6 @@ impl Client {
         self
     }
 
-    /// Closes the idle connections that have been idle too long (they are otherwise closed
-    /// only when a connection is taken or given back).
-    pub fn close_expired(&self) {
-        if let Ok(mut idle) = self.idle.idle.lock() {
-            close_stale(&mut idle);
-        }
-    }
-
     /// Sends `head` (request line and headers, ending in the empty line) and `body`, and reads
     /// the answer's head.
     pub async fn request(&self, head: &[u8], body: &[u8]) -> io::Result<Response> {
@@ -266,10 +216,9 @@ impl Client {
             };
             let reused = conn.reused;
             match conn.exchange(&message).await {
-                Ok((status, retry_after, body, keep_alive)) => {
+                Ok((status, body, keep_alive)) => {
                     return Ok(Response {
                         status,
-                        retry_after,
                         conn: Some(conn),
                         body,
                         keep_alive,
@@ -392,10 +341,7 @@ impl Conn {
         )
     }
 
-    async fn exchange(
-        &mut self,
-        message: &[u8],
-    ) -> Result<(u16, Option<u64>, Body, bool), Exchange> {
+    async fn exchange(&mut self, message: &[u8]) -> Result<(u16, Body, bool), Exchange> {
         self.io
             .write_all(message)
             .await
@@ -411,7 +357,7 @@ impl Conn {
     }
 
     /// Reads and parses one response head.
-    async fn read_head(&mut self) -> Result<(u16, Option<u64>, Body, bool), Exchange> {
+    async fn read_head(&mut self) -> Result<(u16, Body, bool), Exchange> {
         let mut first = true;
         loop {
             if self.buffered() > 0 {
@@ -468,12 +414,11 @@ fn eof() -> io::Error {
 }
 
 /// Status, `Retry-After`, body framing and keep-alive of a parsed head.
-fn head_of(response: &httparse::Response<'_, '_>) -> io::Result<(u16, Option<u64>, Body, bool)> {
+fn head_of(response: &httparse::Response<'_, '_>) -> io::Result<(u16, Body, bool)> {
     let status = response.code.unwrap_or(0);
     let mut keep_alive = response.version == Some(1);
     let mut length = None;
     let mut chunked = false;
-    let mut retry_after = None;
     for header in response.headers.iter() {
         let value = std::str::from_utf8(header.value).unwrap_or("").trim();
         let name = header.name;
@@ -503,8 +448,6 @@ fn head_of(response: &httparse::Response<'_, '_>) -> io::Result<(u16, Option<u64
             {
                 keep_alive = true;
             }
-        } else if name.eq_ignore_ascii_case("retry-after") {
-            retry_after = value.parse().ok();
         }
     }
     let body = if status == 204 || status == 304 || (100..200).contains(&status) {
@@ -517,7 +460,7 @@ fn head_of(response: &httparse::Response<'_, '_>) -> io::Result<(u16, Option<u64
         keep_alive = false;
         Body::UntilClose
     };
-    Ok((status, retry_after, body, keep_alive))
+    Ok((status, body, keep_alive))
 }
 
 impl Response {
@@ -602,40 +545,6 @@ impl Response {
             all.extend_from_slice(&piece[..piece.len().min(room)]);
         }
         Ok(all)
-    }
-
-    /// Gives the connection back to the pool once the body has been read to its end: at once
-    /// when its end is already here, else from a task that reads the rest for up to `within`.
-    pub fn finish(mut self, within: Duration) {
-        if self.conn.is_none() || !self.keep_alive {
-            return;
-        }
-        let ended = {
-            let waker = std::task::Waker::noop();
-            let mut cx = Context::from_waker(waker);
-            let mut read = std::pin::pin!(self.drain());
-            matches!(read.as_mut().poll(&mut cx), Poll::Ready(true))
-        };
-        if ended || self.conn.is_none() {
-            return;
-        }
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(within, self.drain()).await;
-        });
-    }
-
-    /// Reads the body to its end; true when it got there.
-    async fn drain(&mut self) -> bool {
-        loop {
-            match self.next().await {
-                Ok(Some(_)) => {}
-                Ok(None) => return true,
-                Err(_) => {
-                    self.conn = None;
-                    return false;
-                }
-            }
-        }
     }
 
     fn release(&mut self) {
@@ -743,15 +652,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn informational_heads_are_skipped_and_length_close_and_retry_after_are_read() {
+    async fn informational_heads_are_skipped_and_length_and_close_are_read() {
         let busy = "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 429 Too Many\r\nRetry-After: 7\r\nContent-Length: 4\r\n\r\nbusy";
         let last = "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end";
         let (client, accepted) = server(vec![busy, last], 5).await;
         let mut response = client.request(HEAD, b"{}").await.expect("request");
-        assert_eq!((response.status, response.retry_after), (429, Some(7)));
+        assert_eq!(response.status, 429);
         assert_eq!(body_of(&mut response).await, "busy");
         let mut response = client.request(HEAD, b"{}").await.expect("request");
-        assert_eq!((response.status, response.retry_after), (200, None));
+        assert_eq!(response.status, 200);
         assert_eq!(body_of(&mut response).await, "until the end");
         assert_eq!(*accepted.lock().expect("lock"), 1);
     }
@@ -790,26 +699,6 @@ mod tests {
             assert_eq!(body_of(&mut response).await, "ok");
         }
         assert_eq!(*accepted.lock().expect("lock"), 3);
-    }
-
-    #[tokio::test]
-    async fn a_stream_left_after_its_last_frame_is_read_to_its_end_and_reused() {
-        // The end of the body comes in its own write, after the frame the reader stops at.
-        let answer =
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nframe\n\r\n0\r\n\r\n";
-        let (client, accepted) = server(vec![answer, answer], 1).await;
-        for _ in 0..2 {
-            let mut response = client.request(HEAD, b"{}").await.expect("request");
-            let first = response.next().await.expect("read").map(<[u8]>::to_vec);
-            assert!(first.is_some_and(|f| !f.is_empty() && b"frame\n".starts_with(&f)));
-            response.finish(Duration::from_secs(5));
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while client.idle.idle.lock().expect("lock").is_empty() {
-                assert!(Instant::now() < deadline, "the connection never came back");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-        assert_eq!(*accepted.lock().expect("lock"), 1);
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use broker_core::http1;
+use crate::http1;
 use broker_proto::json::push_string;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

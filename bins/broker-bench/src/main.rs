@@ -3,6 +3,7 @@
 //! delivery mode, checks every answer, and prints one JSON line per run. See
 //! `docs/performance.md` for what each scenario measures and the figures.
 
+mod http1;
 mod load;
 mod probe;
 mod report;

@@ -98,12 +98,11 @@ pub struct Drainer {
 impl Drainer {
     /// Connects nothing yet (Redis may be down at start): builds clients and binds `HOST:PORT`.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let pool = redis_conn::pool(&settings.redis)?;
+        let redis = redis_conn::shared(&settings.redis)?;
         let client = redis_conn::client(&settings.redis)?;
         let keys = Keys::new(&settings.redis.key_prefix, &settings.redis.shard);
-        let worker = WorkerClient::new(&settings.worker)
-            .map_err(anyhow::Error::msg)?
-            .keep_idle(settings.drainer.concurrency);
+        let worker = WorkerClient::new(&settings.worker, settings.drainer.concurrency)
+            .map_err(anyhow::Error::msg)?;
         let addr = format!("{}:{}", settings.host, settings.port_or(8001));
         let listener = TcpListener::bind(&addr)
             .await
@@ -114,7 +113,7 @@ impl Drainer {
             );
         }
         let (hard_stop_tx, hard_stop) = watch::channel(false);
-        let queue = Queue::new(pool, keys);
+        let queue = Queue::new(redis, keys);
         let retention = broker_core::queue::Retention {
             result_ttl: settings.drainer.result_ttl,
             dead_list_max: settings.drainer.dead_list_max,
@@ -315,7 +314,7 @@ async fn claim_loop(
         let Some(c) = conn.as_mut() else { continue };
         // The BLMOVE is never abandoned half-way: a command the server already runs could still
         // move a conversation after the client stopped listening. Its own timeout bounds it.
-        let lease = broker_core::ids::uuid_v4().simple().to_string();
+        let lease = uuid::Uuid::new_v4().simple().to_string();
         let outcome = tokio::time::timeout(
             d.block + Duration::from_secs(5),
             shared
@@ -401,10 +400,6 @@ async fn reconcile(shared: &Shared) -> Result<(), broker_core::queue::QueueError
 async fn heartbeat_loop(shared: Arc<Shared>, mut end: watch::Receiver<bool>) {
     let every = shared.settings.drainer.heartbeat;
     loop {
-        // Connections kept for a burst of turns or callbacks are closed once idle for long,
-        // even when no turn comes to give one back.
-        shared.worker.close_expired();
-        shared.callbacks.close_expired();
         match shared.queue.heartbeat(shared.id()).await {
             Ok(_) => {
                 let now = now_ms();

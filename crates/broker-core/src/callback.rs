@@ -6,21 +6,22 @@
 //! public, and connects to the address it checked. TLS still verifies the host name. Hosts on
 //! `BROKER_CALLBACK_ALLOWLIST` are exempt from both rules (plain `http` and private addresses).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use hyper::Uri;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE, USER_AGENT};
+use hyper::{Request as HttpRequest, Uri};
 use secrecy::ExposeSecret;
-use tokio::net::TcpStream;
 
 use crate::config::{Allowlist, CallbackSettings};
-use crate::http1;
+use crate::http_client::{self, HttpClient};
 use crate::worker::backoff;
 
 /// The longest a host name may take to resolve.
@@ -215,29 +216,21 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
 #[error("{0}")]
 pub struct Refused(pub String);
 
-/// Opens a callback connection to `target`: resolves it through the policy (every new
-/// connection, so a name that later resolves elsewhere is checked again), then connects to the
-/// addresses it checked, in turn. A refusal comes back as an [`io::Error`] carrying
-/// [`Refused`].
-fn checked_dial(policy: Policy, target: Target, connect_timeout: Duration) -> http1::Dial {
-    let target = Arc::new(target);
-    Arc::new(move || {
+/// Opens callback connections: each new connection's URL goes through the policy again (so a
+/// name that later resolves elsewhere is checked again), and only the addresses it checked are
+/// connected to. A refusal is a [`Refused`] in the error's chain of causes.
+fn checked_dial(policy: Policy, connect_timeout: Duration) -> http_client::Dial {
+    Arc::new(move |uri: Uri| {
         let policy = policy.clone();
-        let target = target.clone();
         Box::pin(async move {
+            let target = policy
+                .target(&uri.to_string())
+                .map_err(|e| Box::new(Refused(e)) as http_client::BoxError)?;
             let addresses = policy
                 .addresses(&target)
                 .await
-                .map_err(|e| io::Error::other(Refused(e)))?;
-            let mut last = io::Error::other("no address to connect to");
-            for address in addresses {
-                match tokio::time::timeout(connect_timeout, TcpStream::connect(address)).await {
-                    Ok(Ok(stream)) => return Ok(stream),
-                    Ok(Err(e)) => last = e,
-                    Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
-                }
-            }
-            Err(last)
+                .map_err(|e| Box::new(Refused(e)) as http_client::BoxError)?;
+            http_client::connect_any(&addresses, connect_timeout).await
         })
     })
 }
@@ -301,43 +294,23 @@ enum Attempt {
     GiveUp(String),
 }
 
-/// The most receiving origins whose connections are kept; beyond it, one origin's pool is
-/// dropped for each new origin.
-const MAX_ORIGINS: usize = 64;
-/// How often idle connections past their time are closed.
-const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// The most of a receiver's answer body read (and dropped) so its connection can be reused.
 const MAX_ANSWER_BODY: usize = 64 * 1024;
-
-/// Keep-alive connections to the receivers, one pool per origin (scheme, host and port).
-struct Pools {
-    by_origin: HashMap<String, http1::Client>,
-    swept: Instant,
-}
-
-impl Pools {
-    /// Closes the connections idle past their time, in every origin's pool.
-    fn sweep(&mut self) {
-        self.swept = Instant::now();
-        self.by_origin
-            .values()
-            .for_each(http1::Client::close_expired);
-    }
-}
+/// Idle connections kept per receiving origin unless [`Sender::keep_idle`] says otherwise.
+const MAX_IDLE: usize = 64;
 
 /// Sends signed callbacks, retrying connection errors, 408, 429 and 5xx within the budget.
 #[derive(Clone)]
 pub struct Sender {
     policy: Policy,
-    pools: Arc<Mutex<Pools>>,
+    /// Keep-alive connections per receiving origin; each new one dialled through the policy.
+    client: Result<HttpClient, String>,
     signer: Option<Signer>,
     budget: Duration,
     attempt_timeout: Duration,
     connect_timeout: Duration,
     retry_base: Duration,
-    /// Idle connections kept per origin, when not the client's default.
-    keep_idle: Option<usize>,
-    trust: http1::Trust,
+    trust: http_client::Trust,
 }
 
 impl Sender {
@@ -346,70 +319,34 @@ impl Sender {
     }
 
     pub fn with_policy(settings: &CallbackSettings, policy: Policy) -> Self {
-        Self {
+        let connect_timeout = settings.attempt_timeout.min(Duration::from_secs(10));
+        let mut sender = Self {
+            client: Err(String::new()),
             policy,
-            pools: Arc::new(Mutex::new(Pools {
-                by_origin: HashMap::new(),
-                swept: Instant::now(),
-            })),
             signer: settings
                 .secret
                 .as_ref()
                 .map(|s| Signer::new(s.expose_secret())),
             budget: settings.budget,
             attempt_timeout: settings.attempt_timeout,
-            connect_timeout: settings.attempt_timeout.min(Duration::from_secs(10)),
+            connect_timeout,
             retry_base: Duration::from_millis(200),
-            keep_idle: None,
             trust: settings.trust.clone(),
-        }
+        };
+        sender.client = sender.build_client(MAX_IDLE);
+        sender
+    }
+
+    fn build_client(&self, max_idle: usize) -> Result<HttpClient, String> {
+        let dial = checked_dial(self.policy.clone(), self.connect_timeout);
+        HttpClient::new(dial, &self.trust, max_idle).map_err(|e| format!("callback client: {e}"))
     }
 
     /// The same sender keeping up to `max` idle connections per origin: as many as callbacks
     /// can be under way at once, so a burst to one receiver does not close and reopen them.
     pub fn keep_idle(mut self, max: usize) -> Self {
-        self.keep_idle = Some(max);
+        self.client = self.build_client(max);
         self
-    }
-
-    /// Closes the connections that have been idle too long (the drainer calls it on its
-    /// heartbeat, so that an idle drainer does not keep them).
-    pub fn close_expired(&self) {
-        self.pools.lock().unwrap_or_else(|e| e.into_inner()).sweep();
-    }
-
-    /// The client for the origin of `uri`, made on first use. Every new connection it opens
-    /// goes through the policy again.
-    fn client_for(&self, uri: &Uri, target: &Target) -> Result<http1::Client, String> {
-        // Built by hand: a callback pays for it every time (`format!` cost about 1,000
-        // instructions a piece).
-        let mut origin = String::with_capacity(target.host.len() + 16);
-        origin.push_str(if target.https { "https://" } else { "http://" });
-        origin.push_str(&target.host);
-        origin.push(':');
-        origin.push_str(itoa::Buffer::new().format(target.port));
-        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        if pools.swept.elapsed() >= SWEEP_EVERY {
-            pools.sweep();
-        }
-        if let Some(client) = pools.by_origin.get(&origin) {
-            return Ok(client.clone());
-        }
-        let dial = checked_dial(self.policy.clone(), target.clone(), self.connect_timeout);
-        // The dial bounds each address by the connect timeout; the attempt's own timeout
-        // bounds the whole.
-        let mut client = http1::Client::with_dial(uri, self.attempt_timeout, dial, &self.trust)
-            .map_err(|e| format!("callback_url: {e}"))?;
-        if let Some(max) = self.keep_idle {
-            client = client.keep_idle(max);
-        }
-        if pools.by_origin.len() >= MAX_ORIGINS {
-            if let Some(some) = pools.by_origin.keys().next().cloned() {
-                pools.by_origin.remove(&some);
-            }
-        }
-        pools.by_origin.insert(origin, client.clone());
-        Ok(client)
     }
 
     /// Whether deliveries can be signed (a secret is configured).
@@ -440,19 +377,18 @@ impl Sender {
             return Delivery::failed(0, "the webhook id is not a valid header value");
         }
         // The shape checks, as the API ran them; the address is checked for every connection.
-        let client = match self
-            .policy
-            .target(url)
-            .and_then(|target| self.client_for(&uri, &target))
-        {
+        if let Err(refused) = self.policy.target(url) {
+            return Delivery::failed(1, refused);
+        }
+        let client = match &self.client {
             Ok(client) => client,
-            Err(refused) => return Delivery::failed(1, refused),
+            Err(e) => return Delivery::failed(1, e.clone()),
         };
         let request = Request {
-            client: &client,
-            head: request_head(&uri),
+            client,
+            uri,
             webhook_id,
-            body,
+            body: Bytes::copy_from_slice(body),
             signer,
         };
         let deadline = Instant::now() + self.budget;
@@ -496,75 +432,55 @@ impl Sender {
     }
 }
 
-/// The request line and the headers every attempt of a callback shares, up to the
-/// `webhook-id` header's value.
-fn request_head(uri: &Uri) -> String {
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    // The policy refused credentials, so the authority is host and port.
-    let authority = uri.authority().map_or("", |a| a.as_str());
-    const REST: &str = concat!(
-        "\r\nContent-Type: application/json\r\nUser-Agent: bt-servant-broker/",
-        env!("CARGO_PKG_VERSION"),
-        "\r\nwebhook-id: "
-    );
-    let mut head = String::with_capacity(path.len() + authority.len() + 32 + REST.len());
-    head.push_str("POST ");
-    head.push_str(path);
-    head.push_str(" HTTP/1.1\r\nHost: ");
-    head.push_str(authority);
-    head.push_str(REST);
-    head
-}
-
 /// One callback's request, sent once per attempt.
 struct Request<'a> {
-    client: &'a http1::Client,
-    head: String,
+    client: &'a HttpClient,
+    uri: Uri,
     webhook_id: &'a str,
-    body: &'a [u8],
+    body: Bytes,
     signer: &'a Signer,
 }
+
+/// Every callback's `User-Agent`.
+const AGENT: &str = concat!("bt-servant-broker/", env!("CARGO_PKG_VERSION"));
 
 impl Request<'_> {
     async fn attempt(&self, timeout: Duration) -> Attempt {
         let timestamp = crate::clock::now_ms() / 1000;
-        let signature = self.signer.signature(self.webhook_id, timestamp, self.body);
-        let mut head = String::with_capacity(self.head.len() + 160);
-        head.push_str(&self.head);
-        head.push_str(self.webhook_id);
-        head.push_str("\r\nwebhook-timestamp: ");
-        head.push_str(itoa::Buffer::new().format(timestamp));
-        head.push_str("\r\nwebhook-signature: ");
-        head.push_str(&signature);
-        head.push_str("\r\nContent-Length: ");
-        head.push_str(itoa::Buffer::new().format(self.body.len()));
-        head.push_str("\r\n\r\n");
-        let sent = tokio::time::timeout(timeout, self.client.request(head.as_bytes(), self.body));
-        let mut response = match sent.await {
+        let signature = self
+            .signer
+            .signature(self.webhook_id, timestamp, &self.body);
+        let request = HttpRequest::post(self.uri.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(USER_AGENT, AGENT)
+            .header("webhook-id", self.webhook_id)
+            .header("webhook-timestamp", HeaderValue::from(timestamp))
+            .header("webhook-signature", signature)
+            .body(Full::new(self.body.clone()));
+        let Ok(request) = request else {
+            return Attempt::GiveUp("the callback request could not be built".into());
+        };
+        let response = match tokio::time::timeout(timeout, self.client.send(request)).await {
             Err(_) => {
                 return Attempt::Retry(format!("no answer within {} ms", timeout.as_millis()), None)
             }
             Ok(Err(e)) => {
-                if let Some(refused) = e.get_ref().and_then(|e| e.downcast_ref::<Refused>()) {
+                if let Some(refused) = http_client::find_cause::<Refused>(e.as_ref()) {
                     return Attempt::GiveUp(refused.0.clone());
                 }
-                return Attempt::Retry(format!("connection failed: {e}"), None);
+                return Attempt::Retry(format!("connection failed: {}", chain(e.as_ref())), None);
             }
             Ok(Ok(response)) => response,
         };
-        let status = response.status;
-        let retry_after = response.retry_after.map(Duration::from_secs);
+        let status = response.status().as_u16();
+        let retry_after = http_client::retry_after(&response).map(Duration::from_secs);
         // Read (and drop) a bounded part of the body: read to its end, the connection goes
         // back to the pool; otherwise it is closed.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let mut read = 0usize;
-            while let Ok(Some(piece)) = response.next().await {
-                read += piece.len();
-                if read > MAX_ANSWER_BODY {
-                    break;
-                }
-            }
-        })
+        let mut body = response.into_body();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            http_client::collect(&mut body, MAX_ANSWER_BODY),
+        )
         .await;
         if (200..300).contains(&status) {
             Attempt::Delivered
@@ -576,8 +492,22 @@ impl Request<'_> {
     }
 }
 
+/// An error and its causes, `: `-joined (hyper's top-level errors say little alone).
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
 
     struct Fixed(Vec<IpAddr>);
@@ -673,16 +603,11 @@ mod tests {
     async fn the_dial_checks_again_at_delivery() {
         // The name passed the API's check, and now resolves to loopback.
         let p = policy("", &["127.0.0.1"]);
-        let target = Target {
-            host: "rebound.example".into(),
-            port: 443,
-            https: true,
-            allow_listed: false,
-        };
-        let e = checked_dial(p, target, Duration::from_secs(1))()
+        let uri: Uri = "https://rebound.example/cb".parse().unwrap();
+        let e = checked_dial(p, Duration::from_secs(1))(uri)
             .await
             .expect_err("refused");
-        let refused = e.get_ref().and_then(|e| e.downcast_ref::<Refused>());
+        let refused = http_client::find_cause::<Refused>(e.as_ref());
         assert!(refused.is_some_and(|r| r.0.contains("127.0.0.1")), "{e}");
     }
 
@@ -711,8 +636,11 @@ mod tests {
                             let head = String::from_utf8_lossy(&got[..end]).to_string();
                             let length: usize = head
                                 .lines()
-                                .find_map(|l| l.strip_prefix("Content-Length: "))
-                                .and_then(|v| v.parse().ok())
+                                .find_map(|l| {
+                                    let (name, value) = l.split_once(':')?;
+                                    name.eq_ignore_ascii_case("content-length")
+                                        .then(|| value.trim().parse().ok())?
+                                })
                                 .unwrap_or(0);
                             if got.len() >= end + 4 + length {
                                 let all: Vec<u8> = got.drain(..end + 4 + length).collect();
@@ -747,7 +675,7 @@ mod tests {
             allowlist: Allowlist::parse(&format!("127.0.0.1:{port}")).expect("allowlist"),
             budget: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(5),
-            trust: crate::http1::Trust::default(),
+            trust: crate::http_client::Trust::default(),
         };
         let sender = Sender::new(&settings);
         let url = format!("http://127.0.0.1:{port}/hooks/in?token=t");
@@ -778,7 +706,10 @@ mod tests {
         let header = |request: &str, name: &str| {
             request
                 .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_owned))
+                .find_map(|l| {
+                    let (n, value) = l.split_once(": ")?;
+                    n.eq_ignore_ascii_case(name).then(|| value.to_owned())
+                })
                 .unwrap_or_else(|| panic!("no {name} in {request}"))
         };
         let first = &seen[0];

@@ -10,13 +10,13 @@ use redis::{AsyncCommands, Value};
 
 use crate::clock::now_ms;
 use crate::keys::Keys;
-use crate::redis_conn::Pool;
+use crate::redis_conn::Shared;
 use crate::scripts::{Call, Scripts};
 
-/// A Redis failure: the pool could not give a connection, or a command failed.
-/// Runs a read (`|$conn| $body`, on a pooled connection), and once more if its connection
-/// turned out broken: a read is safe to repeat, and the second try gets a connection opened
-/// since, as the pool replaces every older one after such a failure. Evaluates to
+/// A Redis failure: a command failed, or a script answered something unexpected.
+/// Runs a read (`|$conn| $body`, on the shared connection), and once more if its connection
+/// turned out broken: a read is safe to repeat, and the second try goes out on a connection
+/// opened since. Evaluates to
 /// `Result<_, QueueError>`.
 macro_rules! read {
     ($queue:expr, |$conn:ident| $body:expr) => {{
@@ -38,13 +38,11 @@ macro_rules! read {
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("redis unavailable: {0}")]
-    Pool(#[from] crate::redis_conn::PoolError),
     #[error("redis command failed: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from a script: {0}")]
     Protocol(String),
-    /// A pool failure, as each request of a failed batch gets it.
+    /// A failure, as each request of a failed batch gets it.
     #[error("redis unavailable: {0}")]
     Unavailable(String),
 }
@@ -53,7 +51,6 @@ impl QueueError {
     /// The same failure again, for another request of the batch that met it.
     pub fn again(&self) -> Self {
         match self {
-            Self::Pool(e) => Self::Unavailable(e.to_string()),
             Self::Redis(e) => Self::Redis(e.clone()),
             Self::Protocol(text) => Self::Protocol(text.clone()),
             Self::Unavailable(text) => Self::Unavailable(text.clone()),
@@ -329,11 +326,11 @@ impl QueueStatus {
     }
 }
 
-/// Broker state in Redis: a command pool, the key layout and the scripts. A clone shares
+/// Broker state in Redis: the shared connection, the key layout and the scripts. A clone shares
 /// them: the batchers clone it for every batch.
 #[derive(Clone)]
 pub struct Queue {
-    pool: Pool,
+    redis: Shared,
     keys: Arc<Keys>,
     scripts: Arc<Scripts>,
 }
@@ -354,9 +351,9 @@ const RECORD_FIELDS: [&str; 12] = [
 ];
 
 impl Queue {
-    pub fn new(pool: Pool, keys: Keys) -> Self {
+    pub fn new(redis: Shared, keys: Keys) -> Self {
         Self {
-            pool,
+            redis,
             keys: Arc::new(keys),
             scripts: Arc::new(Scripts::new()),
         }
@@ -366,17 +363,9 @@ impl Queue {
         &self.keys
     }
 
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
-
-    async fn conn(&self) -> Result<crate::redis_conn::Connection, QueueError> {
-        if let Some(conn) = self.pool.ready() {
-            return Ok(conn);
-        }
-        // Boxed: the pool's checkout future (which may open a connection) is kilobytes, and
-        // would otherwise sit inside every future that awaits a queue operation.
-        Ok(Box::pin(crate::redis_conn::get(&self.pool)).await?)
+    /// A handle to the shared connection (infallible; `Result` for the callers' `?`).
+    async fn conn(&self) -> Result<Shared, QueueError> {
+        Ok(self.redis.clone())
     }
 
     /// `PING`: is Redis reachable?

@@ -11,18 +11,20 @@
 //! | an `error` frame | `WORKER_ERROR` (502) with the worker's message |
 //! | a `complete` frame that is not a `ChatResponse` | `INVALID_WORKER_RESPONSE` (502) |
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use broker_proto::sse::{Frame, FrameParser};
 use broker_proto::{ChatResponse, Failure};
-use hyper::header::HeaderValue;
-use hyper::Uri;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Request, Uri};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 
 use crate::config::WorkerSettings;
-use crate::http1;
+use crate::http_client::{self, HttpClient};
 
 /// 429 codes that mean "busy, come back later", as opposed to a limit the turn hit.
 pub const BUSY_CODES: &[&str] = &[
@@ -48,15 +50,16 @@ pub enum TurnResult {
 /// Calls the worker's stream endpoint.
 #[derive(Clone)]
 pub struct WorkerClient {
-    client: http1::Client,
-    /// The request line and headers up to `Content-Length` (the bearer key included).
-    head: Arc<[u8]>,
+    client: HttpClient,
+    uri: Uri,
+    /// `Bearer <WORKER_API_KEY>`, marked sensitive; none without a key.
+    authorization: Option<HeaderValue>,
     settings: WorkerSettings,
 }
 
 /// The answer to one attempt before its stream is read.
 enum Opened {
-    Stream(http1::Response),
+    Stream(Incoming),
     Busy(Duration),
     Retryable(String),
     Rejected(Failure),
@@ -68,48 +71,38 @@ fn fail(status: u16, error: &str, code: &str, message: impl Into<String>) -> Tur
 }
 
 impl WorkerClient {
-    pub fn new(settings: &WorkerSettings) -> Result<Self, String> {
-        let stream_uri: Uri = format!("{}/api/v1/chat/stream", settings.base_url)
+    /// A client keeping up to `max_idle` idle connections: a drainer keeps as many as it runs
+    /// turns at once, so that turns ending together do not close connections the next turns
+    /// open again.
+    pub fn new(settings: &WorkerSettings, max_idle: usize) -> Result<Self, String> {
+        let uri: Uri = format!("{}/api/v1/chat/stream", settings.base_url)
             .parse()
             .map_err(|e| format!("WORKER_BASE_URL: {e}"))?;
-        let client =
-            http1::Client::trusting(&stream_uri, settings.connect_timeout, &settings.trust)
-                .map_err(|e| format!("WORKER_BASE_URL: {e}"))?;
-        let authority = stream_uri
-            .authority()
-            .map(|a| a.as_str())
-            .ok_or("WORKER_BASE_URL: no host")?;
-        let path = stream_uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\n"
-        );
-        let key = settings.api_key.expose_secret();
-        if !key.is_empty() {
-            // Checked as a header value: no line breaks can reach the request.
-            HeaderValue::from_str(&format!("Bearer {key}"))
-                .map_err(|_| "WORKER_API_KEY: not a valid header value".to_owned())?;
-            head.push_str("Authorization: Bearer ");
-            head.push_str(key);
-            head.push_str("\r\n");
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err("WORKER_BASE_URL: must be an http or https URL with a host".into());
         }
+        let client = HttpClient::new(
+            http_client::plain_dial(settings.connect_timeout),
+            &settings.trust,
+            max_idle,
+        )
+        .map_err(|e| format!("WORKER_BASE_URL: {e}"))?;
+        let key = settings.api_key.expose_secret();
+        let authorization = if key.is_empty() {
+            None
+        } else {
+            // Checked as a header value: no line breaks can reach the request.
+            let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| "WORKER_API_KEY: not a valid header value".to_owned())?;
+            value.set_sensitive(true);
+            Some(value)
+        };
         Ok(Self {
             client,
-            head: Arc::from(head.into_bytes()),
+            uri,
+            authorization,
             settings: settings.clone(),
         })
-    }
-
-    /// The same client keeping up to `max` idle connections: a drainer keeps as many as it
-    /// runs turns at once, so that turns ending together do not close connections the next
-    /// turns open again.
-    pub fn keep_idle(mut self, max: usize) -> Self {
-        self.client = self.client.keep_idle(max);
-        self
-    }
-
-    /// Closes the connections that have been idle too long.
-    pub fn close_expired(&self) {
-        self.client.close_expired();
     }
 
     /// Runs one turn to its end. `on_frame` sees every frame the worker sends, in order: its
@@ -151,29 +144,38 @@ impl WorkerClient {
     }
 
     async fn open(&self, body: &[u8]) -> Opened {
-        let mut head = Vec::with_capacity(self.head.len() + 32);
-        head.extend_from_slice(&self.head);
-        head.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
-        let mut response = match tokio::time::timeout(
-            self.settings.idle_timeout,
-            self.client.request(&head, body),
-        )
-        .await
-        {
-            Err(_) => {
-                return Opened::Retryable("no response headers within the idle timeout".into())
-            }
-            Ok(Err(e)) => return Opened::Retryable(format!("request failed: {e}")),
-            Ok(Ok(response)) => response,
+        let mut request = Request::post(self.uri.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "text/event-stream");
+        if let Some(authorization) = &self.authorization {
+            request = request.header(AUTHORIZATION, authorization.clone());
+        }
+        let Ok(request) = request.body(Full::new(Bytes::copy_from_slice(body))) else {
+            return Opened::Rejected(Failure::new(
+                500,
+                "internal error",
+                "INTERNAL_ERROR",
+                "the worker request could not be built",
+            ));
         };
-        let status = response.status;
+        let response =
+            match tokio::time::timeout(self.settings.idle_timeout, self.client.send(request)).await
+            {
+                Err(_) => {
+                    return Opened::Retryable("no response headers within the idle timeout".into())
+                }
+                Ok(Err(e)) => return Opened::Retryable(format!("request failed: {e}")),
+                Ok(Ok(response)) => response,
+            };
+        let status = response.status().as_u16();
+        let retry_after = http_client::retry_after(&response).map(Duration::from_secs);
+        let mut response = response.into_body();
         if status == 200 {
             return Opened::Stream(response);
         }
-        let retry_after = response.retry_after.map(Duration::from_secs);
         let bytes = match tokio::time::timeout(
             self.settings.idle_timeout,
-            response.collect(MAX_ERROR_BODY),
+            http_client::collect(&mut response, MAX_ERROR_BODY),
         )
         .await
         {
@@ -213,13 +215,13 @@ impl WorkerClient {
 
     async fn read_stream(
         &self,
-        mut response: http1::Response,
+        mut response: Incoming,
         on_frame: &mut (dyn FnMut(&str, &Frame) + Send),
     ) -> TurnResult {
         let mut parser = FrameParser::new();
         let idle = self.settings.idle_timeout;
         loop {
-            let next = match tokio::time::timeout(idle, response.next()).await {
+            let next = match tokio::time::timeout(idle, response.frame()).await {
                 Err(_) => {
                     return fail(
                         504,
@@ -231,7 +233,7 @@ impl WorkerClient {
                 Ok(next) => next,
             };
             match next {
-                Ok(None) => {
+                None => {
                     return fail(
                         502,
                         "worker disconnected",
@@ -239,7 +241,7 @@ impl WorkerClient {
                         "the worker's stream ended before the turn finished",
                     );
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     tracing::warn!(error = %e, "worker stream broke");
                     return fail(
                         502,
@@ -248,7 +250,10 @@ impl WorkerClient {
                         "the worker's stream broke before the turn finished",
                     );
                 }
-                Ok(Some(chunk)) => parser.feed(chunk),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => parser.feed(&data),
+                    Err(_) => continue, // trailers
+                },
             }
             while let Some(data) = parser.next_frame() {
                 let frame = Frame::parse(&data);
@@ -273,9 +278,14 @@ impl WorkerClient {
                     Frame::Keepalive | Frame::Other(_) => None,
                 };
                 if let Some(result) = ended {
-                    // The stream's end follows the terminal frame; the connection is reused
-                    // once it has come.
-                    response.finish(STREAM_END_WAIT);
+                    // The stream's end follows the terminal frame; read on the side, the
+                    // connection goes back to the pool once it has come.
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(STREAM_END_WAIT, async {
+                            while let Some(Ok(_)) = response.frame().await {}
+                        })
+                        .await;
+                    });
                     return result;
                 }
             }
