@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use broker_core::clock::now_ms;
 use broker_core::queue::{Claimed, Finish, Finished, Mode, QueueError, TurnEnd};
-use broker_core::telemetry::Context;
 use broker_core::worker::{backoff, TurnResult};
 use broker_proto::sse::Frame;
 use broker_proto::{ChatResponse, Conversation, Failure, Outcome};
 use serde_json::Value;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use tracing::Instrument;
 
 use crate::Shared;
 
@@ -23,11 +24,13 @@ pub(crate) async fn run(
     lease: String,
     permit: OwnedSemaphorePermit,
 ) {
-    let context = Context::new("turn")
-        .with("conversation", conversation.as_str())
-        .with("message_id", claimed.message_id.as_str());
-    context
-        .scope(run_inner(&shared, &conversation, claimed, &lease))
+    let span = tracing::info_span!(
+        "turn",
+        conversation = conversation.as_str(),
+        message_id = claimed.message_id.as_str()
+    );
+    run_inner(&shared, &conversation, claimed, &lease)
+        .instrument(span)
         .await;
     if let Ok(mut running) = shared.running.lock() {
         if let Some(n) = running.get_mut(conversation.as_str()) {

@@ -3,26 +3,35 @@
 //! actix-web's own signal handling is turned off so that it cannot turn SIGINT into a
 //! forced stop.
 
-/// Waits for SIGTERM or SIGINT and returns its name.
-pub async fn signal() -> &'static str {
+use std::future::Future;
+
+/// Installs the handlers now (call it first thing in `main`, so that a signal that comes
+/// while the process starts is not a forced stop) and returns a future that resolves to the
+/// first signal's name.
+pub fn signal() -> impl Future<Output = &'static str> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
+        let handlers = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) else {
-            std::future::pending::<()>().await;
-            return "none";
-        };
-        tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        );
+        async move {
+            let (Ok(mut term), Ok(mut int)) = handlers else {
+                std::future::pending::<()>().await;
+                return "none";
+            };
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
-        "ctrl-c"
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            "ctrl-c"
+        }
     }
 }
