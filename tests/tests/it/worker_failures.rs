@@ -1,6 +1,4 @@
-//! The worker failure table of design §5, case by case, through the real API and drainer.
-// Test helpers panic on purpose: a failed step fails the test.
-#![allow(clippy::unwrap_used)]
+//! The worker failure table of docs/design.md §5, case by case, through the real API and drainer.
 
 use std::time::Duration;
 

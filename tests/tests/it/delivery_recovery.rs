@@ -1,7 +1,5 @@
 //! Delivery through failures: SSE readers across a Redis restart, and a drainer stopped while
 //! a callback is still being retried. Real redis-server, the real `broker-drainer` binary.
-// Test helpers panic on purpose: a failed step fails the test.
-#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

@@ -1,8 +1,6 @@
-//! Stream mode (design §4): SSE answers to `POST /api/v1/message` with
+//! Stream mode (docs/design.md §4): SSE answers to `POST /api/v1/message` with
 //! `Accept: text/event-stream`, and `GET /api/v1/stream` from the start or `Last-Event-ID`,
 //! with a real redis-server, the API and drainer, and the mock worker.
-// Test helpers panic on purpose: a failed step fails the test.
-#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

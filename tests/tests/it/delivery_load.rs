@@ -1,7 +1,5 @@
 //! 50 conversations × 10 messages in callback mode and in two-step stream mode, through two
 //! real `broker-drainer` processes: everything delivered once, in order.
-// Test helpers panic on purpose: a failed step fails the test.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,8 +1,6 @@
 //! TLS to the worker and to a callback receiver, end to end: the drainer reaches both through
 //! a TLS front whose certificate a test authority signed (`tests/fixtures/tls`), trusting that
 //! authority through `BROKER_EXTRA_CA_FILE`, and refuses the same front without it.
-// Test helpers panic on purpose: a failed step fails the test.
-#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

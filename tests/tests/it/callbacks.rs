@@ -1,7 +1,5 @@
-//! Callback mode (design §8) against a real HTTP receiver: order, signatures, retries within
+//! Callback mode (docs/design.md §8) against a real HTTP receiver: order, signatures, retries within
 //! the budget, the dead list, and the SSRF guard.
-// Test helpers panic on purpose: a failed step fails the test.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -3,10 +3,8 @@
 //! drainer's pipelined BLMOVE + claim (taking up to three conversations), a BLMOVE whose claim
 //! was lost, claim, finishes of several turns in one call (a stale one among them now and
 //! then), stale finishes, drainer deaths (reap), releases and cancels
-//! against a real Redis, checking design §6's invariants and the counters against a simple
+//! against a real Redis, checking docs/design.md §6's invariants and the counters against a simple
 //! model after every step. The seed is printed; `MODEL_SEED=<n>` replays a run.
-// Test helpers panic on purpose: a failed step fails the test.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -400,7 +398,7 @@ async fn random_interleavings_keep_the_invariants() {
             }
         }
 
-        // Invariants of design §6, and the counters against the model.
+        // Invariants of docs/design.md §6, and the counters against the model.
         let ready: Vec<String> = conn.lrange(keys.ready(), 0, -1).await.unwrap();
         let mut lists = HashMap::new();
         for d in DRAINERS {

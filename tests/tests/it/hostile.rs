@@ -1,8 +1,6 @@
 //! The real `broker-api` binary against hostile HTTP clients on raw sockets: bodies sent
 //! without a key are never read, malformed framing is refused, HTTP/1.0 gets no chunked
 //! answer, and the API's memory stays flat through it all.
-// Test helpers panic on purpose: a failed step fails the test.
-#![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

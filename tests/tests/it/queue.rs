@@ -1,7 +1,5 @@
-//! The Lua scripts and the invariants of design §6, through the Rust functions that call them,
+//! The Lua scripts and the invariants of docs/design.md §6, through the Rust functions that call them,
 //! against a real redis-server.
-// Test helpers panic on purpose: a failed step fails the test.
-#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

@@ -1,7 +1,5 @@
 //! Recovery paths that the happy path never exercises: a lost `BLMOVE` reply (reconcile),
 //! a dropped reply subscription, and a waiter on another API process (record re-reads).
-// Test helpers panic on purpose: a failed step fails the test.
-#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

@@ -1,7 +1,5 @@
 //! The client API in-process against real Redis and the mock worker: validation, auth,
 //! sync and async modes, idempotency, queue status and health.
-// Test helpers panic on purpose: a failed step fails the test.
-#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

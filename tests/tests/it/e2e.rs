@@ -1,7 +1,5 @@
 //! Process-level end-to-end tests: real redis-server, the real `broker-drainer` binary, the
 //! API and the mock worker, and crashes in the middle of turns.
-// Test helpers panic on purpose: a failed step fails the test.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::time::Duration;

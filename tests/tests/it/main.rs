@@ -1,0 +1,19 @@
+//! The black-box tests, one binary: real redis-server, the real binaries, real HTTP. Each
+//! module covers one concern; the harness is the `broker_tests` library (`tests/src`).
+
+// Test code panics on purpose: a failed step fails the test.
+#![allow(clippy::unwrap_used)]
+
+mod api;
+mod callbacks;
+mod delivery_load;
+mod delivery_recovery;
+mod docs;
+mod e2e;
+mod hostile;
+mod model;
+mod queue;
+mod recovery;
+mod stream;
+mod tls;
+mod worker_failures;
