@@ -11,7 +11,6 @@
 //! connection as the request left).
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -35,11 +34,6 @@ const IDLE_TTL: Duration = Duration::from_secs(30);
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// Opens the TCP connection for a new keep-alive connection, in place of a plain connect to
-/// the origin's host and port (the callback sender's checks the address first).
-pub type Dial =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>> + Send + Sync>;
-
 /// Where requests go, and how to reach it.
 struct Target {
     host: String,
@@ -54,7 +48,6 @@ struct Target {
 #[derive(Clone)]
 pub struct Client {
     target: Arc<Target>,
-    dial: Option<Dial>,
     connect_timeout: Duration,
     idle: Arc<Pool>,
 }
@@ -132,42 +125,13 @@ fn invalid(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
-/// The certificate authorities a client trusts over TLS: the public ones (the webpki roots),
-/// and the extra ones of `BROKER_EXTRA_CA_FILE` (a private CA in front of the worker or a
-/// callback receiver).
-#[derive(Clone, Default)]
-pub struct Trust {
-    extra: Arc<[rustls::pki_types::CertificateDer<'static>]>,
-}
-
-impl std::fmt::Debug for Trust {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Trust {{ extra certificates: {} }}", self.extra.len())
-    }
-}
-
-impl Trust {
-    fn connector(&self) -> Result<tokio_rustls::TlsConnector, String> {
-        if self.extra.is_empty() {
-            tls_connector()
-        } else {
-            new_tls_connector(&self.extra)
-        }
-    }
-}
-
 impl Client {
     /// A client for the origin of `url` (`http` or `https`, trusting the public authorities).
     pub fn new(url: &Uri, connect_timeout: Duration) -> Result<Self, String> {
-        Self::build(url, connect_timeout, None, &Trust::default())
+        Self::build(url, connect_timeout)
     }
 
-    fn build(
-        url: &Uri,
-        connect_timeout: Duration,
-        dial: Option<Dial>,
-        trust: &Trust,
-    ) -> Result<Self, String> {
+    fn build(url: &Uri, connect_timeout: Duration) -> Result<Self, String> {
         let host = url
             .host()
             .ok_or_else(|| "no host".to_owned())?
@@ -179,7 +143,7 @@ impl Client {
             Some("https") => {
                 let name = rustls::pki_types::ServerName::try_from(host.clone())
                     .map_err(|e| format!("{host}: {e}"))?;
-                (Some((trust.connector()?, name)), 443)
+                (Some((tls_connector()?, name)), 443)
             }
             _ => return Err("the scheme must be http or https".into()),
         };
@@ -189,7 +153,6 @@ impl Client {
                 host,
                 tls,
             }),
-            dial,
             connect_timeout,
             idle: Pool::keeping(MAX_IDLE),
         })
@@ -248,10 +211,7 @@ impl Client {
     async fn connect(&self) -> io::Result<Conn> {
         let target = &self.target;
         let open = async {
-            let tcp = match &self.dial {
-                Some(dial) => dial().await?,
-                None => TcpStream::connect((target.host.as_str(), target.port)).await?,
-            };
+            let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
             tcp.set_nodelay(true)?;
             let io: Box<dyn Io> = match &target.tls {
                 None => Box::new(tcp),
@@ -272,24 +232,15 @@ impl Client {
     }
 }
 
-/// A TLS connector trusting the webpki roots, speaking HTTP/1.1; built once, shared by every
-/// client that trusts no extra authority.
+/// A TLS connector trusting the webpki roots, speaking HTTP/1.1; built once.
 fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
     static CONNECTOR: OnceLock<Result<tokio_rustls::TlsConnector, String>> = OnceLock::new();
-    CONNECTOR.get_or_init(|| new_tls_connector(&[])).clone()
+    CONNECTOR.get_or_init(new_tls_connector).clone()
 }
 
-/// A TLS connector trusting the webpki roots and `extra`, speaking HTTP/1.1.
-fn new_tls_connector(
-    extra: &[rustls::pki_types::CertificateDer<'static>],
-) -> Result<tokio_rustls::TlsConnector, String> {
+fn new_tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for certificate in extra {
-        roots
-            .add(certificate.clone())
-            .map_err(|e| format!("not a usable certificate authority: {e}"))?;
-    }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::http1;
-use broker_proto::json::push_string;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -719,6 +718,11 @@ impl Receiver {
         }
         Response::new(Full::new(Bytes::new()))
     }
+}
+
+/// Appends `text` to `out` as a JSON string.
+fn push_string(out: &mut String, text: &str) {
+    out.push_str(&serde_json::to_string(text).unwrap_or_default());
 }
 
 #[cfg(test)]

@@ -196,19 +196,42 @@ fn records_events(claimed: &Claimed) -> bool {
     Mode::parse(&claimed.mode).is_none_or(Mode::records_events)
 }
 
-/// The client-facing callback body of design §8: the outcome's fields, `status`
-/// (`completed` or `error`), `user_id`, `conversation` and `client_message_id`. Written
-/// directly, keys in alphabetical order as the `serde_json::Map` it was built in before wrote
-/// them (a test holds the two to the same bytes): through a `Value` every response, and any
-/// audio, was copied into a tree and out again.
+/// The client-facing callback body of docs/design.md §8: the outcome's fields, `status`
+/// (`completed` or `error`), `user_id`, `conversation` and `client_message_id`, keys in
+/// alphabetical order (a test holds it to what a `serde_json::Map` of them writes).
 fn callback_payload(claimed: &Claimed, conversation: &Conversation, outcome: &Outcome) -> Vec<u8> {
-    use broker_proto::json::{
-        push_number as number, push_string, push_string_or_null as text_or_null, push_strings,
-    };
+    #[derive(serde::Serialize)]
+    struct Completed<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        attachments: Option<&'a serde_json::Value>,
+        client_message_id: Option<&'a str>,
+        conversation: &'a str,
+        message_id: &'a str,
+        processing_ms: u64,
+        queue_wait_ms: u64,
+        response_language: Option<&'a str>,
+        responses: &'a [String],
+        status: &'static str,
+        user_id: &'a str,
+        voice_audio_base64: Option<&'a str>,
+        voice_audio_url: Option<&'a str>,
+    }
+    #[derive(serde::Serialize)]
+    struct Failed<'a> {
+        client_message_id: Option<&'a str>,
+        code: &'a str,
+        conversation: &'a str,
+        error: &'a str,
+        http_status: u16,
+        message: &'a str,
+        message_id: &'a str,
+        processing_ms: u64,
+        queue_wait_ms: u64,
+        status: &'static str,
+        user_id: &'a str,
+    }
     let client_message_id = Some(claimed.client_message_id.as_str()).filter(|id| !id.is_empty());
-    let mut out = String::with_capacity(384);
-    out.push('{');
-    match outcome {
+    let written = match outcome {
         Outcome::Completed {
             message_id,
             responses,
@@ -218,63 +241,41 @@ fn callback_payload(claimed: &Claimed, conversation: &Conversation, outcome: &Ou
             voice_audio_base64,
             queue_wait_ms,
             processing_ms,
-        } => {
-            if let Some(attachments) = attachments {
-                out.push_str(r#""attachments":"#);
-                out.push_str(&attachments.to_string());
-                out.push(',');
-            }
-            out.push_str(r#""client_message_id":"#);
-            text_or_null(&mut out, client_message_id);
-            out.push_str(r#","conversation":"#);
-            push_string(&mut out, conversation.as_str());
-            out.push_str(r#","message_id":"#);
-            push_string(&mut out, message_id);
-            out.push_str(r#","processing_ms":"#);
-            number(&mut out, *processing_ms);
-            out.push_str(r#","queue_wait_ms":"#);
-            number(&mut out, *queue_wait_ms);
-            out.push_str(r#","response_language":"#);
-            text_or_null(&mut out, response_language.as_deref());
-            out.push_str(r#","responses":"#);
-            push_strings(&mut out, responses);
-            out.push_str(r#","status":"completed","user_id":"#);
-            push_string(&mut out, &claimed.user_id);
-            out.push_str(r#","voice_audio_base64":"#);
-            text_or_null(&mut out, voice_audio_base64.as_deref());
-            out.push_str(r#","voice_audio_url":"#);
-            text_or_null(&mut out, voice_audio_url.as_deref());
-        }
+        } => serde_json::to_vec(&Completed {
+            attachments: attachments.as_ref(),
+            client_message_id,
+            conversation: conversation.as_str(),
+            message_id,
+            processing_ms: *processing_ms,
+            queue_wait_ms: *queue_wait_ms,
+            response_language: response_language.as_deref(),
+            responses,
+            status: "completed",
+            user_id: &claimed.user_id,
+            voice_audio_base64: voice_audio_base64.as_deref(),
+            voice_audio_url: voice_audio_url.as_deref(),
+        }),
         Outcome::Failed {
             message_id,
             failure,
             queue_wait_ms,
             processing_ms,
-        } => {
-            out.push_str(r#""client_message_id":"#);
-            text_or_null(&mut out, client_message_id);
-            out.push_str(r#","code":"#);
-            push_string(&mut out, &failure.code);
-            out.push_str(r#","conversation":"#);
-            push_string(&mut out, conversation.as_str());
-            out.push_str(r#","error":"#);
-            push_string(&mut out, &failure.error);
-            out.push_str(r#","http_status":"#);
-            number(&mut out, u64::from(failure.http_status));
-            out.push_str(r#","message":"#);
-            push_string(&mut out, &failure.message);
-            out.push_str(r#","message_id":"#);
-            push_string(&mut out, message_id);
-            out.push_str(r#","processing_ms":"#);
-            number(&mut out, *processing_ms);
-            out.push_str(r#","queue_wait_ms":"#);
-            number(&mut out, *queue_wait_ms);
-            out.push_str(r#","status":"error","user_id":"#);
-            push_string(&mut out, &claimed.user_id);
-        }
-    }
-    out.push('}');
-    out.into_bytes()
+        } => serde_json::to_vec(&Failed {
+            client_message_id,
+            code: &failure.code,
+            conversation: conversation.as_str(),
+            error: &failure.error,
+            http_status: failure.http_status,
+            message: &failure.message,
+            message_id,
+            processing_ms: *processing_ms,
+            queue_wait_ms: *queue_wait_ms,
+            status: "error",
+            user_id: &claimed.user_id,
+        }),
+    };
+    // Strings, numbers and a JSON value: serialising them cannot fail.
+    written.unwrap_or_default()
 }
 
 async fn finish(

@@ -1,5 +1,5 @@
 //! A stand-in for bt-servant-worker that speaks its chat contract
-//! (`reference/worker-contract.md` §1.3–1.8): `POST /api/v1/chat/stream` with the worker's
+//! (`docs/worker-contract.md` §1.3–1.8): `POST /api/v1/chat/stream` with the worker's
 //! exact SSE framing, `POST /api/v1/chat`, and `GET /health`.
 //!
 //! It answers every text with `echo: <text>`, so a test can check that each message got its
@@ -557,7 +557,7 @@ fn chat_response(text: &str) -> Value {
 fn complete_frame(text: &str) -> Bytes {
     let mut out = String::with_capacity(160 + text.len());
     out.push_str(r#"data: {"response":{"response_language":"en","responses":["#);
-    broker_proto::json::push_string(&mut out, &format!("echo: {text}"));
+    out.push_str(&serde_json::to_string(&format!("echo: {text}")).unwrap_or_default());
     out.push_str(r#"],"voice_audio_base64":null,"voice_audio_url":null},"type":"complete"}"#);
     out.push_str("\n\n");
     Bytes::from(out)

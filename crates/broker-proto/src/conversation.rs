@@ -1,7 +1,7 @@
 //! The conversation key: the unit the broker (and the worker) serialise on.
 //!
 //! It must match the worker's Durable Object key exactly, or the broker's ordering and the
-//! worker's lock would disagree (`reference/worker-contract.md` §1.7).
+//! worker's lock would disagree (`docs/worker-contract.md` §1.7).
 
 use std::fmt;
 

@@ -7,7 +7,6 @@
 
 pub mod conversation;
 pub mod error;
-pub mod json;
 pub mod outcome;
 pub mod request;
 pub mod sse;

@@ -9,9 +9,8 @@ use std::borrow::Cow;
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::conversation::{ChatType, Conversation};
-use crate::json;
 
-/// Longest decoded audio the worker accepts (`reference/worker-contract.md` §1.3).
+/// Longest decoded audio the worker accepts (`docs/worker-contract.md` §1.3).
 pub const MAX_AUDIO_BYTES: usize = 25 * 1024 * 1024;
 /// Audio formats the worker accepts, bare or as MIME type, compared case-insensitively.
 pub const AUDIO_FORMATS: &[&str] = &[
@@ -489,44 +488,50 @@ pub fn validate_message(
     };
 
     let conversation = Conversation::for_chat(org, chat_type, user_id, chat_id, thread_id);
-    // The worker's body, written directly: every field it understands, in the order of their
-    // names (as a `serde_json::Map` would write them), `org_id` mapped to `org`.
-    let chat_type = r.get("chat_type").map(|_| chat_type.as_str());
-    let strings = [
-        ("audio_base64", audio_base64),
-        ("audio_format", audio_format),
-        ("chat_id", chat_id),
-        ("chat_type", chat_type),
-        ("client_id", Some(client_id)),
-        ("message", message),
-        ("message_type", Some(message_type)),
-        ("org", Some(org)),
-        ("response_language_hint", hint),
-        ("speaker", speaker),
-        ("thread_id", thread_id),
-        ("user_id", Some(user_id)),
-    ];
-    let mut worker_body = String::with_capacity(body.len() + 64);
-    worker_body.push('{');
-    if let Some(b) = addressed_to_bot {
-        worker_body.push_str(if b {
-            "\"addressed_to_bot\":true,"
-        } else {
-            "\"addressed_to_bot\":false,"
-        });
+    // The worker's body: every field it understands, in the order of their names (as a
+    // `serde_json::Map` would write them), `org_id` mapped to `org`.
+    #[derive(serde::Serialize)]
+    struct WorkerBody<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        addressed_to_bot: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        audio_base64: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        audio_format: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        chat_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        chat_type: Option<&'a str>,
+        client_id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<&'a str>,
+        message_type: &'a str,
+        org: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        response_language_hint: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        speaker: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        thread_id: Option<&'a str>,
+        user_id: &'a str,
     }
-    for (name, value) in strings {
-        if let Some(v) = value {
-            worker_body.push('"');
-            worker_body.push_str(name);
-            worker_body.push_str("\":");
-            json::push_string(&mut worker_body, v);
-            worker_body.push(',');
-        }
-    }
-    // At least `client_id` was written: the last comma closes the object instead.
-    worker_body.pop();
-    worker_body.push('}');
+    let worker_body = serde_json::to_string(&WorkerBody {
+        addressed_to_bot,
+        audio_base64,
+        audio_format,
+        chat_id,
+        chat_type: r.get("chat_type").map(|_| chat_type.as_str()),
+        client_id,
+        message,
+        message_type,
+        org,
+        response_language_hint: hint,
+        speaker,
+        thread_id,
+        user_id,
+    })
+    // Strings and a boolean: serialising them cannot fail.
+    .unwrap_or_default();
 
     Ok(MessageRequest {
         conversation,

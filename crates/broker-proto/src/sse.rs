@@ -123,8 +123,8 @@ impl Frame {
         // Only the fields a frame's kind needs are read, and the type is borrowed: most
         // frames are statuses and progress, whose other fields the broker passes on as
         // sent without looking at them.
-        // The response is kept as text: built into a `Value` it cost the drainer about 5,000
-        // instructions per turn, and a tenth of its work went to reading frames.
+        // The response is kept as text: building it into a `Value` was a measurable share of
+        // the drainer's work, and it is read once, later, by `ChatResponse::parse`.
         #[derive(Deserialize)]
         struct Raw<'a> {
             // Borrowed through a newtype: serde borrows a `Cow` field, but an `Option` of
@@ -164,7 +164,7 @@ impl Frame {
 #[derive(Deserialize)]
 struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
 
-/// What the broker reads of the worker's `ChatResponse` (worker-contract.md): the
+/// What the broker reads of the worker's `ChatResponse` (docs/worker-contract.md): the
 /// responses, and the fields it passes on to the client.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatResponse {
