@@ -624,9 +624,7 @@ async fn status_response(
 ) -> Result<HttpResponse, ApiError> {
     let (status, queue_position) = match position {
         Some(p) => ("queued".to_owned(), Some(p)),
-        // Boxed: this read is the rare path (a timeout, a repeat), and unboxed it would make
-        // every `post_message` future larger than glibc's per-thread cache serves.
-        None => match Box::pin(state.queue.message_record(message_id)).await? {
+        None => match state.queue.message_record(message_id).await? {
             Some(record) => {
                 if let Some(outcome) = record.outcome.as_deref() {
                     return Ok(outcome_response(message_id, outcome));

@@ -1,4 +1,4 @@
-//! SSE to clients (design §4): a message's recorded frames, from the start or from
+//! SSE to clients (docs/design.md §4): a message's recorded frames, from the start or from
 //! `Last-Event-ID`, then live until its one terminal frame.
 //!
 //! Frames are read from the message's Redis stream, so any API process serves any message and

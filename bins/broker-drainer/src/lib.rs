@@ -345,8 +345,8 @@ async fn claim_loop(
                             .entry(t.conversation.as_str().to_owned())
                             .or_insert(0) += 1;
                     }
-                    // Boxed: the turn's future (about 3 KB) is then copied once, into its
-                    // box, instead of on every move into the task.
+                    // Boxed: the turn's large future is then copied once, into its box,
+                    // instead of on every move into the task.
                     turns.spawn(Box::pin(turn::run(
                         shared.clone(),
                         t.conversation,

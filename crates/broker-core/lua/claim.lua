@@ -30,7 +30,7 @@
 --          bytes, body last. No field can hold a NUL (the API refuses control characters in
 --          what it stores, and JSON escapes them), and the reader splits off nine fields, so
 --          even one could only end up in the body. One string instead of ten values: the
---          drainer's Redis client spends about 1,000 instructions on each value of a reply.
+--          drainer's Redis client pays for each value of a reply.
 --       | {'empty', conversation}   nothing queued: the stray entry was removed
 --   and for ARGV[1] == '' a list of such entries, in the order taken: empty when nothing new
 --   was at the head.

@@ -23,8 +23,8 @@
 --   | {'dup', original message id} | {'full', depth}
 --   position 1 means next to run (a running message is not counted). The queued frame comes
 --   back when it was recorded, so the API can send it without reading the stream. An
---   accepted message without frames is one number: the API's Redis client spends about
---   1,000 instructions on each value of a reply.
+--   accepted message without frames is one number: the API's Redis client pays for each
+--   value of a reply.
 
 local now = ARGV[1]
 local max_depth = tonumber(ARGV[2])

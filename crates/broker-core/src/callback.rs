@@ -1,4 +1,4 @@
-//! Callback delivery (design §8): the SSRF guard, Standard-Webhooks signing, and a sender that
+//! Callback delivery (docs/design.md §8): the SSRF guard, Standard-Webhooks signing, and a sender that
 //! retries within a budget.
 //!
 //! The guard runs twice: when the API accepts a `callback_url` ([`Policy::check`]) and inside

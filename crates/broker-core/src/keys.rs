@@ -3,7 +3,7 @@
 //! Keys are `<prefix>:{<shard>}:<kind>[:<id>]`: the `{shard}` hash tag puts every key a
 //! script touches into one Redis Cluster slot. Reply channels are not keys and carry no tag.
 //! The names of the keys every message uses are joined with `concat`, which sizes the string
-//! once, rather than `format!`, which cost the API about 1,000 instructions a name. The
+//! once, rather than `format!`, on the per-message path. The
 //! enqueue and finish calls, which name five and four keys for every message, take them as
 //! a [`Name`] instead: its pieces are written straight into the command, with no string of
 //! their own.

@@ -3,8 +3,8 @@
 //! writes what the message's reply channel hears of them.
 //!
 //! Constants a script passes to `redis.call` are written as strings (`'1'`, `'0'`), not Lua
-//! numbers: Redis 7.0 formats every number argument with `snprintf("%.17g")`, which made a
-//! `HINCRBY` by `1` about half again as costly as by `'1'` (`docs/performance.md`, item 18).
+//! numbers: Redis 7.0 formats every number argument with `snprintf("%.17g")` first, which
+//! makes a `HINCRBY` by `1` measurably costlier than by `'1'`.
 
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, RedisResult, Script, ToRedisArgs};
 

@@ -1,5 +1,5 @@
 //! The worker leg: one `POST {WORKER_BASE_URL}/api/v1/chat/stream` per turn, read to its
-//! terminal frame, with the failure handling of the design (§5):
+//! terminal frame, with the failure handling of docs/design.md §5:
 //!
 //! | what happens | what the drainer does |
 //! |---|---|
