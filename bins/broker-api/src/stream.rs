@@ -16,9 +16,10 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use broker_core::queue::{Event, Mode};
+use broker_core::replies::Batch;
 
 use crate::error::ApiError;
-use crate::waiters::{Batch, EventWatch};
+use crate::waiters::EventWatch;
 use crate::AppState;
 
 /// Frames read from Redis per round trip.

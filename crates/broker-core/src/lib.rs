@@ -12,6 +12,7 @@ pub mod keys;
 pub mod local_redis;
 pub mod queue;
 pub mod redis_conn;
+pub mod replies;
 pub mod scripts;
 pub mod shutdown;
 pub mod telemetry;

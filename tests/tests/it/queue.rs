@@ -7,7 +7,7 @@ use broker_core::queue::{
     Claim, Claimed, Enqueued, Finish, Finished, Mode, NewMessage, Queue, Released, Retention,
     TurnEnd,
 };
-use broker_core::{redis_conn, Keys};
+use broker_core::{redis_conn, replies, Keys};
 use broker_proto::{validate_message, Conversation, MessageRequest, ValidationLimits};
 use broker_tests::{settings, TestRedis};
 use redis::AsyncCommands;
@@ -814,6 +814,24 @@ async fn the_outcomes_of_one_finish_call_for_one_channel_go_in_one_message() {
         ));
     }
     heard.sort();
+    // Read back as the API reads them: the batch split into its replies, each one read.
+    let (_, batch) = &heard[0];
+    let read: Vec<(&str, &str)> = replies::split(batch)
+        .unwrap()
+        .map(|reply| {
+            let (id, outcome, frames) = replies::read(reply).unwrap();
+            assert!(frames.is_none());
+            (id, outcome)
+        })
+        .collect();
+    assert_eq!(
+        read,
+        [
+            ("m0", r#"{"n":0,"t":"é"}"#),
+            ("m1", r#"{"n":1,"t":"é"}"#),
+            ("m3", r#"{"n":3,"t":"é"}"#)
+        ]
+    );
     let record = |i: usize| format!("m{i}\n{{\"n\":{i},\"t\":\"é\"}}");
     let batch = format!("*\n{}\n{}\n{}", record(0), record(1), record(3));
     assert_eq!(
@@ -854,6 +872,13 @@ async fn a_stream_finish_carries_its_frames_as_sse_on_the_reply_channel() {
              id: {complete}\ndata: {{\"type\":\"complete\"}}\n\n"
         )
     );
+    // What the API reads of it (`broker_core::replies`, the format's one reader).
+    let (id, outcome, batch) = replies::read(&payload).unwrap();
+    assert_eq!((id, outcome), ("m1", r#"{"status":"completed"}"#));
+    let batch = batch.unwrap();
+    assert_eq!((&batch.before, &batch.last), (queued, complete));
+    assert!(batch.terminal);
+    assert!(payload.ends_with(std::str::from_utf8(&batch.sse).unwrap()));
 }
 
 #[tokio::test]
