@@ -14,17 +14,24 @@ use crate::config::LogFormat;
 /// or a filter directive). A second call (tests building several apps in one process) is a
 /// no-op. Keep the returned guard until `main` ends: dropping it writes the last lines.
 pub fn init(level: &str, format: LogFormat) -> Logs {
-    init_with(level, format, std::io::stdout())
+    // Colours only for a person at a terminal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    install(level, format, std::io::stdout(), ansi)
 }
 
-/// [`init`] with another sink (tests read the lines back).
+/// [`init`] with another sink (tests read the lines back), without colours.
 pub fn init_with<W: Write + Send + 'static>(level: &str, format: LogFormat, sink: W) -> Logs {
+    install(level, format, sink, false)
+}
+
+fn install<W: Write + Send + 'static>(level: &str, format: LogFormat, sink: W, ansi: bool) -> Logs {
     // Lossless: a burst of lines waits for the writer rather than being dropped.
     let (writer, guard) = NonBlockingBuilder::default().lossy(false).finish(sink);
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(ansi)
         .with_writer(writer);
     let installed = match format {
         LogFormat::Json => builder
