@@ -108,7 +108,7 @@ local function finish(k, a)
   end
   -- From the tail, where the oldest takes are (BLMOVE and the take push at the head), and
   -- turns end about in the order they began: the scan stops at the first match instead of
-  -- reading the whole list (up to the drainer's concurrency, 3 % of Redis' work under load).
+  -- reading the whole list (up to the drainer's concurrency).
   -- A conversation is in at most one list once (docs/design.md §6); a copy left by a bug would be
   -- released by reconcile as nobody's turn.
   redis.call('LREM', KEYS[1], '-1', conversation)

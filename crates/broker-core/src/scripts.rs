@@ -57,7 +57,7 @@ impl Default for Scripts {
 ///
 /// Keys and arguments are written straight into the command's one buffer. `redis`'s own
 /// `ScriptInvocation` keeps each in a vector of its own and copies them all into a command
-/// when it is sent: for the enqueue, about 25 allocations more per message.
+/// when it is sent, several allocations more per message.
 pub struct Call<'s> {
     script: &'s Script,
     cmd: Cmd,

@@ -14,7 +14,7 @@ use serde_json::Value;
 ///
 /// [`FrameParser::feed`] adds bytes and [`FrameParser::next_frame`] hands out the payloads
 /// they complete, borrowed from the parser's buffer: a payload is not copied into a `String`
-/// of its own (that and the `Vec` of them were half of what reading frames cost the drainer).
+/// of its own.
 #[derive(Debug, Default)]
 pub struct FrameParser {
     buffer: Vec<u8>,
