@@ -1,6 +1,7 @@
-//! A stand-in for bt-servant-worker that speaks its chat contract
-//! (`docs/worker-contract.md` §1.3–1.8): `POST /api/v1/chat/stream` with the worker's
-//! exact SSE framing, `POST /api/v1/chat`, and `GET /health`.
+//! A stand-in for bt-servant-worker that speaks its contract (`docs/worker-contract.md`
+//! §1.2–1.8): `POST /api/v1/chat/stream` with the worker's exact SSE framing,
+//! `POST /api/v1/chat`, `GET /health`, and the data routes clients use (preferences,
+//! history, `/api/v1/audio/*`; `data.rs`).
 //!
 //! It answers every text with `echo: <text>`, so a test can check that each message got its
 //! own reply, and it records, per conversation, how many turns run at once and the order in
@@ -12,7 +13,10 @@
 //! - `status=CODE` answer CODE before the stream (with `code=WORKER_CODE` and
 //!   `retry_after_ms=MS` for 429s); `times=N` only for the first N requests with this text;
 //! - `disconnect` end the stream after the first frame without a terminal frame;
-//! - `error` end with an `error` frame; `invalid` end with a `complete` that is no `ChatResponse`.
+//! - `error` end with an `error` frame; `invalid` end with a `complete` that is no `ChatResponse`;
+//! - `tools=N`, `progress=N`, `gap=MS`, `voice`: the real worker's whole frame sequence with N
+//!   tool iterations, N progress frames per iteration, MS between frames, and a
+//!   `voice_audio_url` on the mock's own origin (`script.rs`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -25,6 +29,9 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use broker_proto::{ChatType, Conversation};
 use bytes::Bytes;
 use serde_json::{json, Value};
+
+mod data;
+mod script;
 
 /// How the mock behaves when a message carries no directive.
 #[derive(Debug, Clone)]
@@ -137,6 +144,8 @@ fn put<V>(map: &mut HashMap<String, V>, key: &str, value: V) {
 /// The shared state of a running mock.
 #[derive(Clone, Default)]
 pub struct MockState {
+    /// Preferences, history and audio, as the worker keeps them.
+    data: Arc<Mutex<data::Store>>,
     settings: Arc<MockSettings>,
     stats: Arc<Mutex<Stats>>,
 }
@@ -164,6 +173,7 @@ impl MockWorker {
     pub fn build(settings: MockSettings) -> std::io::Result<Self> {
         let (host, port) = (settings.host.clone(), settings.port);
         let state = MockState {
+            data: Arc::default(),
             settings: Arc::new(settings),
             stats: Arc::default(),
         };
@@ -180,6 +190,23 @@ impl MockWorker {
                 )
                 .route("/api/v1/chat/stream", web::post().to(chat_stream))
                 .route("/api/v1/chat", web::post().to(chat_final))
+                .route(
+                    "/api/v1/orgs/{org}/users/{user}/preferences",
+                    web::get().to(data::get_preferences),
+                )
+                .route(
+                    "/api/v1/orgs/{org}/users/{user}/preferences",
+                    web::put().to(data::put_preferences),
+                )
+                .route(
+                    "/api/v1/orgs/{org}/users/{user}/history",
+                    web::get().to(data::get_history),
+                )
+                .route(
+                    "/api/v1/admin/orgs/{org}/users/{user}/history",
+                    web::delete().to(data::delete_history),
+                )
+                .route("/api/v1/audio/{key:.*}", web::get().to(data::get_audio))
                 .route("/mock/stats", web::get().to(stats_endpoint))
                 .route("/mock/reset", web::post().to(reset_endpoint))
         })
@@ -242,6 +269,21 @@ struct Directives {
     disconnect: bool,
     error: bool,
     invalid: bool,
+    /// Tool iterations before the final answer (`tools=N`): the real worker's frame sequence.
+    tools: Option<u64>,
+    /// Progress frames per iteration (`progress=N`).
+    progress: Option<u64>,
+    /// Time between the frames of a turn (`gap=MS`).
+    gap: Option<Duration>,
+    /// The answer carries a `voice_audio_url` on the mock's origin (`voice`).
+    voice: bool,
+}
+
+impl Directives {
+    /// Whether the turn follows the real worker's full sequence ([`script`]).
+    fn scripted(&self) -> bool {
+        self.tools.is_some() || self.progress.is_some() || self.gap.is_some() || self.voice
+    }
 }
 
 fn directives(text: &str) -> Directives {
@@ -263,6 +305,10 @@ fn directives(text: &str) -> Directives {
                 "disconnect" => d.disconnect = true,
                 "error" => d.error = true,
                 "invalid" => d.invalid = true,
+                "tools" => d.tools = n,
+                "progress" => d.progress = n,
+                "gap" => d.gap = n.map(Duration::from_millis),
+                "voice" => d.voice = true,
                 _ => {}
             }
         }
@@ -340,9 +386,39 @@ fn worker_error(status: u16, body: Value) -> HttpResponse {
     response.json(body)
 }
 
+/// The worker's key check on every `/api/*` route, when the mock has a key; `Err` is the
+/// answer to send.
+fn authorize(req: &HttpRequest, state: &MockState) -> Result<(), Box<HttpResponse>> {
+    if let Some(key) = &state.settings.api_key {
+        match req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        {
+            None => {
+                return Err(Box::new(worker_error(
+                    401,
+                    json!({"error": "Authorization header with Bearer token required"}),
+                )))
+            }
+            Some(token) if token != key => {
+                return Err(Box::new(worker_error(
+                    403,
+                    json!({"error": "Invalid API key"}),
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// The checks the worker makes before a turn starts; `Err` is the answer to send.
 struct Accepted {
     conversation: String,
+    org: String,
+    user_id: String,
     text: String,
     directives: Directives,
 }
@@ -415,28 +491,7 @@ fn accept(
     body: &Bytes,
     state: &MockState,
 ) -> Result<Accepted, Box<HttpResponse>> {
-    if let Some(key) = &state.settings.api_key {
-        match req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-        {
-            None => {
-                return Err(Box::new(worker_error(
-                    401,
-                    json!({"error": "Authorization header with Bearer token required"}),
-                )))
-            }
-            Some(token) if token != key => {
-                return Err(Box::new(worker_error(
-                    403,
-                    json!({"error": "Invalid API key"}),
-                )))
-            }
-            Some(_) => {}
-        }
-    }
+    authorize(req, state)?;
     let Some(request) = ChatRequest::read(body) else {
         return Err(Box::new(worker_error(
             400,
@@ -529,6 +584,8 @@ fn accept(
     }
     Ok(Accepted {
         conversation,
+        org: org.to_owned(),
+        user_id: user_id.into_owned(),
         text,
         directives,
     })
@@ -580,6 +637,11 @@ async fn chat_stream(req: HttpRequest, body: Bytes, state: web::Data<MockState>)
     };
     let guard = InFlight::start(&state.stats, &accepted.conversation, &accepted.text);
     let length = turn_length(&state.settings, &accepted.directives);
+    if accepted.directives.scripted() {
+        let origin = format!("http://{}", req.connection_info().host());
+        let turn = script::Turn::new(&accepted, &origin, length);
+        return script::respond(turn, guard, &state);
+    }
     let disconnect = accepted.directives.disconnect
         || (state.settings.rate_disconnect > 0.0
             && fastrand::f64() < state.settings.rate_disconnect);

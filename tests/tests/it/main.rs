@@ -11,6 +11,7 @@ mod delivery_recovery;
 mod docs;
 mod e2e;
 mod hostile;
+mod mock;
 mod model;
 mod queue;
 mod recovery;
