@@ -49,6 +49,8 @@ pub struct Received {
     pub webhook_id: String,
     pub timestamp: String,
     pub signature: String,
+    /// The worker's callback header (`X-Engine-Token`), empty when absent.
+    pub engine_token: String,
     pub body: Bytes,
     pub answered: u16,
     pub at: Instant,
@@ -105,10 +107,11 @@ impl Receiver {
                                     .unwrap_or("")
                                     .to_owned()
                             };
-                            let (webhook_id, timestamp, signature) = (
+                            let (webhook_id, timestamp, signature, engine_token) = (
                                 header("webhook-id"),
                                 header("webhook-timestamp"),
                                 header("webhook-signature"),
+                                header("x-engine-token"),
                             );
                             let body = req
                                 .into_body()
@@ -128,6 +131,7 @@ impl Receiver {
                                 webhook_id,
                                 timestamp,
                                 signature,
+                                engine_token,
                                 body,
                                 answered,
                                 at: Instant::now(),

@@ -1,7 +1,8 @@
 //! A stand-in for bt-servant-worker that speaks its contract (`docs/worker-contract.md`
 //! §1.2–1.8): `POST /api/v1/chat/stream` with the worker's exact SSE framing,
-//! `POST /api/v1/chat`, `GET /health`, and the data routes clients use (preferences,
-//! history, `/api/v1/audio/*`; `data.rs`).
+//! `POST /api/v1/chat`, `POST /api/v1/chat/callback` with the `progress_mode` rules
+//! (`callback.rs`), `GET /health`, and the data routes clients use (preferences, history,
+//! `/api/v1/audio/*`; `data.rs`).
 //!
 //! It answers every text with `echo: <text>`, so a test can check that each message got its
 //! own reply, and it records, per conversation, how many turns run at once and the order in
@@ -30,6 +31,7 @@ use broker_proto::{ChatType, Conversation};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+pub mod callback;
 mod data;
 mod script;
 
@@ -189,6 +191,10 @@ impl MockWorker {
                     }),
                 )
                 .route("/api/v1/chat/stream", web::post().to(chat_stream))
+                .route(
+                    "/api/v1/chat/callback",
+                    web::post().to(callback::chat_callback),
+                )
                 .route("/api/v1/chat", web::post().to(chat_final))
                 .route(
                     "/api/v1/orgs/{org}/users/{user}/preferences",
@@ -414,6 +420,14 @@ fn authorize(req: &HttpRequest, state: &MockState) -> Result<(), Box<HttpRespons
     Ok(())
 }
 
+/// The chat route a request came in on: the callback fields are required on one, refused on
+/// the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Chat,
+    Callback,
+}
+
 /// The checks the worker makes before a turn starts; `Err` is the answer to send.
 struct Accepted {
     conversation: String,
@@ -490,6 +504,7 @@ fn accept(
     req: &HttpRequest,
     body: &Bytes,
     state: &MockState,
+    route: Route,
 ) -> Result<Accepted, Box<HttpResponse>> {
     authorize(req, state)?;
     let Some(request) = ChatRequest::read(body) else {
@@ -512,7 +527,7 @@ fn accept(
         ("message_key", request.message_key),
         ("is_admin", request.is_admin),
     ] {
-        if present {
+        if present && (route == Route::Chat || forbidden == "is_admin") {
             return Err(Box::new(worker_error(
                 400,
                 json!({"error": format!("{forbidden} is not allowed here")}),
@@ -631,7 +646,7 @@ const PROGRESS_FRAME: &str = "data: {\"text\":\"echo: \",\"type\":\"progress\"}\
 const KEEPALIVE_FRAME: &str = "data: {\"type\":\"keepalive\"}\n\n";
 
 async fn chat_stream(req: HttpRequest, body: Bytes, state: web::Data<MockState>) -> HttpResponse {
-    let accepted = match accept(&req, &body, &state) {
+    let accepted = match accept(&req, &body, &state, Route::Chat) {
         Ok(a) => a,
         Err(response) => return *response,
     };
@@ -729,7 +744,7 @@ impl Plan {
 }
 
 async fn chat_final(req: HttpRequest, body: Bytes, state: web::Data<MockState>) -> HttpResponse {
-    let accepted = match accept(&req, &body, &state) {
+    let accepted = match accept(&req, &body, &state, Route::Chat) {
         Ok(a) => a,
         Err(response) => return *response,
     };

@@ -86,6 +86,22 @@ impl Turn {
     }
 }
 
+impl Turn {
+    pub(crate) fn frames(&self) -> &[Value] {
+        &self.frames
+    }
+
+    pub(crate) fn gap(&self) -> Duration {
+        self.gap
+    }
+
+    /// Records the finished turn in its user's history (and its audio).
+    pub(crate) fn remember(self, state: &MockState) {
+        let (user, message, answer) = self.history;
+        state.remember(&user, message, answer, self.audio);
+    }
+}
+
 /// `text` in `n` pieces of about equal length (by characters; fewer when it is shorter).
 fn split(text: &str, n: u64) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();

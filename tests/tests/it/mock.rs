@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use broker_tests::{Http, Sse, TestMock};
+use broker_tests::{eventually, Behaviour, Http, Receiver, Sse, TestMock};
 use serde_json::{json, Value};
 
 const KEY: &str = "worker-key";
@@ -207,4 +207,87 @@ async fn preferences_and_history_are_kept_per_user() {
         http.send("GET", &history, &[], None).await.unwrap().status,
         401
     );
+}
+
+#[tokio::test]
+async fn callbacks_follow_the_progress_mode_and_carry_the_engine_token() {
+    let mock = mock();
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let http = Http::new();
+    let url = format!("{}/api/v1/chat/callback", mock.url);
+    let json_type = ("content-type", "application/json");
+    let body = json!({
+        "user_id": "15551234567", "client_id": "whatsapp", "chat_id": "-100",
+        "message": "hi [mock:tools=1,progress=2]",
+        "message_key": "wamid.1", "progress_callback_url": receiver.url,
+        "progress_mode": "iteration", "progress_throttle_seconds": 3,
+    });
+    let accepted = http
+        .send("POST", &url, &[BEARER, json_type], Some(body.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(accepted.status, 202);
+    assert!(accepted.body["message_id"].is_string(), "{}", accepted.text);
+    // The complete callback is posted last.
+    let received = eventually("the complete callback", Duration::from_secs(10), || async {
+        let got = receiver.received();
+        got.iter()
+            .any(|r| r.json()["type"] == "complete")
+            .then_some(got)
+    })
+    .await;
+    let mut bodies = Vec::new();
+    for r in &received {
+        assert_eq!(r.engine_token, KEY);
+        let mut json = r.json();
+        let fields = json.as_object_mut().unwrap();
+        assert_eq!(fields.remove("user_id"), Some(json!("15551234567")));
+        assert_eq!(fields.remove("message_key"), Some(json!("wamid.1")));
+        assert_eq!(fields.remove("chat_id"), Some(json!("-100")));
+        assert!(fields.remove("timestamp").is_some_and(|t| t.is_string()));
+        assert!(!fields.contains_key("thread_id"));
+        bodies.push(json);
+    }
+    assert_eq!(
+        bodies,
+        [
+            json!({"type": "status", "message": "Processing your request..."}),
+            json!({"type": "progress", "text": "Looking up 1."}),
+            json!({"type": "status", "message": "Executing 1 tool(s)..."}),
+            json!({"type": "status", "message": "Preparing your response..."}),
+            json!({"type": "complete", "text": "\necho: hi [mock:tools=1,progress=2]"}),
+        ]
+    );
+
+    // The callback fields are required here, refused on the other chat routes.
+    let mut missing = body.clone();
+    missing.as_object_mut().unwrap().remove("message_key");
+    let refused = http
+        .send(
+            "POST",
+            &url,
+            &[BEARER, json_type],
+            Some(missing.to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 400);
+    let stream_url = format!("{}/api/v1/chat/stream", mock.url);
+    let refused = http
+        .send(
+            "POST",
+            &stream_url,
+            &[BEARER, json_type],
+            Some(body.to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 400);
+    let mut admin = body.clone();
+    admin["is_admin"] = json!(true);
+    let refused = http
+        .send("POST", &url, &[BEARER, json_type], Some(admin.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 400);
 }
