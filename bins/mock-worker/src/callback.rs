@@ -47,41 +47,68 @@ impl Mode {
 /// The callbacks the worker's rules make of a turn's `frames` (each with the time it was
 /// sent, from the turn's start): payloads without the fields every callback carries
 /// (`user_id`, `message_key`, `timestamp`, `chat_id`, `thread_id`).
+///
+/// As the worker's `createWebhookCallbacks` does it: an iteration's end (its tools ran) is
+/// reported just before the next iteration's first text, the `"\n"`; `periodic` runs a timer
+/// from the first text on, every `throttle`; `sentence` looks for the last `.`, `!` or `?`
+/// followed by white space or the end of the text in what is still unsent.
 pub fn payloads(frames: &[(Duration, Value)], mode: Mode, throttle: Duration) -> Vec<Value> {
     let mut out = Vec::new();
     let mut text = String::new();
-    // Iteration: how much of `text` went out. Periodic and sentence: the text last sent.
-    let mut sent = 0;
+    // Iteration: the text at the last iteration's end that went out. Periodic and sentence:
+    // the text last sent.
+    let mut iteration_sent = String::new();
     let mut last_sent = String::new();
-    let mut last_periodic = Duration::ZERO;
+    let mut tools_ran = false;
+    // Periodic: when the timer fires next.
+    let mut fire: Option<Duration> = None;
     for (at, frame) in frames {
+        if let Some(mut due) = fire {
+            while due < *at {
+                if text != last_sent && !text.is_empty() {
+                    out.push(json!({"type": "progress", "text": &text}));
+                    last_sent.clone_from(&text);
+                }
+                due += throttle;
+            }
+            fire = Some(due);
+        }
         match frame["type"].as_str() {
             Some("status") => {
                 if mode == Mode::Complete {
                     continue;
                 }
                 let message = frame["message"].as_str().unwrap_or_default();
-                if mode == Mode::Iteration && message.starts_with("Executing ") && text.len() > sent
-                {
-                    out.push(json!({"type": "progress", "text": &text[sent..]}));
-                    sent = text.len();
-                }
+                tools_ran |= message.starts_with("Executing ");
                 out.push(json!({"type": "status", "message": message}));
             }
             Some("progress") => {
+                if mode == Mode::Iteration && tools_ran {
+                    tools_ran = false;
+                    if let Some(delta) = text.get(iteration_sent.len()..).filter(|d| !d.is_empty())
+                    {
+                        out.push(json!({"type": "progress", "text": delta}));
+                        iteration_sent.clone_from(&text);
+                    }
+                }
                 text.push_str(frame["text"].as_str().unwrap_or_default());
-                let due = match mode {
-                    Mode::Periodic => at.saturating_sub(last_periodic) >= throttle,
-                    Mode::Sentence => text.trim_end().ends_with(['.', '!', '?']),
-                    Mode::Complete | Mode::Iteration => false,
-                };
-                if due && text.trim_end() != last_sent.trim_end() && !text.trim().is_empty() {
-                    out.push(json!({"type": "progress", "text": &text}));
-                    last_sent.clone_from(&text);
-                    last_periodic = *at;
+                match mode {
+                    Mode::Periodic if fire.is_none() => fire = Some(*at + throttle),
+                    Mode::Sentence => {
+                        let unsent = text.get(last_sent.len()..).unwrap_or_default();
+                        if let Some(end) = last_sentence_end(unsent) {
+                            let upto = &text[..last_sent.len() + end];
+                            if upto != last_sent {
+                                out.push(json!({"type": "progress", "text": upto}));
+                                last_sent = upto.to_owned();
+                            }
+                        }
+                    }
+                    _ => {}
                 }
             }
             Some("complete") => {
+                fire = None;
                 let response = &frame["response"];
                 let full = response["responses"]
                     .as_array()
@@ -92,18 +119,14 @@ pub fn payloads(frames: &[(Duration, Value)], mode: Mode, throttle: Duration) ->
                             .join("\n")
                     })
                     .unwrap_or_default();
-                let rest = if mode == Mode::Iteration {
-                    full.get(sent..).unwrap_or_default().to_owned()
-                } else {
-                    full
-                };
+                let rest = full.get(iteration_sent.len()..).unwrap_or_default();
                 let mut complete = Map::new();
                 complete.insert("type".into(), json!("complete"));
                 if !rest.is_empty() {
                     complete.insert("text".into(), json!(rest));
                 }
                 for field in ["voice_audio_url", "voice_audio_base64"] {
-                    if let Some(value) = response[field].as_str() {
+                    if let Some(value) = response[field].as_str().filter(|v| !v.is_empty()) {
                         complete.insert(field.into(), json!(value));
                     }
                 }
@@ -119,11 +142,31 @@ pub fn payloads(frames: &[(Duration, Value)], mode: Mode, throttle: Duration) ->
                     out.push(Value::Object(complete));
                 }
             }
-            Some("error") => out.push(json!({"type": "error", "error": frame["error"]})),
+            Some("error") => {
+                fire = None;
+                out.push(json!({"type": "error", "error": frame["error"]}));
+            }
             _ => {}
         }
     }
     out
+}
+
+/// Where the last sentence of `text` ends: after a `.`, `!` or `?` and the one white-space
+/// character that follows it (none at the end of the text).
+fn last_sentence_end(text: &str) -> Option<usize> {
+    let mut end = None;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if matches!(c, '.' | '!' | '?') {
+            match chars.peek() {
+                None => end = Some(i + 1),
+                Some(&(j, next)) if next.is_whitespace() => end = Some(j + next.len_utf8()),
+                Some(_) => {}
+            }
+        }
+    }
+    end
 }
 
 /// `POST /api/v1/chat/callback`.
@@ -258,16 +301,18 @@ mod tests {
             [json!({"type": "complete", "text": "Looking up.\nDone. Bye"})]
         );
         let s = statuses();
+        // The first iteration's text goes out once its tool ran, before the second begins.
         assert_eq!(
             payloads(&tool_turn(), Mode::Iteration, Duration::from_secs(3)),
             [
                 s[0].clone(),
-                json!({"type": "progress", "text": "Looking up."}),
                 s[1].clone(),
+                json!({"type": "progress", "text": "Looking up."}),
                 s[2].clone(),
                 json!({"type": "complete", "text": "\nDone. Bye"}),
             ]
         );
+        // Up to the last sentence end (with the space after it) in what is unsent.
         assert_eq!(
             payloads(&tool_turn(), Mode::Sentence, Duration::from_secs(5)),
             [
@@ -275,18 +320,20 @@ mod tests {
                 json!({"type": "progress", "text": "Looking up."}),
                 s[1].clone(),
                 s[2].clone(),
+                json!({"type": "progress", "text": "Looking up.\nDone. "}),
                 json!({"type": "complete", "text": "Looking up.\nDone. Bye"}),
             ]
         );
-        // Frames one second apart, every three seconds from the start: the text so far with
-        // the piece at 6 s (the one at 8 s comes 2 s after it).
+        // Frames one second apart; the timer starts with the first text (1 s) and fires at
+        // 3.2 s, 5.4 s (nothing new) and 7.6 s; the turn ends at 9 s.
         assert_eq!(
-            payloads(&tool_turn(), Mode::Periodic, Duration::from_secs(3)),
+            payloads(&tool_turn(), Mode::Periodic, Duration::from_millis(2200)),
             [
                 s[0].clone(),
                 s[1].clone(),
-                json!({"type": "progress", "text": "Looking up.\n"}),
+                json!({"type": "progress", "text": "Looking up."}),
                 s[2].clone(),
+                json!({"type": "progress", "text": "Looking up.\n"}),
                 json!({"type": "complete", "text": "Looking up.\nDone. Bye"}),
             ]
         );
@@ -298,6 +345,8 @@ mod tests {
         let turn = frames(&[
             json!({"type": "progress", "text": "All."}),
             json!({"type": "status", "message": "Executing 1 tool(s)..."}),
+            json!({"type": "progress", "text": "\n"}),
+            json!({"type": "status", "message": "Preparing your response..."}),
             json!({"type": "complete", "response": {"responses": ["All."]}}),
         ]);
         let iteration = payloads(&turn, Mode::Iteration, Duration::from_secs(3));
