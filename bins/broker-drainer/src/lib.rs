@@ -15,6 +15,7 @@
 //! releases what is left, and returns.
 
 mod health;
+mod progress;
 mod turn;
 
 use std::collections::HashMap;

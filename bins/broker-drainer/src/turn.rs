@@ -7,6 +7,7 @@ use std::time::Duration;
 use broker_core::clock::now_ms;
 use broker_core::queue::{Claimed, Finish, Finished, Mode, QueueError, TurnEnd};
 use broker_core::worker::{backoff, TurnResult};
+use broker_proto::front::{user_sentence, Front};
 use broker_proto::sse::Frame;
 use broker_proto::{ChatResponse, Conversation, Failure, Outcome};
 use serde_json::Value;
@@ -14,6 +15,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use tracing::Instrument;
 
+use crate::progress::{engine_token, Posted, Poster};
 use crate::Shared;
 
 /// Runs the turn of a message this drainer has just claimed under `lease`.
@@ -48,7 +50,8 @@ async fn run_inner(shared: &Shared, conversation: &Conversation, claimed: Claime
     tracing::debug!(attempt = claimed.attempts, "turn started");
 
     let limits = &shared.settings.drainer;
-    let (result, left) = if claimed.attempts > limits.max_claims {
+    let front = Front::parse(&claimed.front);
+    let (result, left, posted) = if claimed.attempts > limits.max_claims {
         let failure = Failure::new(
             503,
             "too many attempts",
@@ -58,11 +61,11 @@ async fn run_inner(shared: &Shared, conversation: &Conversation, claimed: Claime
                 claimed.attempts - 1
             ),
         );
-        (TurnResult::Failed(failure), Unrecorded::default())
+        (TurnResult::Failed(failure), Unrecorded::default(), None)
     } else {
         let mut hard_stop = shared.hard_stop.clone();
         tokio::select! {
-            outcome = run_worker(shared, conversation, &claimed, lease) => outcome,
+            outcome = run_worker(shared, conversation, &claimed, lease, front.as_ref()) => outcome,
             () = crate::flag_set(&mut hard_stop) => {
                 // Grace period over: give the conversation back, keeping its place.
                 match shared.queue.release(&id, conversation, Some(lease)).await {
@@ -73,22 +76,79 @@ async fn run_inner(shared: &Shared, conversation: &Conversation, claimed: Claime
             }
         }
     };
+    // A failure of the broker's own reaches a callback client as the worker's `error`.
+    let mut posted = posted;
+    if let (Some(front), TurnResult::Failed(failure)) = (&front, &result) {
+        if let Some(callback) = &front.callback {
+            let mut poster = Poster {
+                shared,
+                conversation,
+                claimed: &claimed,
+                lease,
+                front: callback,
+                token: engine_token(shared, front.key.as_deref()),
+                posted: posted.take().unwrap_or_default(),
+            };
+            if !poster.posted.worker_error {
+                let error =
+                    serde_json::json!({"type": "error", "error": user_sentence(&failure.code)});
+                poster.post("", &error).await;
+            }
+            posted = Some(poster.posted);
+        }
+    }
     // Boxed: a turn waiting on the worker then holds only what waiting needs (10,000 waiting
     // turns are a drainer's memory).
-    Box::pin(finish(shared, conversation, &claimed, lease, result, left)).await;
+    Box::pin(finish(
+        shared,
+        conversation,
+        &claimed,
+        lease,
+        result,
+        left,
+        front.as_ref(),
+        posted,
+    ))
+    .await;
 }
 
 /// Runs the turn at the worker. A message that keeps its frames (stream, async) has them
-/// recorded as they come; the others get neither a channel nor a recorder.
+/// recorded as they come; one of `/api/v1/chat/callback` has them turned into callbacks as
+/// they come; the others get neither a channel nor a recorder.
 async fn run_worker(
     shared: &Shared,
     conversation: &Conversation,
     claimed: &Claimed,
     lease: &str,
-) -> (TurnResult, Unrecorded) {
+    front: Option<&Front>,
+) -> (TurnResult, Unrecorded, Option<Posted>) {
+    if let Some(callback) = front.and_then(|f| f.callback.as_ref()) {
+        let (frames_tx, frames_rx) = mpsc::unbounded_channel();
+        let worker_leg = async {
+            let mut on_frame = move |data: &str, frame: &Frame| {
+                if !matches!(frame, Frame::Keepalive | Frame::Invalid) {
+                    let _ = frames_tx.send(data.to_owned());
+                }
+            };
+            let result = shared.worker.run_turn(&claimed.body, &mut on_frame).await;
+            drop(on_frame);
+            result
+        };
+        let mut poster = Poster {
+            shared,
+            conversation,
+            claimed,
+            lease,
+            front: callback,
+            token: engine_token(shared, front.and_then(|f| f.key.as_deref())),
+            posted: Posted::default(),
+        };
+        let (result, ()) = tokio::join!(worker_leg, Box::pin(poster.run(frames_rx)));
+        return (result, Unrecorded::default(), Some(poster.posted));
+    }
     if !records_events(claimed) {
         let result = shared.worker.run_turn(&claimed.body, &mut |_, _| {}).await;
-        return (result, Unrecorded::default());
+        return (result, Unrecorded::default(), None);
     }
     let (frames_tx, frames_rx) = mpsc::unbounded_channel();
     let worker_leg = async {
@@ -115,7 +175,8 @@ async fn run_worker(
         lease,
         frames_rx,
     ));
-    tokio::join!(worker_leg, recorder)
+    let (result, left) = tokio::join!(worker_leg, recorder);
+    (result, left, None)
 }
 
 /// How long a worker frame may wait to be recorded, so that it can share a write with the
@@ -278,6 +339,7 @@ fn callback_payload(claimed: &Claimed, conversation: &Conversation, outcome: &Ou
     written.unwrap_or_default()
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn finish(
     shared: &Shared,
     conversation: &Conversation,
@@ -285,6 +347,8 @@ async fn finish(
     lease: &str,
     result: TurnResult,
     left: Unrecorded,
+    front: Option<&Front>,
+    posted: Option<Posted>,
 ) {
     let worker_terminal = left.terminal;
     // Only a message that keeps its frames gets a terminal frame: for the others it would be
@@ -338,13 +402,14 @@ async fn finish(
                     .to_string(),
                 );
             }
-            // The worker's error frame passes unchanged; other failures get the broker's.
+            // The worker's error frame passes unchanged; other failures get the broker's, with
+            // a sentence for the user on the worker's route.
             let terminal = match worker_terminal {
                 _ if !records => String::new(),
                 Some((kind, data)) if kind == "error" && failure.code == "WORKER_ERROR" => data,
                 _ => serde_json::json!({
                     "type": "error",
-                    "error": failure.message,
+                    "error": if front.is_some() { user_sentence(&failure.code) } else { &failure.message },
                     "code": failure.code,
                     "message_id": message_id,
                 })
@@ -368,7 +433,20 @@ async fn finish(
         Finish::new(outcome.status(), &json, "", "")
     };
 
-    if claimed.mode == Mode::Callback.as_str() && !claimed.callback_url.is_empty() {
+    if let Some(posted) = posted {
+        // The worker-shaped callbacks went out as the turn ran.
+        let delivery = match &posted.terminal {
+            None => "none",
+            Some(d) if d.delivered => "delivered",
+            Some(_) => "failed",
+        };
+        finish.fields.push(("callback".into(), delivery.into()));
+        let attempts = posted.terminal.as_ref().map_or(0, |d| d.attempts);
+        finish
+            .fields
+            .push(("callback_attempts".into(), attempts.to_string()));
+        dead_entries.extend(posted.dead);
+    } else if claimed.mode == Mode::Callback.as_str() && !claimed.callback_url.is_empty() {
         let payload = callback_payload(claimed, conversation, &outcome);
         let mut hard_stop = shared.hard_stop.clone();
         let delivery = shared
@@ -512,6 +590,8 @@ mod tests {
                     text.clone()
                 },
                 callback_url: "https://example.org/cb".into(),
+                front: String::new(),
+                progress: String::new(),
             };
             let conversation = Conversation::from_key(format!("user:org:{text}"));
             let optional = (i % 3 != 0).then(|| text.clone());

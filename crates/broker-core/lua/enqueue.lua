@@ -21,7 +21,8 @@
 -- pairs of the message hash
 -- Returns, per message in order: position | {position, queued frame id, queued frame data}
 --   | {'dup', original message id} | {'full', depth}
---   position 1 means next to run (a running message is not counted). The queued frame comes
+--   position 1 means next to run (a running message is not counted); the queued frame's
+--   `ahead` counts the messages before it, the running one included. The queued frame comes
 --   back when it was recorded, so the API can send it without reading the stream. An
 --   accepted message without frames is one number: the API's Redis client pays for each
 --   value of a reply.
@@ -76,7 +77,8 @@ local function enqueue(k, a, last_field)
   counts.queued = counts.queued + 1
   counts.enqueued_total = counts.enqueued_total + 1
   if ARGV[a + 3] == '1' then
-    local data = '{"type":"queued","message_id":"' .. id .. '","queue_position":' .. position .. '}'
+    local data = '{"type":"queued","message_id":"' .. id .. '","queue_position":' .. position ..
+      ',"ahead":' .. depth .. '}'
     local entry = redis.call('XADD', events, '*', 'type', 'queued', 'data', data)
     return {position, entry, data}
   end

@@ -291,7 +291,33 @@ impl Delivery {
 enum Attempt {
     Delivered,
     Retry(String, Option<Duration>),
+    /// The receiver may have acted on it (no answer in time, a connection lost after the
+    /// request went out): retried under [`Retries::Broker`], or when repeating is harmless.
+    Unsure(String, Option<Duration>),
+    /// A `5xx` other than `503`: retried only under [`Retries::Broker`].
+    Failed(String, Option<Duration>),
     GiveUp(String),
+}
+
+/// Which failed attempts are tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retries {
+    /// The broker's own callbacks (`callback_url`): connection errors, timeouts, 408, 429
+    /// and 5xx.
+    Broker,
+    /// The worker-shaped callbacks of `/api/v1/chat/callback`: what the receiver surely did
+    /// not act on (no connection, 408, 425, 429, 503); with `unsure`, also timeouts and lost
+    /// connections (a repeated `complete` is dropped by the gateways). Other `5xx` are final:
+    /// a gateway answers `502` after delivering part of an answer, and would send that part
+    /// again.
+    Worker { unsure: bool },
+}
+
+/// Extra headers of a worker-shaped callback.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extra<'a> {
+    /// `X-Engine-Token`: the key the submitting client authenticated with.
+    pub engine_token: Option<&'a str>,
 }
 
 /// The most of a receiver's answer body read (and dropped) so its connection can be reused.
@@ -363,6 +389,27 @@ impl Sender {
         body: &[u8],
         stop: impl Future<Output = ()>,
     ) -> Delivery {
+        self.deliver_with(
+            url,
+            webhook_id,
+            body,
+            Extra::default(),
+            Retries::Broker,
+            stop,
+        )
+        .await
+    }
+
+    /// [`Sender::deliver`] with `extra` headers, retrying what `retries` says.
+    pub async fn deliver_with(
+        &self,
+        url: &str,
+        webhook_id: &str,
+        body: &[u8],
+        extra: Extra<'_>,
+        retries: Retries,
+        stop: impl Future<Output = ()>,
+    ) -> Delivery {
         tokio::pin!(stop);
         let Some(signer) = &self.signer else {
             return Delivery::failed(
@@ -384,12 +431,23 @@ impl Sender {
             Ok(client) => client,
             Err(e) => return Delivery::failed(1, e.clone()),
         };
+        let engine_token = match extra.engine_token.map(HeaderValue::from_str) {
+            None => None,
+            Some(Ok(mut value)) => {
+                value.set_sensitive(true);
+                Some(value)
+            }
+            Some(Err(_)) => {
+                return Delivery::failed(0, "the engine token is not a valid header value")
+            }
+        };
         let request = Request {
             client,
             uri,
             webhook_id,
             body: Bytes::copy_from_slice(body),
             signer,
+            engine_token,
         };
         let deadline = Instant::now() + self.budget;
         let mut attempts = 0u32;
@@ -410,6 +468,19 @@ impl Sender {
                 }
                 Attempt::GiveUp(error) => return Delivery::failed(attempts, error),
                 Attempt::Retry(error, hint) => (error, hint),
+                Attempt::Unsure(error, hint) => match retries {
+                    Retries::Broker | Retries::Worker { unsure: true } => (error, hint),
+                    Retries::Worker { unsure: false } => {
+                        return Delivery::failed(
+                            attempts,
+                            format!("{error}; not repeated, as the receiver may have acted on it"),
+                        )
+                    }
+                },
+                Attempt::Failed(error, hint) => match retries {
+                    Retries::Broker => (error, hint),
+                    Retries::Worker { .. } => return Delivery::failed(attempts, error),
+                },
             };
             let delay =
                 hint.unwrap_or_else(|| backoff(self.retry_base, Duration::from_secs(10), attempts));
@@ -439,6 +510,7 @@ struct Request<'a> {
     webhook_id: &'a str,
     body: Bytes,
     signer: &'a Signer,
+    engine_token: Option<HeaderValue>,
 }
 
 /// Every callback's `User-Agent`.
@@ -455,20 +527,35 @@ impl Request<'_> {
             .header(USER_AGENT, AGENT)
             .header("webhook-id", self.webhook_id)
             .header("webhook-timestamp", HeaderValue::from(timestamp))
-            .header("webhook-signature", signature)
-            .body(Full::new(self.body.clone()));
+            .header("webhook-signature", signature);
+        let request = match &self.engine_token {
+            Some(token) => request.header("x-engine-token", token.clone()),
+            None => request,
+        }
+        .body(Full::new(self.body.clone()));
         let Ok(request) = request else {
             return Attempt::GiveUp("the callback request could not be built".into());
         };
         let response = match tokio::time::timeout(timeout, self.client.send(request)).await {
             Err(_) => {
-                return Attempt::Retry(format!("no answer within {} ms", timeout.as_millis()), None)
+                return Attempt::Unsure(
+                    format!("no answer within {} ms", timeout.as_millis()),
+                    None,
+                )
             }
             Ok(Err(e)) => {
                 if let Some(refused) = http_client::find_cause::<Refused>(e.as_ref()) {
                     return Attempt::GiveUp(refused.0.clone());
                 }
-                return Attempt::Retry(format!("connection failed: {}", chain(e.as_ref())), None);
+                let error = format!("connection failed: {}", chain(e.as_ref()));
+                let unsent =
+                    http_client::find_cause::<hyper_util::client::legacy::Error>(e.as_ref())
+                        .is_some_and(hyper_util::client::legacy::Error::is_connect);
+                return if unsent {
+                    Attempt::Retry(error, None)
+                } else {
+                    Attempt::Unsure(error, None)
+                };
             }
             Ok(Ok(response)) => response,
         };
@@ -484,8 +571,10 @@ impl Request<'_> {
         .await;
         if (200..300).contains(&status) {
             Attempt::Delivered
-        } else if (500..600).contains(&status) || status == 429 || status == 408 {
+        } else if matches!(status, 408 | 425 | 429 | 503) {
             Attempt::Retry(format!("the receiver answered {status}"), retry_after)
+        } else if (500..600).contains(&status) {
+            Attempt::Failed(format!("the receiver answered {status}"), retry_after)
         } else {
             Attempt::GiveUp(format!("the receiver answered {status}"))
         }

@@ -129,6 +129,12 @@ pub struct Claimed {
     pub user_id: String,
     pub client_message_id: String,
     pub callback_url: String,
+    /// The worker's route the message came in on ([`broker_proto::Front`] as JSON), empty
+    /// for the broker's own route.
+    pub front: String,
+    /// The text the progress callbacks of an earlier run of this turn covered (empty when
+    /// none was posted).
+    pub progress: String,
 }
 
 /// What claim found.
@@ -301,6 +307,8 @@ pub struct MessageRecord {
     /// Callback mode: `delivered` or `failed`, once the drainer is done with it.
     pub callback: Option<String>,
     pub callback_attempts: Option<u64>,
+    /// The worker's route the message came in on (`broker_proto::Front` as JSON), if any.
+    pub front: Option<String>,
     /// For a queued message: 1 means next to run.
     pub queue_position: Option<u64>,
 }
@@ -335,7 +343,7 @@ pub struct Queue {
     scripts: Arc<Scripts>,
 }
 
-const RECORD_FIELDS: [&str; 12] = [
+const RECORD_FIELDS: [&str; 13] = [
     "status",
     "conversation",
     "user_id",
@@ -348,6 +356,7 @@ const RECORD_FIELDS: [&str; 12] = [
     "outcome",
     "callback",
     "callback_attempts",
+    "front",
 ];
 
 impl Queue {
@@ -440,10 +449,12 @@ impl Queue {
                 mode,
                 reply,
             } = message.borrow();
+            let front = request.front.as_ref().map(broker_proto::Front::to_json);
             let fields = 4
                 + usize::from(reply.is_some())
                 + usize::from(request.client_message_id.is_some())
-                + usize::from(request.callback_url.is_some());
+                + usize::from(request.callback_url.is_some())
+                + usize::from(front.is_some());
             invocation
                 .arg(message_id)
                 .arg(request.conversation.as_str())
@@ -470,6 +481,9 @@ impl Queue {
             }
             if let Some(url) = &request.callback_url {
                 invocation.arg("callback_url").arg(url);
+            }
+            if let Some(front) = &front {
+                invocation.arg("front").arg(front);
             }
         }
         let mut conn = self.conn().await?;
@@ -692,6 +706,26 @@ impl Queue {
                 Err(_) => Finished::Stale,
             })
             .collect())
+    }
+
+    /// Notes, before a progress callback is posted, the text it covers (cumulatively), if
+    /// the lease is still ours: `false` when it is gone, and the callback must not be posted.
+    pub async fn note_progress(
+        &self,
+        conversation: &Conversation,
+        message_id: &str,
+        lease: &str,
+        covered: &str,
+    ) -> Result<bool, QueueError> {
+        let mut conn = self.conn().await?;
+        let mut invocation = Call::new(&self.scripts.progress, 2);
+        invocation
+            .key(self.keys.conversation(conversation))
+            .key(self.keys.message(message_id))
+            .arg(lease)
+            .arg(covered);
+        let noted: i64 = invocation.invoke(&mut conn).await?;
+        Ok(noted == 1)
     }
 
     /// Appends worker frames (`(type, data)`) to a running message's events, if the lease is
@@ -977,6 +1011,7 @@ impl Queue {
             outcome: field(9),
             callback: field(10),
             callback_attempts: number(11),
+            front: field(12),
             queue_position: None,
         };
         if record.status == "queued" {
@@ -1087,13 +1122,13 @@ fn parse_claim(entry: &Value, now: u64) -> Result<(Conversation, Claim), QueueEr
         }
         other => return Err(QueueError::Protocol(format!("claim returned {other:?}"))),
     };
-    // Nine fields, then the body, which takes the rest (see `claim.lua`). The separators are
+    // Eleven fields, then the body, which takes the rest (see `claim.lua`). The separators are
     // found with `memchr`; a NUL is one byte, so each piece is a `str` of its own.
     let mut rest = turn;
     let mut fields = 0;
     let mut next = || {
         fields += 1;
-        if fields == 10 {
+        if fields == 12 {
             return std::mem::take(&mut rest);
         }
         match memchr::memchr(0, rest.as_bytes()) {
@@ -1117,6 +1152,8 @@ fn parse_claim(entry: &Value, now: u64) -> Result<(Conversation, Claim), QueueEr
         user_id: next().to_owned(),
         client_message_id: next().to_owned(),
         callback_url: next().to_owned(),
+        front: next().to_owned(),
+        progress: next().to_owned(),
         body: next().to_owned(),
     }));
     Ok((conversation, claim))

@@ -21,6 +21,7 @@ pub struct Scripts {
     pub health: Script,
     pub cancel: Script,
     pub event: Script,
+    pub progress: Script,
 }
 
 impl Scripts {
@@ -42,6 +43,7 @@ impl Scripts {
                 include_str!("../lua/told.lua"),
                 include_str!("../lua/event.lua")
             )),
+            progress: Script::new(include_str!("../lua/progress.lua")),
         }
     }
 }

@@ -7,12 +7,16 @@
 
 pub mod conversation;
 pub mod error;
+pub mod front;
 pub mod outcome;
 pub mod request;
 pub mod sse;
 
 pub use conversation::{ChatType, Conversation};
 pub use error::ErrorBody;
+pub use front::{Front, Route};
 pub use outcome::{Failure, Outcome};
-pub use request::{validate_message, MessageRequest, ValidationError, ValidationLimits};
+pub use request::{
+    validate_message, validate_request, MessageRequest, ValidationError, ValidationLimits,
+};
 pub use sse::ChatResponse;

@@ -9,6 +9,7 @@ use std::borrow::Cow;
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::conversation::{ChatType, Conversation};
+use crate::front::{CallbackFront, Front, ProgressMode, Route, DEFAULT_THROTTLE, MIN_THROTTLE};
 
 /// Longest decoded audio the worker accepts (`docs/worker-contract.md` §1.3).
 pub const MAX_AUDIO_BYTES: usize = 25 * 1024 * 1024;
@@ -48,7 +49,25 @@ const KNOWN_FIELDS: &[&str] = &[
     "speaker",
     "addressed_to_bot",
     "response_language_hint",
+    // The worker's routes only (`/api/v1/chat/callback`'s fields, and one always refused).
+    "progress_callback_url",
+    "message_key",
+    "progress_mode",
+    "progress_throttle_seconds",
+    "is_admin",
 ];
+
+/// The fields of [`KNOWN_FIELDS`] the broker's own route does not take.
+const WORKER_ONLY_FIELDS: &[&str] = &[
+    "progress_callback_url",
+    "message_key",
+    "progress_mode",
+    "progress_throttle_seconds",
+    "is_admin",
+];
+
+/// The fields of [`KNOWN_FIELDS`] the worker's routes ignore, as the worker does.
+const BROKER_ONLY_FIELDS: &[&str] = &["client_message_id", "callback_url"];
 
 /// Length limits of the identifier and text fields, in characters.
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +111,9 @@ pub struct MessageRequest {
     /// The body the drainer sends to the worker's `/api/v1/chat/stream`, as compact JSON:
     /// every field the worker understands, `org_id` mapped to `org`.
     pub worker_body: String,
+    /// The worker's route it came in on, and what that route keeps (`None` on the broker's
+    /// own route).
+    pub front: Option<Front>,
 }
 
 /// Every problem found in a request, each naming its field.
@@ -123,7 +145,8 @@ enum Field<'a> {
     Null,
     Str(Cow<'a, str>),
     Bool(bool),
-    /// A number, array or object: read through (and checked as JSON) but not kept.
+    Number(f64),
+    /// An array or object: read through (and checked as JSON) but not kept.
     Other,
 }
 
@@ -164,16 +187,16 @@ impl<'de> Visitor<'de> for FieldVisitor {
         Ok(Field::Null)
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Field::Other)
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Field::Number(v as f64))
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Field::Other)
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Field::Number(v as f64))
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Field::Other)
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Field::Number(v))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -352,15 +375,134 @@ pub fn validate_message(
     default_org: &str,
     limits: &ValidationLimits,
 ) -> Result<MessageRequest, ValidationError> {
-    let Body(parsed) = serde_json::from_slice(body)
-        .map_err(|e| ValidationError::single(format!("body: is not valid JSON ({e})")))?;
-    let Some(fields) = parsed else {
-        return Err(ValidationError::single("body: must be a JSON object"));
+    validate_request(body, Route::Message, default_org, limits)
+}
+
+/// Is a field "truthy" as the worker's JavaScript tests it (`!body.field` is false)?
+fn truthy(field: Option<&Field<'_>>) -> bool {
+    match field {
+        None | Some(Field::Null) => false,
+        Some(Field::Str(s)) => !s.is_empty(),
+        Some(Field::Bool(b)) => *b,
+        Some(Field::Number(n)) => *n != 0.0 && !n.is_nan(),
+        Some(Field::Other) => true,
+    }
+}
+
+/// The worker's own checks of a chat request, in its order, with its messages
+/// (`validateChatBody`, docs/worker-contract.md §1.3): the first that fails.
+fn worker_check(r: &Reader<'_, '_>, route: Route) -> Option<String> {
+    if !truthy(r.get("user_id")) {
+        return Some("user_id is required".into());
+    }
+    if !truthy(r.get("client_id")) {
+        return Some("client_id is required".into());
+    }
+    if r.get("is_admin").is_some() {
+        return Some(
+            "is_admin is not a valid field; admin origin is derived from client_id".into(),
+        );
+    }
+    let chat_type = r.get("chat_type").filter(|t| truthy(Some(t)));
+    if let Some(t) = chat_type {
+        let text = match t {
+            Field::Str(s) => s.to_string(),
+            Field::Number(n) => n.to_string(),
+            Field::Bool(b) => b.to_string(),
+            _ => "[object Object]".into(),
+        };
+        if !matches!(text.as_str(), "private" | "group" | "supergroup") {
+            return Some(format!(
+                "Invalid chat_type: {}. Must be one of: private, group, supergroup",
+                truncate(&text, 40)
+            ));
+        }
+        if text != "private" && !truthy(r.get("chat_id")) {
+            return Some("chat_id is required for group/supergroup chats".into());
+        }
+    }
+    if route == Route::ChatCallback {
+        for field in ["progress_callback_url", "message_key"] {
+            if !truthy(r.get(field)) {
+                return Some(format!("{field} is required on /api/v1/chat/callback"));
+            }
+        }
+    } else {
+        for field in [
+            "progress_callback_url",
+            "progress_mode",
+            "progress_throttle_seconds",
+            "message_key",
+        ] {
+            if r.get(field).is_some() {
+                return Some(format!(
+                    "{field} is not valid on {} — use /api/v1/chat/callback",
+                    route.path()
+                ));
+            }
+        }
+    }
+    match r.get("response_language_hint") {
+        None => None,
+        Some(Field::Str(h)) if h.len() == 2 && h.bytes().all(|b| b.is_ascii_lowercase()) => None,
+        Some(_) => Some(
+            "response_language_hint must be a valid ISO 639-1 language code (2 lowercase letters)"
+                .into(),
+        ),
+    }
+}
+
+/// Parses and validates a chat request that came in on `route`: the broker's own rules, and
+/// on the worker's routes the worker's rules first, with its messages.
+///
+/// On the worker's routes unknown fields are ignored (not passed on), as the worker ignores
+/// them; `progress_mode` must be one the worker knows.
+pub fn validate_request(
+    body: &[u8],
+    route: Route,
+    default_org: &str,
+    limits: &ValidationLimits,
+) -> Result<MessageRequest, ValidationError> {
+    let worker_route = route.is_worker_route();
+    let parsed = serde_json::from_slice(body).map_err(|e| {
+        ValidationError::single(if worker_route {
+            "Invalid JSON body".to_owned()
+        } else {
+            format!("body: is not valid JSON ({e})")
+        })
+    });
+    let Body(parsed) = parsed?;
+    let Some(mut fields) = parsed else {
+        return Err(ValidationError::single(if worker_route {
+            "Invalid JSON body"
+        } else {
+            "body: must be a JSON object"
+        }));
     };
+    // Each route's fields: the others are unknown on the broker's route, ignored on the
+    // worker's.
+    let not_taken = if worker_route {
+        BROKER_ONLY_FIELDS
+    } else {
+        WORKER_ONLY_FIELDS
+    };
+    for (i, name) in KNOWN_FIELDS.iter().enumerate() {
+        if not_taken.contains(name) && fields.known[i].take().is_some() && !worker_route {
+            fields.unknown.push((*name).to_owned());
+        }
+    }
+    if worker_route {
+        fields.unknown.clear();
+    }
     let mut r = Reader {
         body: &fields,
         problems: Vec::new(),
     };
+    if worker_route {
+        if let Some(problem) = worker_check(&r, route) {
+            return Err(ValidationError::single(problem));
+        }
+    }
 
     if !fields.unknown.is_empty() {
         let mut unknown: Vec<&str> = fields.unknown.iter().map(String::as_str).collect();
@@ -475,7 +617,51 @@ pub fn validate_message(
         }
     }
     let client_message_id = r.id("client_message_id", limits.client_message_id, false);
-    let callback_url = r.id("callback_url", limits.callback_url, false);
+    let mut callback_url = r.id("callback_url", limits.callback_url, false);
+    let mut callback_front = None;
+    if route == Route::ChatCallback {
+        callback_url = r.id("progress_callback_url", limits.callback_url, true);
+        let message_key = r.id("message_key", limits.client_message_id, true);
+        let mode = match r.string("progress_mode") {
+            None => ProgressMode::Iteration,
+            Some(m) => ProgressMode::parse(m).unwrap_or_else(|| {
+                r.problem(
+                    "progress_mode",
+                    "must be one of complete, iteration, periodic, sentence",
+                );
+                ProgressMode::Iteration
+            }),
+        };
+        let throttle = match r.get("progress_throttle_seconds") {
+            None | Some(Field::Null) => DEFAULT_THROTTLE,
+            Some(Field::Number(n)) if *n > 0.0 && *n <= 3600.0 => {
+                std::time::Duration::from_secs_f64(*n)
+            }
+            Some(Field::Number(n)) if *n <= 0.0 => DEFAULT_THROTTLE,
+            Some(_) => {
+                r.problem(
+                    "progress_throttle_seconds",
+                    "must be a number of seconds, at most 3600",
+                );
+                DEFAULT_THROTTLE
+            }
+        };
+        let throttle = if matches!(mode, ProgressMode::Periodic | ProgressMode::Sentence) {
+            throttle.max(MIN_THROTTLE)
+        } else {
+            throttle
+        };
+        if let (Some(user_id), Some(message_key)) = (user_id, message_key) {
+            callback_front = Some(CallbackFront {
+                message_key: message_key.to_owned(),
+                mode,
+                throttle_ms: u64::try_from(throttle.as_millis()).unwrap_or(u64::MAX),
+                user_id: user_id.to_owned(),
+                chat_id: chat_id.map(str::to_owned),
+                thread_id: thread_id.map(str::to_owned),
+            });
+        }
+    }
 
     if !r.problems.is_empty() {
         return Err(ValidationError {
@@ -541,6 +727,11 @@ pub fn validate_message(
         client_message_id: client_message_id.map(str::to_owned),
         callback_url: callback_url.map(str::to_owned),
         worker_body,
+        front: worker_route.then_some(Front {
+            route,
+            key: None,
+            callback: callback_front,
+        }),
     })
 }
 
