@@ -33,6 +33,9 @@ pub enum ApiError {
     NotStreamable(String),
     #[error("queue full")]
     QueueFull { depth: u64, retry_after_secs: u64 },
+    /// The worker could not be reached for a proxied route.
+    #[error("{0}")]
+    BadGateway(String),
     #[error("redis unavailable: {0}")]
     Unavailable(String),
     /// Redis did not answer in time: a write may or may not have happened.
@@ -85,6 +88,7 @@ impl ApiError {
                 "QUEUE_FULL",
                 format!("this conversation already has {depth} messages waiting; retry later"),
             ),
+            Self::BadGateway(text) => ErrorBody::new("bad gateway", "WORKER_UNAVAILABLE", text),
             Self::Unavailable(_) => ErrorBody::new(
                 "service unavailable",
                 "REDIS_UNAVAILABLE",
@@ -118,6 +122,7 @@ impl ResponseError for ApiError {
             Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             Self::Conflict(_) | Self::NotStreamable(_) => StatusCode::CONFLICT,
             Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::Unavailable(_) | Self::Uncertain(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -140,6 +145,46 @@ impl ResponseError for ApiError {
             }
         }
         response
+    }
+}
+
+/// An [`ApiError`] on one of the worker's routes, answered in the worker's shapes
+/// (docs/worker-contract.md §1.1, §1.7, §1.8): `{"error": "<sentence>"}`, with a `code` where
+/// the worker gives one, and the same status as on the broker's own routes.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct WorkerError(#[from] pub ApiError);
+
+impl ResponseError for WorkerError {
+    fn status_code(&self) -> StatusCode {
+        self.0.status_code()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let e = &self.0;
+        let body = match e {
+            ApiError::MissingKey => {
+                serde_json::json!({"error": "Authorization header with Bearer token required"})
+            }
+            ApiError::BadKey => serde_json::json!({"error": "Invalid API key"}),
+            ApiError::QueueFull { depth, .. } => serde_json::json!({
+                "error": "Queue full",
+                "code": "QUEUE_DEPTH_EXCEEDED",
+                "message": format!("Queue depth limit ({depth}) exceeded."),
+            }),
+            ApiError::Unavailable(_) | ApiError::Uncertain(_) | ApiError::Internal(_) => {
+                let body = e.body();
+                serde_json::json!({"error": body.message, "code": body.code})
+            }
+            other => serde_json::json!({"error": other.to_string()}),
+        };
+        // Logged, and Retry-After set, as on the broker's routes.
+        let mut response = e.error_response();
+        let mut worker = HttpResponse::build(self.status_code()).json(body);
+        if let Some(retry) = response.headers_mut().remove(RETRY_AFTER).next() {
+            worker.headers_mut().insert(RETRY_AFTER, retry);
+        }
+        worker
     }
 }
 

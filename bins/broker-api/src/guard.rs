@@ -15,10 +15,25 @@ use actix_web::middleware::Next;
 use actix_web::web::Bytes;
 use actix_web::{web, HttpMessage, ResponseError};
 
+use crate::error::WorkerError;
 use crate::{ApiError, AppState};
 
-/// The paths that need a client key; `/health` and `/metrics` do not.
+/// The paths that need a client key; `/health`, `/metrics` and `/public/` do not.
 const KEYED: &str = "/api/";
+
+/// The name of the key a request authenticated with, for the handlers.
+#[derive(Debug, Clone)]
+pub struct KeyName(pub String);
+
+/// Is `path` one of the worker's routes (the chat routes and those proxied to the worker),
+/// whose errors are answered in the worker's shapes? The broker's own routes are not.
+pub fn is_worker_path(path: &str) -> bool {
+    let own = path == "/api/v1/message"
+        || path.starts_with("/api/v1/message/")
+        || path.starts_with("/api/v1/queue/")
+        || path == "/api/v1/stream";
+    (path.starts_with(KEYED) && !own) || path.starts_with("/public/")
+}
 
 /// Runs the checks; on a refusal the handler (and so the body) is never reached.
 pub async fn authenticate(
@@ -32,8 +47,13 @@ pub async fn authenticate(
         // actix-http closes a connection whose payload is unfinished and not dropped (a
         // dropped chunked payload would be read to its end and discarded).
         let unread = req.take_payload();
+        let answer = if is_worker_path(req.path()) {
+            WorkerError(refusal).error_response()
+        } else {
+            refusal.error_response()
+        };
         let mut response = req
-            .into_response(refusal.error_response())
+            .into_response(answer)
             .map_body(|_, body| Holding { body, unread });
         response
             .response_mut()
@@ -87,6 +107,7 @@ fn check(req: &ServiceRequest) -> Result<(), ApiError> {
     };
     let key = state.auth.check(req.headers())?;
     tracing::Span::current().record("key", key);
+    req.extensions_mut().insert(KeyName(key.to_owned()));
     if let Some(length) = req.headers().get(CONTENT_LENGTH) {
         let length = length
             .to_str()

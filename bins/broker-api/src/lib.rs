@@ -9,6 +9,7 @@
 mod auth;
 mod error;
 mod guard;
+mod proxy;
 mod routes;
 mod stream;
 mod waiters;
@@ -62,6 +63,10 @@ pub struct AppState {
     pub dead_after: Duration,
     /// The callback guard; `None` when callbacks are off (no signing secret).
     callbacks: Option<broker_core::callback::Policy>,
+    /// The worker, for the routes passed through to it.
+    worker: broker_core::worker::WorkerClient,
+    /// Moves the worker's audio and file URLs onto `BROKER_PUBLIC_URL`, when it is set.
+    rewrite: Option<broker_proto::front::Rewrite>,
     auth: auth::Auth,
     /// This worker's subscription.
     waiters: Arc<waiters::Waiters>,
@@ -135,6 +140,12 @@ impl Application {
             .is_some()
             .then(|| broker_core::callback::Policy::new(settings.callbacks.allowlist.clone()));
         let auth = auth::Auth::new(settings.api.keys.clone(), settings.api.insecure_no_auth);
+        let worker = broker_core::worker::WorkerClient::new(&settings.worker, 32)
+            .map_err(anyhow::Error::msg)?;
+        let rewrite = settings
+            .public_url
+            .as_deref()
+            .map(|public| broker_proto::front::Rewrite::new(&settings.worker.base_url, public));
         // BROKER_API_WORKERS actix workers (one per core unless set), each with its own
         // Redis connection, opened on the worker's runtime.
         let workers = settings.api.workers;
@@ -177,6 +188,8 @@ impl Application {
                 limits: ValidationLimits::default(),
                 dead_after: settings.drainer.dead_after,
                 callbacks: callbacks.clone(),
+                worker: worker.clone(),
+                rewrite: rewrite.clone(),
                 auth: auth.clone(),
                 waiters,
                 all_waiters: all_waiters.clone(),
@@ -207,9 +220,13 @@ impl Application {
                         .route("/message/{id}", web::get().to(routes::get_message))
                         .route("/message/{id}", web::delete().to(routes::delete_message))
                         .route("/queue/{user_id}", web::get().to(routes::get_queue))
-                        .route("/stream", web::get().to(stream::get_stream)),
+                        .route("/stream", web::get().to(stream::get_stream))
+                        .route("/chat", web::post().to(routes::chat))
+                        .route("/chat/stream", web::post().to(routes::chat_stream))
+                        .route("/chat/callback", web::post().to(routes::chat_callback)),
                 )
-                .default_service(web::to(routes::not_found))
+                // The worker's other routes pass through to it; anything else is a 404.
+                .default_service(web::to(proxy::forward))
         };
         // actix-web's own server: its HTTP/1.1 dispatcher, timeouts and connection limits.
         // Signals are ours (`run_until_stopped`): SIGINT and SIGTERM both stop gracefully.

@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use broker_core::queue::{Cancelled, Enqueued, MessageRecord, Mode, NewMessage, QueueError};
-use broker_proto::{validate_message, ChatType, Conversation, Failure, Outcome};
+use broker_proto::{validate_request, ChatType, Conversation, Failure, Outcome, Route};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, WorkerError};
+use crate::guard::KeyName;
+use crate::stream::Framing;
 use crate::waiters::Waiter;
 use crate::AppState;
 
@@ -25,15 +27,62 @@ pub async fn post_message(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     // Bound first: a temporary in the `match` would keep the finished future in the state.
-    let accepted = accept(&req, payload, &state).await?;
+    let accepted = accept(&req, payload, &state, Route::Message).await?;
     match accepted {
         Accepted::Respond(response) => Ok(response),
         Accepted::Wait {
             message_id,
             repeat,
             waiter,
-        } => wait_for_outcome(&state, &message_id, repeat, waiter).await,
+        } => wait_for_outcome(&state, &message_id, repeat, waiter, Route::Message).await,
     }
+}
+
+/// `POST /api/v1/chat`, `/api/v1/chat/stream` and `/api/v1/chat/callback`: the worker's own
+/// routes (docs/worker-contract.md §1.2), through the same per-conversation queues, answered
+/// in the worker's shapes.
+async fn chat_route(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    route: Route,
+) -> Result<HttpResponse, WorkerError> {
+    let accepted = accept(&req, payload, &state, route).await?;
+    match accepted {
+        Accepted::Respond(response) => Ok(response),
+        Accepted::Wait {
+            message_id,
+            repeat,
+            waiter,
+        } => Ok(wait_for_outcome(&state, &message_id, repeat, waiter, route).await?),
+    }
+}
+
+/// `POST /api/v1/chat`: waits for the turn, answers `{"message_id", ...ChatResponse}`.
+pub async fn chat(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, WorkerError> {
+    chat_route(req, payload, state, Route::Chat).await
+}
+
+/// `POST /api/v1/chat/stream`: the turn's SSE stream in the worker's framing.
+pub async fn chat_stream(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, WorkerError> {
+    chat_route(req, payload, state, Route::ChatStream).await
+}
+
+/// `POST /api/v1/chat/callback`: `202 {"message_id"}`, then the worker's progress callbacks.
+pub async fn chat_callback(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, WorkerError> {
+    chat_route(req, payload, state, Route::ChatCallback).await
 }
 
 /// What the accepting phase of `POST /api/v1/message` leaves to do.
@@ -84,10 +133,29 @@ where
     Ok(joined.map_or(whole, web::BytesMut::freeze))
 }
 
+/// A request's body, within `BROKER_MAX_BODY_BYTES` and `BROKER_BODY_TIMEOUT_SECS`.
+pub(crate) async fn read_body_in_time(
+    payload: &mut web::Payload,
+    state: &AppState,
+) -> Result<web::Bytes, ApiError> {
+    tokio::time::timeout(
+        state.api.body_timeout,
+        read_body(payload, state.api.max_body_bytes),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::RequestTimeout(format!(
+            "the body did not arrive within {} s",
+            state.api.body_timeout.as_secs()
+        ))
+    })?
+}
+
 async fn accept(
     req: &HttpRequest,
     mut payload: web::Payload,
     state: &web::Data<AppState>,
+    route: Route,
 ) -> Result<Accepted, ApiError> {
     let headers = req.headers();
     let wants_stream = header_has(headers, header::ACCEPT, "text/event-stream");
@@ -109,21 +177,33 @@ async fn accept(
 
     // Read the body (the key was checked before any of it was read), within its size limit
     // and its deadline.
-    let body = tokio::time::timeout(
-        state.api.body_timeout,
-        read_body(&mut payload, state.api.max_body_bytes),
-    )
-    .await
-    .map_err(|_| {
-        ApiError::RequestTimeout(format!(
-            "the body did not arrive within {} s",
-            state.api.body_timeout.as_secs()
-        ))
-    })??;
+    let body = read_body_in_time(&mut payload, state).await?;
 
-    let request = validate_message(&body, &state.api.default_org, &state.limits)
+    let mut request = validate_request(&body, route, &state.api.default_org, &state.limits)
         .map_err(|e| ApiError::Invalid(e.to_string()))?;
-    let mode = if let Some(url) = &request.callback_url {
+    if let Some(front) = &mut request.front {
+        front.key = req.extensions().get::<KeyName>().map(|k| k.0.clone());
+    }
+    let mode = if route.is_worker_route() {
+        match route {
+            Route::ChatStream => Mode::Stream,
+            Route::ChatCallback => {
+                let Some(policy) = &state.callbacks else {
+                    return Err(ApiError::Invalid(
+                        "progress_callback_url: callbacks are not enabled on this broker (BROKER_CALLBACK_SECRET is not set)"
+                            .into(),
+                    ));
+                };
+                let url = request.callback_url.as_deref().unwrap_or_default();
+                policy
+                    .check(url)
+                    .await
+                    .map_err(|e| ApiError::Invalid(format!("progress_{e}")))?;
+                Mode::Callback
+            }
+            _ => Mode::Sync,
+        }
+    } else if let Some(url) = &request.callback_url {
         if wants_stream {
             return Err(ApiError::Invalid(
                 "callback_url and Accept: text/event-stream ask for two delivery modes; use one"
@@ -183,7 +263,13 @@ async fn accept(
                     message_id,
                     crate::stream::After::First(queued),
                     watch,
+                    Framing::of(route),
                 )));
+            }
+            if route == Route::ChatCallback {
+                return Ok(Accepted::Respond(
+                    HttpResponse::Accepted().json(json!({"message_id": message_id})),
+                ));
             }
             (message_id, Some(position), waiter)
         }
@@ -211,6 +297,7 @@ async fn accept(
             message_id,
             crate::stream::After::Id(None),
             watch,
+            Framing::of(route),
         )));
     }
     match waiter {
@@ -232,7 +319,20 @@ async fn wait_for_outcome(
     message_id: &str,
     repeat: bool,
     mut waiter: Waiter,
+    route: Route,
 ) -> Result<HttpResponse, ApiError> {
+    let outcome_response = |id: &str, outcome: &str| outcome_response(id, outcome, route);
+    // Without an outcome in time: where the message stands, or on the worker's `/chat` (which
+    // has no such answer) the worker's timeout error.
+    let pending = |id: &'_ str| {
+        let id = id.to_owned();
+        async move {
+            if route == Route::Chat {
+                return Ok(chat_timeout(state, &id));
+            }
+            status_response(state, &id, None, StatusCode::ACCEPTED).await
+        }
+    };
     // A duplicate's original may have finished already, or wait on another API process.
     let recheck = if repeat {
         Duration::from_millis(500)
@@ -258,16 +358,16 @@ async fn wait_for_outcome(
                 if let (_, Some(outcome)) = state.queue.outcome(message_id).await? {
                     return Ok(outcome_response(message_id, &outcome));
                 }
-                return status_response(state, message_id, None, StatusCode::ACCEPTED).await;
+                return pending(message_id).await;
             }
             () = tokio::time::sleep_until(wake) => {
                 if wake == deadline {
-                    return status_response(state, message_id, None, StatusCode::ACCEPTED).await;
+                    return pending(message_id).await;
                 }
             }
             _ = waiter.resubscribed.changed() => {}
             _ = shutdown.changed() => {
-                return status_response(state, message_id, None, StatusCode::ACCEPTED).await;
+                return pending(message_id).await;
             }
         }
         // Re-read the record: pub/sub may have dropped the reply.
@@ -550,13 +650,9 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-/// Any other route.
-pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotFound(format!(
-        "no route for {} {}",
-        req.method(),
-        req.path()
-    )))
+/// The answer for a route nobody serves.
+pub(crate) fn no_route(req: &HttpRequest) -> ApiError {
+    ApiError::NotFound(format!("no route for {} {}", req.method(), req.path()))
 }
 
 fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -588,8 +684,26 @@ pub(crate) fn check_message_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The answer for a finished message: the stored outcome, or its error with its status.
-fn outcome_response(message_id: &str, outcome: &str) -> HttpResponse {
+/// `/api/v1/chat`'s answer when the turn has not ended within the sync timeout: the worker's
+/// timeout error. The turn goes on; its answer is kept (`GET /api/v1/message/{id}`).
+fn chat_timeout(state: &AppState, message_id: &str) -> HttpResponse {
+    HttpResponse::GatewayTimeout().json(json!({
+        "error": "TimeoutError",
+        "code": "TIMEOUT_ERROR",
+        "message": format!(
+            "The answer is taking longer than {} s. It is still being prepared and will be in the history.",
+            state.api.sync_timeout.as_secs()
+        ),
+        "message_id": message_id,
+    }))
+}
+
+/// The answer for a finished message: the stored outcome, or its error with its status; on
+/// the worker's `/chat`, in its shape (`{"message_id", ...ChatResponse}`).
+fn outcome_response(message_id: &str, outcome: &str, route: Route) -> HttpResponse {
+    if route == Route::Chat {
+        return chat_outcome_response(message_id, outcome);
+    }
     if Outcome::is_completed_json(outcome) {
         return HttpResponse::Ok()
             .content_type("application/json")
@@ -615,6 +729,48 @@ fn outcome_response(message_id: &str, outcome: &str) -> HttpResponse {
     }
 }
 
+/// [`outcome_response`] on the worker's `/chat`.
+fn chat_outcome_response(message_id: &str, outcome: &str) -> HttpResponse {
+    match serde_json::from_str::<Outcome>(outcome) {
+        Ok(Outcome::Completed {
+            responses,
+            response_language,
+            voice_audio_url,
+            attachments,
+            voice_audio_base64,
+            ..
+        }) => {
+            let mut body = json!({
+                "message_id": message_id,
+                "responses": responses,
+                "response_language": response_language,
+                "voice_audio_base64": voice_audio_base64,
+                "voice_audio_url": voice_audio_url,
+            });
+            if let Some(attachments) =
+                attachments.filter(|a| a.as_array().is_some_and(|a| !a.is_empty()))
+            {
+                body["attachments"] = attachments;
+            }
+            HttpResponse::Ok().json(body)
+        }
+        Ok(Outcome::Failed { failure, .. }) => {
+            let status =
+                StatusCode::from_u16(failure.http_status).unwrap_or(StatusCode::BAD_GATEWAY);
+            HttpResponse::build(status).json(json!({
+                "error": failure.error,
+                "code": failure.code,
+                "message": failure.message,
+                "message_id": message_id,
+            }))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, %message_id, "stored outcome is unreadable");
+            HttpResponse::InternalServerError().json(json!({"error": "Internal server error"}))
+        }
+    }
+}
+
 /// `202` with where the message stands and where to get its result.
 async fn status_response(
     state: &AppState,
@@ -627,7 +783,7 @@ async fn status_response(
         None => match state.queue.message_record(message_id).await? {
             Some(record) => {
                 if let Some(outcome) = record.outcome.as_deref() {
-                    return Ok(outcome_response(message_id, outcome));
+                    return Ok(outcome_response(message_id, outcome, Route::Message));
                 }
                 (record.status, record.queue_position)
             }

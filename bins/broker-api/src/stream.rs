@@ -27,6 +27,44 @@ const BATCH: usize = 256;
 
 const KEEPALIVE: &str = "data: {\"type\":\"keepalive\"}\n\n";
 
+/// The worker's own first frame for a message that waits behind another turn.
+const QUEUED_STATUS: &str =
+    "{\"type\":\"status\",\"message\":\"Queued — processing will begin shortly\"}";
+
+/// How a message's frames are shown to its reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// The broker's own route: every recorded frame as it is, the broker's `queued` first.
+    Broker,
+    /// The worker's `/api/v1/chat/stream` (docs/worker-contract.md §1.5): only frames the
+    /// worker itself sends. The broker's `queued` frame becomes the worker's "Queued" status
+    /// when the message waits behind another, and is left out when it runs at once.
+    Worker,
+}
+
+impl Framing {
+    pub fn of(route: broker_proto::Route) -> Self {
+        if route.is_worker_route() {
+            Self::Worker
+        } else {
+            Self::Broker
+        }
+    }
+
+    /// One recorded frame as SSE, with its id for resuming; `None` when this framing leaves
+    /// it out.
+    fn frame(self, event: &Event) -> Option<String> {
+        if self == Self::Worker && event.kind == "queued" {
+            let waits = serde_json::from_str::<serde_json::Value>(&event.data)
+                .ok()
+                .and_then(|v| v["ahead"].as_u64())
+                .is_some_and(|ahead| ahead > 0);
+            return waits.then(|| format!("id: {}\ndata: {QUEUED_STATUS}\n\n", event.id));
+        }
+        Some(format!("id: {}\ndata: {}\n\n", event.id, event.data))
+    }
+}
+
 /// `GET /api/v1/stream?message_id=…` (`user_id` accepted for older clients).
 pub async fn get_stream(
     req: HttpRequest,
@@ -73,8 +111,18 @@ pub async fn get_stream(
             record.mode
         )));
     }
+    let framing = match record.front.as_deref().and_then(broker_proto::Front::parse) {
+        Some(front) => Framing::of(front.route),
+        None => Framing::Broker,
+    };
     let watch = state.waiters.watch(&message_id, true);
-    Ok(sse_response(state, message_id, After::Id(after), watch))
+    Ok(sse_response(
+        state,
+        message_id,
+        After::Id(after),
+        watch,
+        framing,
+    ))
 }
 
 /// The `Last-Event-ID` header, if any: an id this API sent (`<ms>-<seq>`).
@@ -118,10 +166,14 @@ pub fn sse_response(
     message_id: String,
     after: After,
     watch: EventWatch,
+    framing: Framing,
 ) -> HttpResponse {
     let (after, first) = match after {
         After::Id(after) => (after, None),
-        After::First(event) => (Some(event.id.clone()), Some(Bytes::from(sse_frame(&event)))),
+        After::First(event) => (
+            Some(event.id.clone()),
+            Some(framing.frame(&event).map(Bytes::from)),
+        ),
     };
     let reader = Reader {
         keepalive: state.api.sse_keepalive,
@@ -132,8 +184,9 @@ pub fn sse_response(
         after,
         // With the first frame in hand, the stream has nothing else yet: wait to be told.
         read_now: first.is_none(),
-        first,
+        first: first.flatten(),
         watch,
+        framing,
         last_sent: Instant::now(),
         ended: false,
     };
@@ -196,11 +249,6 @@ fn entry_order(id: &str) -> Option<(u64, u64)> {
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
-/// One recorded frame as SSE, with its id for resuming.
-fn sse_frame(event: &Event) -> String {
-    format!("id: {}\ndata: {}\n\n", event.id, event.data)
-}
-
 /// One SSE client's progress through a message's frames.
 struct Reader {
     state: web::Data<AppState>,
@@ -212,6 +260,7 @@ struct Reader {
     /// Read the stream before waiting (false right after a read that found the end of it).
     read_now: bool,
     watch: EventWatch,
+    framing: Framing,
     keepalive: std::time::Duration,
     recheck: std::time::Duration,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -307,12 +356,19 @@ impl Reader {
         }
         let mut chunk = String::new();
         for event in events {
-            chunk.push_str(&sse_frame(&event));
+            if let Some(frame) = self.framing.frame(&event) {
+                chunk.push_str(&frame);
+            }
             if event.is_terminal() {
                 self.ended = true;
                 break;
             }
             self.after = Some(event.id);
+        }
+        if chunk.is_empty() {
+            // Only frames this framing leaves out: read on.
+            self.read_now = true;
+            return None;
         }
         Some(Bytes::from(chunk))
     }

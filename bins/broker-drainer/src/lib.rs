@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     pub queue: Queue,
     pub worker: WorkerClient,
     pub callbacks: broker_core::callback::Sender,
+    /// Moves the worker's audio and file URLs onto `BROKER_PUBLIC_URL`, when it is set.
+    pub rewrite: Option<broker_proto::front::Rewrite>,
     pub finisher: Finisher,
     /// Conversations this process runs a turn for (taken, not yet finished), counted: a
     /// conversation released by one turn can be taken again before that turn's task is gone.
@@ -76,6 +78,16 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn id(&self) -> &str {
         &self.settings.drainer.id
+    }
+
+    /// A worker frame's data with its URLs on `BROKER_PUBLIC_URL` (a `complete` frame's).
+    pub(crate) fn rewritten(&self, data: &str, frame: &broker_proto::sse::Frame) -> String {
+        match (&self.rewrite, frame) {
+            (Some(rewrite), broker_proto::sse::Frame::Complete(_)) => {
+                rewrite.json(data).unwrap_or_else(|| data.to_owned())
+            }
+            _ => data.to_owned(),
+        }
     }
 
     fn running_count(&self) -> usize {
@@ -132,7 +144,12 @@ impl Drainer {
                     }
                 }
             });
+        let rewrite = settings
+            .public_url
+            .as_deref()
+            .map(|public| broker_proto::front::Rewrite::new(&settings.worker.base_url, public));
         let shared = Arc::new(Shared {
+            rewrite,
             queue,
             worker,
             callbacks: broker_core::callback::Sender::new(&settings.callbacks)

@@ -127,7 +127,7 @@ async fn run_worker(
         let worker_leg = async {
             let mut on_frame = move |data: &str, frame: &Frame| {
                 if !matches!(frame, Frame::Keepalive | Frame::Invalid) {
-                    let _ = frames_tx.send(data.to_owned());
+                    let _ = frames_tx.send(shared.rewritten(data, frame));
                 }
             };
             let result = shared.worker.run_turn(&claimed.body, &mut on_frame).await;
@@ -161,7 +161,7 @@ async fn run_worker(
                 // Frames the web client could not parse are not passed on.
                 Frame::Keepalive | Frame::Invalid => return,
             };
-            let _ = frames_tx.send((kind.to_owned(), data.to_owned()));
+            let _ = frames_tx.send((kind.to_owned(), shared.rewritten(data, frame)));
         };
         let result = shared.worker.run_turn(&claimed.body, &mut on_frame).await;
         drop(on_frame);
@@ -365,15 +365,27 @@ async fn finish(
             let terminal = match worker_terminal {
                 _ if !records => String::new(),
                 Some((kind, data)) if kind == "complete" => data,
-                _ => format!("{{\"type\":\"complete\",\"response\":{json}}}"),
+                _ => {
+                    let frame = format!("{{\"type\":\"complete\",\"response\":{json}}}");
+                    let rewritten = shared.rewrite.as_ref().and_then(|r| r.json(&frame));
+                    rewritten.unwrap_or(frame)
+                }
             };
             let ChatResponse {
                 responses,
                 response_language,
-                voice_audio_url,
+                mut voice_audio_url,
                 voice_audio_base64,
-                attachments,
+                mut attachments,
             } = response;
+            if let Some(rewrite) = &shared.rewrite {
+                if let Some(url) = voice_audio_url.as_deref().and_then(|u| rewrite.url(u)) {
+                    voice_audio_url = Some(url);
+                }
+                if let Some(attachments) = &mut attachments {
+                    rewrite.value(attachments);
+                }
+            }
             let outcome = Outcome::Completed {
                 message_id: message_id.clone(),
                 responses,

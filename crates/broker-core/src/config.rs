@@ -55,6 +55,7 @@ pub const ENV_NAMES: &[&str] = &[
     "BROKER_CALLBACK_BUDGET_MS",
     "BROKER_CALLBACK_TIMEOUT_MS",
     "BROKER_EXTRA_CA_FILE",
+    "BROKER_PUBLIC_URL",
     "WORKER_BASE_URL",
     "WORKER_API_KEY",
     "WORKER_CONNECT_TIMEOUT_MS",
@@ -107,6 +108,7 @@ struct Raw {
     broker_sse_keepalive_ms: u64,
     broker_api_workers: Option<u64>,
     broker_callback_secret: String,
+    broker_public_url: String,
     broker_callback_allowlist: String,
     broker_callback_budget_ms: u64,
     broker_callback_timeout_ms: u64,
@@ -155,6 +157,7 @@ impl Default for Raw {
             broker_body_timeout_secs: 60,
             broker_max_connections: 25_000,
             broker_instance_id: String::new(),
+            broker_public_url: String::new(),
             broker_max_claims: 5,
             broker_dead_list_max: 10_000,
             broker_events_max: 1_000,
@@ -362,6 +365,10 @@ pub struct DrainerSettings {
 /// Every setting of every process, checked.
 #[derive(Clone)]
 pub struct Settings {
+    /// `BROKER_PUBLIC_URL`: the origin clients reach the broker on. Audio and file URLs the
+    /// worker builds on its own origin are rewritten to it, so that they are fetched through
+    /// the broker's proxy.
+    pub public_url: Option<String>,
     pub redis: RedisSettings,
     pub log_level: String,
     pub log_format: LogFormat,
@@ -515,6 +522,11 @@ impl Raw {
         if !is_key_part(&self.broker_shard) {
             p.push("BROKER_SHARD: must be non-empty letters, digits, '_', '-' or '.'".into());
         }
+        let public_url = self.broker_public_url.trim_end_matches('/');
+        let scheme = public_url.starts_with("http://") || public_url.starts_with("https://");
+        if !(public_url.is_empty() || scheme) {
+            p.push("BROKER_PUBLIC_URL: must start with http:// or https://".into());
+        }
         for (name, id) in [
             ("BROKER_INSTANCE_ID", &self.broker_instance_id),
             ("DRAINER_ID", &self.drainer_id),
@@ -619,7 +631,10 @@ impl Raw {
         };
         let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         let to_u32 = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let public_url = (!self.broker_public_url.is_empty())
+            .then(|| self.broker_public_url.trim_end_matches('/').to_owned());
         Ok(Settings {
+            public_url,
             redis: RedisSettings {
                 url: self.redis_url.into(),
                 response_timeout: ms(self.redis_timeout_ms),

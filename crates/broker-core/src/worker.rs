@@ -143,6 +143,41 @@ impl WorkerClient {
         }
     }
 
+    /// Sends one request to the worker as it is, on `path_and_query` of its base URL, with the
+    /// broker's worker key; the answer once its head has come (within the idle timeout).
+    /// For the worker's routes the API passes through (its proxy).
+    pub async fn forward(
+        &self,
+        method: hyper::Method,
+        path_and_query: &str,
+        headers: hyper::HeaderMap,
+        body: Bytes,
+    ) -> Result<hyper::Response<Incoming>, String> {
+        let uri: Uri = format!("{}{path_and_query}", self.settings.base_url)
+            .parse()
+            .map_err(|_| "not a valid path".to_owned())?;
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(h) = request.headers_mut() {
+            *h = headers;
+            match &self.authorization {
+                Some(authorization) => {
+                    h.insert(AUTHORIZATION, authorization.clone());
+                }
+                None => {
+                    h.remove(AUTHORIZATION);
+                }
+            }
+        }
+        let request = request
+            .body(Full::new(body))
+            .map_err(|e| format!("the request could not be built: {e}"))?;
+        match tokio::time::timeout(self.settings.idle_timeout, self.client.send(request)).await {
+            Err(_) => Err("no answer within the idle timeout".into()),
+            Ok(Err(e)) => Err(format!("request failed: {e}")),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+
     async fn open(&self, body: &[u8]) -> Opened {
         let mut request = Request::post(self.uri.clone())
             .header(CONTENT_TYPE, "application/json")

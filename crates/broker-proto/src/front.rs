@@ -159,6 +159,77 @@ pub fn user_sentence(code: &str) -> &'static str {
     }
 }
 
+/// The worker's paths the broker serves through its proxy, whose URLs it rewrites.
+pub const PROXIED_PATHS: &[&str] = &[
+    "/api/v1/audio/",
+    "/api/v1/voice-submissions/",
+    "/public/ptxprint/",
+];
+
+/// Rewrites the URLs the worker builds on its own origin (audio, voice submissions, files)
+/// to the broker's public URL (`BROKER_PUBLIC_URL`), where its proxy serves them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewrite {
+    /// The worker's origin: `scheme://host[:port]`.
+    from: String,
+    /// The broker's public URL, without a trailing `/`.
+    to: String,
+}
+
+impl Rewrite {
+    /// From the worker's base URL's origin to `public_url`.
+    pub fn new(worker_base_url: &str, public_url: &str) -> Self {
+        let origin_end = worker_base_url
+            .find("://")
+            .map(|i| i + 3)
+            .and_then(|start| {
+                worker_base_url[start..]
+                    .find('/')
+                    .map(|slash| start + slash)
+            })
+            .unwrap_or(worker_base_url.len());
+        Self {
+            from: worker_base_url[..origin_end].to_owned(),
+            to: public_url.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// Rewrites every string in `value` that is a URL on the worker's origin under one of
+    /// [`PROXIED_PATHS`]; whether anything changed.
+    pub fn value(&self, value: &mut Value) -> bool {
+        match value {
+            Value::String(text) => match self.url(text) {
+                Some(new) => {
+                    *text = new;
+                    true
+                }
+                None => false,
+            },
+            Value::Array(items) => items.iter_mut().fold(false, |c, v| self.value(v) | c),
+            Value::Object(fields) => fields.values_mut().fold(false, |c, v| self.value(v) | c),
+            _ => false,
+        }
+    }
+
+    /// `url` on the public URL, when it is one to rewrite.
+    pub fn url(&self, url: &str) -> Option<String> {
+        let path = url.strip_prefix(self.from.as_str())?;
+        PROXIED_PATHS
+            .iter()
+            .any(|p| path.starts_with(p))
+            .then(|| format!("{}{path}", self.to))
+    }
+
+    /// A JSON text with its URLs rewritten; `None` when there is nothing to rewrite.
+    pub fn json(&self, text: &str) -> Option<String> {
+        if !text.contains(self.from.as_str()) {
+            return None;
+        }
+        let mut value: Value = serde_json::from_str(text).ok()?;
+        self.value(&mut value).then(|| value.to_string())
+    }
+}
+
 /// The text of a `ChatResponse`'s `responses`, joined as the worker joins them for callbacks.
 pub fn joined_responses(response: &Value) -> String {
     response["responses"]
@@ -507,6 +578,29 @@ mod tests {
             "complete:Looking up.\nDone. Bye"
         );
         assert!(!texts(&out).iter().any(|t| t.starts_with("progress")));
+    }
+
+    #[test]
+    fn worker_urls_move_to_the_public_url() {
+        let rewrite = Rewrite::new("http://127.0.0.1:9/base", "https://broker.example/");
+        let mut v = json!({"voice_audio_url": "http://127.0.0.1:9/api/v1/audio/audio/o/u/x.opus",
+            "attachments": [{"url": "http://127.0.0.1:9/public/ptxprint/pdfs/a.pdf"},
+                            {"url": "http://127.0.0.1:9/elsewhere"}, {"url": "http://127.0.0.19/api/v1/audio/x"}]});
+        assert!(rewrite.value(&mut v));
+        assert_eq!(
+            v["voice_audio_url"],
+            "https://broker.example/api/v1/audio/audio/o/u/x.opus"
+        );
+        assert_eq!(
+            v["attachments"][0]["url"],
+            "https://broker.example/public/ptxprint/pdfs/a.pdf"
+        );
+        assert_eq!(v["attachments"][1]["url"], "http://127.0.0.1:9/elsewhere");
+        assert_eq!(
+            v["attachments"][2]["url"],
+            "http://127.0.0.19/api/v1/audio/x"
+        );
+        assert_eq!(rewrite.json(r#"{"a":1}"#), None);
     }
 
     #[test]
