@@ -10,6 +10,7 @@ mod delivery_load;
 mod delivery_recovery;
 mod docs;
 mod e2e;
+mod front;
 mod hostile;
 mod mock;
 mod model;

@@ -252,8 +252,8 @@ async fn callbacks_follow_the_progress_mode_and_carry_the_engine_token() {
         bodies,
         [
             json!({"type": "status", "message": "Processing your request..."}),
-            json!({"type": "progress", "text": "Looking up 1."}),
             json!({"type": "status", "message": "Executing 1 tool(s)..."}),
+            json!({"type": "progress", "text": "Looking up 1."}),
             json!({"type": "status", "message": "Preparing your response..."}),
             json!({"type": "complete", "text": "\necho: hi [mock:tools=1,progress=2]"}),
         ]
