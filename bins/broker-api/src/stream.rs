@@ -175,6 +175,9 @@ pub fn sse_response(
             Some(framing.frame(&event).map(Bytes::from)),
         ),
     };
+    // The message's id, for resuming on `GET /api/v1/stream` (the worker's framing has no
+    // other place for it).
+    let id_header = ("x-message-id", message_id.clone());
     let reader = Reader {
         keepalive: state.api.sse_keepalive,
         recheck: state.api.waiter_recheck.min(state.api.sse_keepalive),
@@ -200,6 +203,7 @@ pub fn sse_response(
         .content_type("text/event-stream")
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header(("X-Accel-Buffering", "no"))
+        .insert_header(id_header)
         .streaming(body)
 }
 

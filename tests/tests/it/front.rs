@@ -497,3 +497,410 @@ async fn a_drainer_killed_mid_callback_turns_posts_no_progress_twice() {
         stats.started
     );
 }
+
+#[tokio::test]
+async fn every_rule_of_the_workers_validation_with_its_status_and_body() {
+    let s = stack(TestMock::quick(), "127.0.0.1:1", &[]).await;
+    let route = |path: &str| format!("{}/api/v1/{path}", s.api.base);
+    let chat = chat_body("alice", "hi");
+    let callback = callback_body(
+        "alice",
+        "hi",
+        "https://gw.example.org/progress-callback",
+        "k1",
+    );
+    let with = |base: &Value, field: &str, value: Value| {
+        let mut b = base.clone();
+        b[field] = value;
+        b
+    };
+    let without = |base: &Value, field: &str| {
+        let mut b = base.clone();
+        b.as_object_mut().unwrap().remove(field);
+        b
+    };
+    let not_valid = |field: &str, path: &str| {
+        format!("{field} is not valid on /api/v1/{path} — use /api/v1/chat/callback")
+    };
+    let cases: Vec<(&str, Value, String)> =
+        vec![
+        ("chat", without(&chat, "user_id"), "user_id is required".into()),
+        ("chat/stream", with(&chat, "user_id", json!("")), "user_id is required".into()),
+        ("chat/callback", without(&callback, "client_id"), "client_id is required".into()),
+        (
+            "chat",
+            with(&chat, "is_admin", json!(false)),
+            "is_admin is not a valid field; admin origin is derived from client_id".into(),
+        ),
+        (
+            "chat/callback",
+            with(&callback, "is_admin", Value::Null),
+            "is_admin is not a valid field; admin origin is derived from client_id".into(),
+        ),
+        (
+            "chat",
+            with(&chat, "chat_type", json!("channel")),
+            "Invalid chat_type: channel. Must be one of: private, group, supergroup".into(),
+        ),
+        (
+            "chat/stream",
+            with(&chat, "chat_type", json!("group")),
+            "chat_id is required for group/supergroup chats".into(),
+        ),
+        (
+            "chat",
+            with(&chat, "progress_callback_url", json!("https://x.example")),
+            not_valid("progress_callback_url", "chat"),
+        ),
+        (
+            "chat/stream",
+            with(&chat, "message_key", Value::Null),
+            not_valid("message_key", "chat/stream"),
+        ),
+        (
+            "chat",
+            with(&chat, "progress_mode", json!("iteration")),
+            not_valid("progress_mode", "chat"),
+        ),
+        (
+            "chat/stream",
+            with(&chat, "progress_throttle_seconds", json!(3)),
+            not_valid("progress_throttle_seconds", "chat/stream"),
+        ),
+        (
+            "chat/callback",
+            without(&callback, "progress_callback_url"),
+            "progress_callback_url is required on /api/v1/chat/callback".into(),
+        ),
+        (
+            "chat/callback",
+            with(&callback, "message_key", json!("")),
+            "message_key is required on /api/v1/chat/callback".into(),
+        ),
+        (
+            "chat",
+            with(&chat, "response_language_hint", json!("pt-br")),
+            "response_language_hint must be a valid ISO 639-1 language code (2 lowercase letters)"
+                .into(),
+        ),
+    ];
+    let http = &s.http;
+    for (path, body, error) in &cases {
+        let a = post(http, &route(path), API_KEY, body).await;
+        assert_eq!(a.status, 400, "{path} {body}: {}", a.text);
+        assert_eq!(a.body, json!({"error": error}), "{path} {body}");
+    }
+    // Malformed JSON.
+    let bad = http
+        .send(
+            "POST",
+            &route("chat"),
+            &[
+                ("authorization", "Bearer test-key"),
+                ("content-type", "application/json"),
+            ],
+            Some("{\"user_id\":".into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (bad.status, bad.body.clone()),
+        (400, json!({"error": "Invalid JSON body"}))
+    );
+    // What the worker would only find during the turn is refused before it is queued.
+    for (path, body, field) in [
+        ("chat", with(&chat, "message", json!("  ")), "message"),
+        (
+            "chat/callback",
+            with(
+                &with(&callback, "message_type", json!("audio")),
+                "audio_base64",
+                json!("T2dnUw=="),
+            ),
+            "audio_format",
+        ),
+        (
+            "chat/callback",
+            with(
+                &with(
+                    &with(&callback, "message_type", json!("audio")),
+                    "audio_base64",
+                    json!("T2dnUw=="),
+                ),
+                "audio_format",
+                json!("aac"),
+            ),
+            "audio_format",
+        ),
+        (
+            "chat/callback",
+            with(&callback, "progress_mode", json!("bogus")),
+            "progress_mode",
+        ),
+        (
+            "chat/callback",
+            with(
+                &callback,
+                "progress_callback_url",
+                json!("http://10.0.0.7/hook"),
+            ),
+            "progress_callback_url",
+        ),
+    ] {
+        let a = post(http, &route(path), API_KEY, &body).await;
+        assert_eq!(a.status, 400, "{path} {body}: {}", a.text);
+        let error = a.body["error"].as_str().unwrap();
+        assert!(error.contains(field), "{path}: {error}");
+    }
+    // The worker's auth answers.
+    let none = http
+        .send(
+            "POST",
+            &route("chat"),
+            &[("content-type", "application/json")],
+            Some(chat.to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (none.status, none.body),
+        (
+            401,
+            json!({"error": "Authorization header with Bearer token required"})
+        )
+    );
+    let wrong = post(http, &route("chat/stream"), "not-the-key", &chat).await;
+    assert_eq!(
+        (wrong.status, wrong.body),
+        (403, json!({"error": "Invalid API key"}))
+    );
+    let wrong = post(
+        http,
+        &route("orgs/unfoldingWord/users/a/preferences"),
+        "nope",
+        &chat,
+    )
+    .await;
+    assert_eq!(wrong.status, 403);
+    // Nothing of it reached the queues or the worker.
+    assert_eq!(s.mock.state.stats().requests, 0);
+    let mut conn = s.redis.conn().await;
+    let keys = broker_tests::all_keys(&mut conn).await;
+    assert!(keys.iter().all(|k| !k.contains(":msg:")), "{keys:?}");
+}
+
+#[tokio::test]
+async fn a_stream_that_waits_opens_with_the_workers_queued_status_and_can_be_resumed() {
+    let s = stack(
+        keyed_mock(Duration::from_millis(5), Duration::ZERO),
+        "127.0.0.1:1",
+        &[("BROKER_SSE_KEEPALIVE_MS", "200")],
+    )
+    .await;
+    // Alone: the worker's frames from its first.
+    let mut alone = open_stream(&s.api.base, &chat_body("ann", "one [mock:tools=1]")).await;
+    assert_eq!(alone.status, 200);
+    assert_eq!(alone.headers["content-type"], "text/event-stream");
+    let frames = frames_of(&mut alone).await;
+    assert_eq!(
+        frames[0],
+        json!({"type": "status", "message": "Processing your request..."})
+    );
+    assert_eq!(frames.iter().filter(|f| f["type"] == "complete").count(), 1);
+    // Behind a turn of about 2 s: the worker's queued status, keepalives, then the turn.
+    let mut first = open_stream(&s.api.base, &chat_body("ann", "slow [mock:gap=200]")).await;
+    let mut second = open_stream(&s.api.base, &chat_body("ann", "next")).await;
+    let queued = second.next(LIMIT).await.unwrap();
+    assert_eq!(
+        queued.json(),
+        json!({"type": "status", "message": "Queued — processing will begin shortly"})
+    );
+    let keepalive = second.next(LIMIT).await.unwrap();
+    assert_eq!(keepalive.json(), json!({"type": "keepalive"}));
+    // Resumed elsewhere after the queued status: the rest, in the worker's framing.
+    let message_id = second.headers["x-message-id"].to_str().unwrap().to_owned();
+    drop(second);
+    let mut resumed = Sse::attach(&s.api.base, &message_id, queued.id.as_deref()).await;
+    let rest = frames_of(&mut resumed).await;
+    assert_eq!(
+        rest[0],
+        json!({"type": "status", "message": "Processing your request..."})
+    );
+    assert_eq!(
+        rest.last().unwrap()["response"]["responses"],
+        json!(["echo: next"])
+    );
+    assert!(rest.iter().all(|f| f["type"] != "queued"));
+    frames_of(&mut first).await;
+}
+
+#[tokio::test]
+async fn the_brokers_own_failures_read_as_sentences_and_chat_answers_the_workers_errors() {
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let allow = format!("127.0.0.1:{}", receiver.port);
+    let s = stack(
+        keyed_mock(Duration::from_millis(5), Duration::ZERO),
+        &allow,
+        &[
+            ("WORKER_MAX_ATTEMPTS", "2"),
+            ("BROKER_MAX_QUEUE_DEPTH", "2"),
+        ],
+    )
+    .await;
+    let mut sse = open_stream(&s.api.base, &chat_body("bo", "down [mock:status=503]")).await;
+    let frames = frames_of(&mut sse).await;
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_eq!(frames[0]["type"], "error");
+    assert_eq!(
+        frames[0]["error"],
+        "The assistant cannot be reached right now. Please try again in a few minutes."
+    );
+    // The worker's own failure passes as the worker answers /chat.
+    let url = format!("{}/api/v1/chat", s.api.base);
+    let a = post(
+        &s.http,
+        &url,
+        API_KEY,
+        &chat_body("bo", "boom [mock:error]"),
+    )
+    .await;
+    assert_eq!(a.status, 502, "{}", a.text);
+    assert_eq!(a.body["code"], "WORKER_ERROR");
+    assert_eq!(a.body["message"], "Injected turn failure");
+    // A full queue: the worker's 429.
+    let hook = receiver.url.as_str();
+    let callback = format!("{}/api/v1/chat/callback", s.api.base);
+    let mut answers = Vec::new();
+    for i in 0..4 {
+        let body = callback_body(
+            "bo",
+            &format!("wait {i} [mock:gap=300]"),
+            hook,
+            &format!("k{i}"),
+        );
+        answers.push(post(&s.http, &callback, API_KEY, &body).await);
+    }
+    let full = answers
+        .iter()
+        .find(|a| a.status == 429)
+        .unwrap_or_else(|| panic!("a full queue: {answers:?}"));
+    assert_eq!(
+        full.body,
+        json!({"error": "Queue full", "code": "QUEUE_DEPTH_EXCEEDED", "message": "Queue depth limit (2) exceeded."})
+    );
+    assert!(full.headers.contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn the_workers_other_routes_pass_through_and_audio_urls_lead_to_the_broker() {
+    let s = stack(
+        keyed_mock(Duration::from_millis(5), Duration::ZERO),
+        "127.0.0.1:1",
+        &[("BROKER_PUBLIC_URL", "https://broker.example/")],
+    )
+    .await;
+    let http = &s.http;
+    let (ours, theirs) = (s.api.base.as_str(), s.mock.url.as_str());
+    let client = [("authorization", "Bearer test-key")];
+    let worker = [("authorization", "Bearer worker-key")];
+    // A voice answer: its URL is on the broker's public origin, and fetches through it.
+    let a = post(
+        http,
+        &format!("{ours}/api/v1/chat"),
+        API_KEY,
+        &chat_body("eve@example.org", "speak [mock:voice]"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let voice = a.body["voice_audio_url"].as_str().unwrap();
+    let path = voice.strip_prefix("https://broker.example").expect(voice);
+    assert!(path.starts_with("/api/v1/audio/audio/"), "{voice}");
+    let through = http
+        .send("GET", &format!("{ours}{path}"), &client, None)
+        .await
+        .unwrap();
+    let direct = http
+        .send("GET", &format!("{theirs}{path}"), &worker, None)
+        .await
+        .unwrap();
+    assert_eq!(through.status, 200);
+    assert_eq!(through.text, direct.text);
+    for h in ["content-type", "cache-control", "content-length"] {
+        assert_eq!(through.headers.get(h), direct.headers.get(h), "{h}");
+    }
+    let no_key = http
+        .send("GET", &format!("{ours}{path}"), &[], None)
+        .await
+        .unwrap();
+    assert_eq!(no_key.status, 401);
+    // Preferences and history, as the worker answers them (history's URLs moved too).
+    let prefs = "/api/v1/orgs/unfoldingWord/users/eve@example.org/preferences";
+    let json_type = ("content-type", "application/json");
+    let put = http
+        .send(
+            "PUT",
+            &format!("{ours}{prefs}"),
+            &[client[0], json_type],
+            Some(r#"{"response_language":"es"}"#.into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (put.status, put.body),
+        (200, json!({"response_language": "es"}))
+    );
+    let bad = http
+        .send(
+            "PUT",
+            &format!("{ours}{prefs}"),
+            &[client[0], json_type],
+            Some(r#"{"response_language":"xx-yy"}"#.into()),
+        )
+        .await
+        .unwrap();
+    let bad_direct = http
+        .send(
+            "PUT",
+            &format!("{theirs}{prefs}"),
+            &[worker[0], json_type],
+            Some(r#"{"response_language":"xx-yy"}"#.into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (bad.status, &bad.text),
+        (bad_direct.status, &bad_direct.text)
+    );
+    let history = "/api/v1/orgs/unfoldingWord/users/eve@example.org/history?limit=50&offset=0";
+    let h = http
+        .send("GET", &format!("{ours}{history}"), &client, None)
+        .await
+        .unwrap();
+    assert_eq!(h.status, 200, "{}", h.text);
+    assert_eq!(h.body["entries"][0]["voice_audio_url"], voice);
+    // Anything else the worker has, or has not: its status and bytes.
+    for path in [
+        "/api/v1/admin/orgs/unfoldingWord/modes",
+        "/public/ptxprint/pdfs/none.pdf",
+    ] {
+        let through = http
+            .send("GET", &format!("{ours}{path}"), &client, None)
+            .await
+            .unwrap();
+        let direct = http
+            .send("GET", &format!("{theirs}{path}"), &worker, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (through.status, &through.text),
+            (direct.status, &direct.text),
+            "{path}"
+        );
+    }
+    // Paths that are no one's stay the broker's 404.
+    let nothing = http
+        .send("GET", &format!("{ours}/elsewhere"), &client, None)
+        .await
+        .unwrap();
+    assert_eq!(nothing.status, 404);
+}
