@@ -44,12 +44,21 @@ fn passes(name: &str) -> bool {
 /// worker's (`/api/...`, `/public/...`), a `404` otherwise.
 pub async fn forward(
     req: HttpRequest,
-    mut payload: web::Payload,
+    payload: web::Payload,
     state: web::Data<AppState>,
-) -> Result<HttpResponse, WorkerError> {
+) -> Result<HttpResponse, actix_web::Error> {
     if !is_worker_path(req.path()) {
         return Err(crate::routes::no_route(&req).into());
     }
+    Ok(pass(req, payload, state).await?)
+}
+
+/// Passes one request to the worker and its answer back.
+async fn pass(
+    req: HttpRequest,
+    mut payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, WorkerError> {
     let body = crate::routes::read_body_in_time(&mut payload, &state).await?;
     let mut headers = hyper::HeaderMap::new();
     for (name, value) in req.headers() {

@@ -1209,6 +1209,8 @@ mod tests {
                 "alice",
                 "cm",
                 "https://x/cb",
+                "{\"route\":\"chat\"}",
+                "so far",
                 "{\"a\":\"\0\"}",
             ]
             .join("\0"),
@@ -1228,9 +1230,19 @@ mod tests {
                 claimed.mode.as_str(),
                 claimed.user_id.as_str(),
                 claimed.client_message_id.as_str(),
-                claimed.callback_url.as_str()
+                claimed.callback_url.as_str(),
+                claimed.front.as_str(),
+                claimed.progress.as_str()
             ],
-            ["bt:replies:a", "sync", "alice", "cm", "https://x/cb"]
+            [
+                "bt:replies:a",
+                "sync",
+                "alice",
+                "cm",
+                "https://x/cb",
+                "{\"route\":\"chat\"}",
+                "so far"
+            ]
         );
         // The body takes the rest, a NUL in it included.
         assert_eq!(claimed.body, "{\"a\":\"\0\"}");
