@@ -9,8 +9,8 @@ use std::task::{Context, Poll};
 
 use actix_web::body::{BodySize, BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
-use actix_web::http::header::{CONTENT_LENGTH, HOST};
-use actix_web::http::{ConnectionType, Version};
+use actix_web::http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use actix_web::http::{ConnectionType, Method, Version};
 use actix_web::middleware::Next;
 use actix_web::web::Bytes;
 use actix_web::{web, HttpMessage, ResponseError};
@@ -98,6 +98,22 @@ fn check(req: &ServiceRequest) -> Result<(), ApiError> {
         return Err(ApiError::Invalid(
             "an HTTP/1.1 request needs a Host header".into(),
         ));
+    }
+    if req.path().starts_with("/public/") {
+        // The worker's public files take no key, so they take no body either: nothing an
+        // anonymous client sends is read or passed on.
+        let bodiless = matches!(*req.method(), Method::GET | Method::HEAD)
+            && !req.headers().contains_key(TRANSFER_ENCODING)
+            && req
+                .headers()
+                .get(CONTENT_LENGTH)
+                .is_none_or(|v| v.as_bytes() == b"0");
+        if !bodiless {
+            return Err(ApiError::Invalid(
+                "/public/ serves files: only GET and HEAD, without a body".into(),
+            ));
+        }
+        return Ok(());
     }
     if !req.path().starts_with(KEYED) {
         return Ok(());

@@ -897,6 +897,17 @@ async fn the_workers_other_routes_pass_through_and_audio_urls_lead_to_the_broker
             "{path}"
         );
     }
+    // The public files take no key, and so no body.
+    let posted = http
+        .send(
+            "POST",
+            &format!("{ours}/public/ptxprint/pdfs/x.pdf"),
+            &[],
+            Some("x".repeat(1000)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(posted.status, 400, "{}", posted.text);
     // Paths that are no one's stay the broker's 404.
     let nothing = http
         .send("GET", &format!("{ours}/elsewhere"), &client, None)
