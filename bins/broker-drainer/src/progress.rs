@@ -32,7 +32,7 @@ pub(crate) struct Posted {
     pub dead: Vec<String>,
     /// The lease was lost: nothing more may be posted for this run.
     pub stopped: bool,
-    /// Callbacks posted (their webhook ids count on from it).
+    /// Callbacks posted in this run (the others' webhook ids count on from it).
     pub count: u32,
 }
 
@@ -117,7 +117,13 @@ impl Poster<'_> {
         }
         let body = self.front.payload(payload, &timestamp()).to_string();
         self.posted.count += 1;
-        let webhook_id = format!("{}-{}", self.claimed.message_id, self.posted.count);
+        // `webhook-id`: the terminal callback's is the same on every run of the turn (a
+        // receiver may drop a repeat by it); the others' are this run's own.
+        let id = &self.claimed.message_id;
+        let webhook_id = match kind.as_str() {
+            "complete" | "error" => format!("{id}.{kind}"),
+            _ => format!("{id}.{}.{}", self.claimed.attempts, self.posted.count),
+        };
         let mut hard_stop = self.shared.hard_stop.clone();
         let delivery = self
             .shared

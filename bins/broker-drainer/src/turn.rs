@@ -446,17 +446,19 @@ async fn finish(
     };
 
     if let Some(posted) = posted {
-        // The worker-shaped callbacks went out as the turn ran.
-        let delivery = match &posted.terminal {
-            None => "none",
-            Some(d) if d.delivered => "delivered",
-            Some(_) => "failed",
-        };
-        finish.fields.push(("callback".into(), delivery.into()));
-        let attempts = posted.terminal.as_ref().map_or(0, |d| d.attempts);
-        finish
-            .fields
-            .push(("callback_attempts".into(), attempts.to_string()));
+        // The worker-shaped callbacks went out as the turn ran; the record keeps how the
+        // terminal one went (none is due when there was nothing to say).
+        if let Some(terminal) = &posted.terminal {
+            let delivery = if terminal.delivered {
+                "delivered"
+            } else {
+                "failed"
+            };
+            finish.fields.push(("callback".into(), delivery.into()));
+            finish
+                .fields
+                .push(("callback_attempts".into(), terminal.attempts.to_string()));
+        }
         dead_entries.extend(posted.dead);
     } else if claimed.mode == Mode::Callback.as_str() && !claimed.callback_url.is_empty() {
         let payload = callback_payload(claimed, conversation, &outcome);

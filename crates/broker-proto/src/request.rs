@@ -801,6 +801,38 @@ mod tests {
     }
 
     #[test]
+    fn each_route_takes_its_own_fields() {
+        let callback = json!({"user_id": "u", "client_id": "whatsapp", "message": "hi",
+            "message_key": "k", "progress_callback_url": "https://gw.example/cb",
+            "progress_mode": "sentence", "progress_throttle_seconds": 0.2, "chat_id": "-1",
+            "client_message_id": "ignored", "_mcp_servers": []});
+        // The broker's own route knows none of the callback route's fields.
+        let refused = problems(callback.clone());
+        assert!(
+            refused.contains("`message_key`") && refused.contains("`_mcp_servers`"),
+            "{refused}"
+        );
+        let req = validate_request(
+            callback.to_string().as_bytes(),
+            Route::ChatCallback,
+            "unfoldingWord",
+            &ValidationLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(req.callback_url.as_deref(), Some("https://gw.example/cb"));
+        assert_eq!(
+            req.client_message_id, None,
+            "ignored, as the worker ignores it"
+        );
+        let front = req.front.unwrap().callback.unwrap();
+        assert_eq!(front.mode, ProgressMode::Sentence);
+        assert_eq!(front.throttle_ms, 1000, "at least a second");
+        assert_eq!(front.chat_id.as_deref(), Some("-1"));
+        let worker: Value = serde_json::from_str(&req.worker_body).unwrap();
+        assert!(worker.get("message_key").is_none() && worker.get("progress_mode").is_none());
+    }
+
+    #[test]
     fn org_wins_over_org_id_and_the_default_applies() {
         let req = check(
             json!({"user_id": "a", "client_id": "web", "message": "x", "org": "A", "org_id": "B"}),

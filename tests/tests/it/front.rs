@@ -789,6 +789,25 @@ async fn the_brokers_own_failures_read_as_sentences_and_chat_answers_the_workers
         json!({"error": "Queue full", "code": "QUEUE_DEPTH_EXCEEDED", "message": "Queue depth limit (2) exceeded."})
     );
     assert!(full.headers.contains_key("retry-after"));
+    // A callback client gets the same sentence as the worker's `error` callback.
+    let body = callback_body("cy", "down [mock:status=503]", hook, "kd");
+    assert_eq!(post(&s.http, &callback, API_KEY, &body).await.status, 202);
+    let error = eventually("the error callback", LIMIT, || async {
+        receiver
+            .accepted()
+            .into_iter()
+            .find(|r| r.json()["message_key"] == "kd")
+    })
+    .await;
+    assert_eq!(error.engine_token, API_KEY);
+    assert_eq!(error.webhook_id.rsplit('.').next(), Some("error"));
+    let mut payload = error.json();
+    payload.as_object_mut().unwrap().remove("timestamp");
+    assert_eq!(
+        payload,
+        json!({"type": "error", "user_id": "cy", "message_key": "kd",
+               "error": "The assistant cannot be reached right now. Please try again in a few minutes."})
+    );
 }
 
 #[tokio::test]
