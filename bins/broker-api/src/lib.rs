@@ -26,7 +26,7 @@ use broker_core::batch::{Batcher, Limits};
 use broker_core::config::{ApiSettings, Settings};
 use broker_core::queue::{Enqueued, NewMessage, Queue, QueueError};
 use broker_core::{redis_conn, Keys};
-use broker_proto::ValidationLimits;
+use broker_proto::{Route, ValidationLimits};
 use tokio::sync::watch;
 
 pub use error::ApiError;
@@ -221,9 +221,9 @@ impl Application {
                         .route("/message/{id}", web::delete().to(routes::delete_message))
                         .route("/queue/{user_id}", web::get().to(routes::get_queue))
                         .route("/stream", web::get().to(stream::get_stream))
-                        .route("/chat", web::post().to(routes::chat))
-                        .route("/chat/stream", web::post().to(routes::chat_stream))
-                        .route("/chat/callback", web::post().to(routes::chat_callback)),
+                        .route("/chat", chat(Route::Chat))
+                        .route("/chat/stream", chat(Route::ChatStream))
+                        .route("/chat/callback", chat(Route::ChatCallback)),
                 )
                 // The worker's other routes pass through to it; anything else is a 404.
                 .default_service(web::to(proxy::forward))
@@ -281,6 +281,15 @@ impl Application {
         tracing::info!("broker-api stopped");
         Ok(())
     }
+}
+
+/// The handler of one of the worker's chat routes.
+fn chat(route: Route) -> actix_web::Route {
+    web::post().to(
+        move |req: actix_web::HttpRequest, payload: web::Payload, state: web::Data<AppState>| {
+            routes::chat_route(req, payload, state, route)
+        },
+    )
 }
 
 /// One span per request (method, path, the key's name, and the conversation once known),

@@ -40,8 +40,10 @@ pub async fn post_message(
 
 /// `POST /api/v1/chat`, `/api/v1/chat/stream` and `/api/v1/chat/callback`: the worker's own
 /// routes (docs/worker-contract.md §1.2), through the same per-conversation queues, answered
-/// in the worker's shapes.
-async fn chat_route(
+/// in the worker's shapes: `/chat` waits and answers `{"message_id", ...ChatResponse}`,
+/// `/chat/stream` streams in the worker's framing, `/chat/callback` answers
+/// `202 {"message_id"}` and the worker's progress callbacks follow.
+pub async fn chat_route(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
@@ -56,33 +58,6 @@ async fn chat_route(
             waiter,
         } => Ok(wait_for_outcome(&state, &message_id, repeat, waiter, route).await?),
     }
-}
-
-/// `POST /api/v1/chat`: waits for the turn, answers `{"message_id", ...ChatResponse}`.
-pub async fn chat(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, WorkerError> {
-    chat_route(req, payload, state, Route::Chat).await
-}
-
-/// `POST /api/v1/chat/stream`: the turn's SSE stream in the worker's framing.
-pub async fn chat_stream(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, WorkerError> {
-    chat_route(req, payload, state, Route::ChatStream).await
-}
-
-/// `POST /api/v1/chat/callback`: `202 {"message_id"}`, then the worker's progress callbacks.
-pub async fn chat_callback(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, WorkerError> {
-    chat_route(req, payload, state, Route::ChatCallback).await
 }
 
 /// What the accepting phase of `POST /api/v1/message` leaves to do.

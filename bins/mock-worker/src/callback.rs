@@ -3,7 +3,8 @@
 //! `progress_mode` rules, each POSTed to `progress_callback_url` with `X-Engine-Token`.
 //!
 //! [`payloads`] is those rules as a function of the frames: the reference the broker's own
-//! callbacks are held to. Unlike the worker, the mock posts in order, one at a time, and
+//! callbacks are held to. It is written apart from the broker's `broker_proto::front::Progress`
+//! on purpose (a test oracle that shared its code would prove nothing). Unlike the worker, the mock posts in order, one at a time, and
 //! logs a failed post instead of dropping it silently.
 
 use std::time::Duration;

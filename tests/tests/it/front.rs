@@ -106,6 +106,20 @@ async fn held(http: &Http, base: &str, user: &str) -> usize {
     a.body["message_ids"].as_array().map_or(0, Vec::len)
 }
 
+/// Waits for each conversation's task (its conversation and the texts it sent, in order),
+/// then checks that the worker ran them one at a time, in that order.
+async fn check_fifo(mock: &TestMock, tasks: Vec<tokio::task::JoinHandle<(String, Vec<String>)>>) {
+    let mut sent = Vec::new();
+    for t in tasks {
+        sent.push(t.await.unwrap());
+    }
+    mock.assert_one_in_flight();
+    let stats = mock.state.stats();
+    for (conversation, texts) in &sent {
+        assert_fifo(conversation, &stats.started[conversation], texts);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_conversations_of_ten_through_chat_each_answered_its_own_in_order() {
     let s = stack(TestMock::quick(), "127.0.0.1:1", &[]).await;
@@ -163,15 +177,7 @@ async fn fifty_conversations_of_ten_through_chat_each_answered_its_own_in_order(
             (format!("user:unfoldingWord:{user}"), texts)
         }));
     }
-    let mut sent = Vec::new();
-    for t in tasks {
-        sent.push(t.await.unwrap());
-    }
-    s.mock.assert_one_in_flight();
-    let stats = s.mock.state.stats();
-    for (conversation, texts) in &sent {
-        assert_fifo(conversation, &stats.started[conversation], texts);
-    }
+    check_fifo(&s.mock, tasks).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -217,15 +223,7 @@ async fn fifty_conversations_of_ten_through_chat_stream_each_streamed_its_own_in
             (format!("user:unfoldingWord:{user}"), texts)
         }));
     }
-    let mut sent = Vec::new();
-    for t in tasks {
-        sent.push(t.await.unwrap());
-    }
-    s.mock.assert_one_in_flight();
-    let stats = s.mock.state.stats();
-    for (conversation, texts) in &sent {
-        assert_fifo(conversation, &stats.started[conversation], texts);
-    }
+    check_fifo(&s.mock, tasks).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
