@@ -87,6 +87,14 @@ async fn main() -> anyhow::Result<()> {
         .find(|(n, _)| n == "PORT")
         .and_then(|(_, v)| v.parse::<u16>().ok())
         .unwrap_or(8000);
+    // Audio URLs of answers lead through this API, as in production.
+    if !is_set(&pairs, "BROKER_PUBLIC_URL") {
+        set(
+            &mut pairs,
+            "BROKER_PUBLIC_URL",
+            format!("http://127.0.0.1:{api_port}"),
+        );
+    }
     let settings = match Settings::from_pairs(pairs.iter().map(|(n, v)| (n.as_str(), v.as_str()))) {
         Ok(s) => s,
         Err(e) => {
@@ -126,6 +134,9 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "  curl -sN http://127.0.0.1:{port}/api/v1/message -H 'X-API-Key: {key}' -H 'Content-Type: application/json' \\\n    -H 'Accept: text/event-stream' -d '{{\"user_id\":\"alice\",\"client_id\":\"web\",\"message\":\"Stream it\"}}'"
+    );
+    println!(
+        "  curl -sN http://127.0.0.1:{port}/api/v1/chat/stream -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"user_id\":\"alice\",\"client_id\":\"web\",\"message\":\"As the worker streams it\"}}'"
     );
     println!("  curl -s http://127.0.0.1:{port}/health");
     println!("stop with Ctrl-C");
