@@ -24,6 +24,14 @@ impl Auth {
         Self { keys, insecure }
     }
 
+    /// The key named `name`, for `X-Engine-Token` on a redelivered callback.
+    pub fn key_of(&self, name: &str) -> Option<String> {
+        self.keys
+            .iter()
+            .find(|k| k.name == name)
+            .map(|k| k.key.expose_secret().to_owned())
+    }
+
     /// Returns the name of the key that matched.
     pub fn check(&self, headers: &HeaderMap) -> Result<&str, ApiError> {
         if self.insecure {

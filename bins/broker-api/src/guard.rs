@@ -115,6 +115,16 @@ fn check(req: &ServiceRequest) -> Result<(), ApiError> {
         }
         return Ok(());
     }
+    if req.path().starts_with("/admin/") {
+        let Some(state) = req.app_data::<web::Data<AppState>>() else {
+            return Err(ApiError::Internal("the API's state is missing".into()));
+        };
+        let name = state.admin_auth.check(req.headers())?;
+        tracing::Span::current().record("key", name);
+        req.extensions_mut()
+            .insert(crate::admin::AdminName(name.to_owned()));
+        return Ok(());
+    }
     if !req.path().starts_with(KEYED) {
         return Ok(());
     }

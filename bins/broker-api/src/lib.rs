@@ -6,9 +6,12 @@
 //! `<instance id>-<n>`), both driven on that thread: a sync request's enqueue, its result and
 //! its answer never wake another thread.
 
+mod admin;
 mod auth;
+mod console;
 mod error;
 mod guard;
+mod metrics;
 mod proxy;
 mod routes;
 mod stream;
@@ -68,6 +71,10 @@ pub struct AppState {
     /// Moves the worker's audio and file URLs onto `BROKER_PUBLIC_URL`, when it is set.
     rewrite: Option<broker_proto::front::Rewrite>,
     auth: auth::Auth,
+    /// The keys of `/admin/v1/`.
+    admin_auth: auth::Auth,
+    /// Delivers dead callbacks again when an operator redrives them.
+    redriver: broker_core::callback::Sender,
     /// This worker's subscription.
     waiters: Arc<waiters::Waiters>,
     /// Every worker's, for the process-wide figures of `/health` and `/metrics`.
@@ -140,6 +147,11 @@ impl Application {
             .is_some()
             .then(|| broker_core::callback::Policy::new(settings.callbacks.allowlist.clone()));
         let auth = auth::Auth::new(settings.api.keys.clone(), settings.api.insecure_no_auth);
+        let admin_auth = auth::Auth::new(
+            settings.api.admin_keys.clone(),
+            settings.api.insecure_no_auth && settings.api.admin_keys.is_empty(),
+        );
+        let redriver = broker_core::callback::Sender::new(&settings.callbacks);
         let worker = broker_core::worker::WorkerClient::new(&settings.worker, 32)
             .map_err(anyhow::Error::msg)?;
         let rewrite = settings
@@ -191,6 +203,8 @@ impl Application {
                 worker: worker.clone(),
                 rewrite: rewrite.clone(),
                 auth: auth.clone(),
+                admin_auth: admin_auth.clone(),
+                redriver: redriver.clone(),
                 waiters,
                 all_waiters: all_waiters.clone(),
                 shutdown: stop_rx.clone(),
@@ -213,7 +227,7 @@ impl Application {
                 .wrap(actix_web::middleware::from_fn(guard::authenticate))
                 .wrap(actix_web::middleware::from_fn(log_request))
                 .route("/health", web::get().to(routes::health))
-                .route("/metrics", web::get().to(routes::metrics))
+                .route("/metrics", web::get().to(metrics::metrics))
                 .service(
                     web::scope("/api/v1")
                         .route("/message", web::post().to(routes::post_message))
@@ -225,6 +239,33 @@ impl Application {
                         .route("/chat/stream", chat(Route::ChatStream))
                         .route("/chat/callback", chat(Route::ChatCallback)),
                 )
+                .service(
+                    web::scope("/admin/v1")
+                        .route("/overview", web::get().to(admin::overview))
+                        .route("/conversations", web::get().to(admin::conversations))
+                        .route(
+                            "/conversations/{conversation:.+}/hold",
+                            web::post().to(admin::hold),
+                        )
+                        .route(
+                            "/conversations/{conversation:.+}/resume",
+                            web::post().to(admin::resume),
+                        )
+                        .route(
+                            "/conversations/{conversation:.+}",
+                            web::get().to(admin::conversation_detail),
+                        )
+                        .route("/drainers", web::get().to(admin::drainers))
+                        .route("/drainers/pause", web::post().to(admin::pause_drainers))
+                        .route("/drainers/resume", web::post().to(admin::resume_drainers))
+                        .route("/messages", web::get().to(admin::find_messages))
+                        .route("/messages/{id}", web::get().to(admin::message))
+                        .route("/dead", web::get().to(admin::dead))
+                        .route("/dead/redrive", web::post().to(admin::redrive_all))
+                        .route("/dead/{entry}/redrive", web::post().to(admin::redrive_one)),
+                )
+                .route("/console", web::get().to(console::page))
+                .route("/console/{file}", web::get().to(console::file))
                 // The worker's other routes pass through to it; anything else is a 404.
                 .default_service(web::to(proxy::forward))
         };

@@ -344,6 +344,7 @@ async fn claim_loop(
             Ok(Ok(taken)) => {
                 failures = 0;
                 let stopping = *stop.borrow();
+                let paused = taken.iter().any(|t| matches!(t.claim, Claim::Paused));
                 for t in taken {
                     let Claim::Turn(claimed) = t.claim else {
                         continue;
@@ -375,6 +376,14 @@ async fn claim_loop(
                 }
                 if stopping {
                     return;
+                }
+                if paused {
+                    // An operator paused the drainers: look again after a block's time.
+                    let mut stop = stop.clone();
+                    tokio::select! {
+                        () = tokio::time::sleep(d.block) => {}
+                        () = crate::flag_set(&mut stop) => return,
+                    }
                 }
             }
             Ok(Err(e)) => {

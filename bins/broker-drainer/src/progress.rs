@@ -32,6 +32,8 @@ pub(crate) struct Posted {
     pub dead: Vec<String>,
     /// The lease was lost: nothing more may be posted for this run.
     pub stopped: bool,
+    /// How long each callback took (ms) and its attempts, for the histograms.
+    pub timings: Vec<(u64, u32)>,
     /// Callbacks posted in this run (the others' webhook ids count on from it).
     pub count: u32,
 }
@@ -125,6 +127,7 @@ impl Poster<'_> {
             _ => format!("{id}.{}.{}", self.claimed.attempts, self.posted.count),
         };
         let mut hard_stop = self.shared.hard_stop.clone();
+        let started = std::time::Instant::now();
         let delivery = self
             .shared
             .callbacks
@@ -139,6 +142,10 @@ impl Poster<'_> {
                 crate::flag_set(&mut hard_stop),
             )
             .await;
+        self.posted.timings.push((
+            u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            delivery.attempts,
+        ));
         if !delivery.delivered {
             let error = delivery.last_error.clone().unwrap_or_default();
             tracing::warn!(kind = kind.as_str(), attempts = delivery.attempts, %error, "callback not delivered; recorded in the dead list");

@@ -437,6 +437,16 @@ async fn finish(
         }
     };
     let json = outcome.to_json();
+    // The figures of the turn, for the histograms and failure counts of `/metrics`.
+    let mut figures = Vec::new();
+    let mode = claimed.mode.as_str();
+    let end_to_end = finished_at.saturating_sub(claimed.enqueued_at);
+    broker_core::metrics::observe(&mut figures, "queue_wait", mode, queue_wait_ms);
+    broker_core::metrics::observe(&mut figures, "turn", mode, processing_ms);
+    broker_core::metrics::observe(&mut figures, "end_to_end", mode, end_to_end);
+    if let Outcome::Failed { failure, .. } = &outcome {
+        figures.push((format!("+failed_code:{}", failure.code), "1".into()));
+    }
     let mut finish = if records {
         let mut finish = Finish::new(outcome.status(), &json, terminal.0, &terminal.1);
         finish.frames = left.frames;
@@ -448,6 +458,16 @@ async fn finish(
     if let Some(posted) = posted {
         // The worker-shaped callbacks went out as the turn ran; the record keeps how the
         // terminal one went (none is due when there was nothing to say).
+        for (elapsed, attempts) in &posted.timings {
+            let attempts = u64::from(*attempts);
+            broker_core::metrics::observe(&mut figures, "callback", "chat_callback", *elapsed);
+            broker_core::metrics::observe(
+                &mut figures,
+                "callback_attempts",
+                "chat_callback",
+                attempts,
+            );
+        }
         if let Some(terminal) = &posted.terminal {
             let delivery = if terminal.delivered {
                 "delivered"
@@ -463,6 +483,7 @@ async fn finish(
     } else if claimed.mode == Mode::Callback.as_str() && !claimed.callback_url.is_empty() {
         let payload = callback_payload(claimed, conversation, &outcome);
         let mut hard_stop = shared.hard_stop.clone();
+        let started = std::time::Instant::now();
         let delivery = shared
             .callbacks
             .deliver(
@@ -472,6 +493,10 @@ async fn finish(
                 crate::flag_set(&mut hard_stop),
             )
             .await;
+        let elapsed = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let attempts = u64::from(delivery.attempts);
+        broker_core::metrics::observe(&mut figures, "callback", "callback", elapsed);
+        broker_core::metrics::observe(&mut figures, "callback_attempts", "callback", attempts);
         finish.fields.push((
             "callback".into(),
             if delivery.delivered {
@@ -505,6 +530,7 @@ async fn finish(
             );
         }
     }
+    finish.fields.extend(figures);
     finish.dead_entries = dead_entries;
     finish.reply.clone_from(&claimed.reply);
 

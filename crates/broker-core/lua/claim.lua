@@ -34,6 +34,9 @@
 --          the body. One string instead of ten values: the
 --          drainer's Redis client pays for each value of a reply.
 --       | {'empty', conversation}   nothing queued: the stray entry was removed
+--       | {'held', conversation}   held (hash `held`): parked with state 'held', in no list
+--   and for ARGV[1] == '' while drainers are paused (key `paused`): {{'paused'}}, with what the
+--   BLMOVE moved put back at the front of ready (counted in stats `paused_takes`)
 --   and for ARGV[1] == '' a list of such entries, in the order taken: empty when nothing new
 --   was at the head.
 
@@ -65,6 +68,12 @@ local function claim(conv, lease, taken)
       delta.active_queues = delta.active_queues - 1
     end
     return {'empty', conv}
+  end
+  if state ~= 'running' and redis.call('HEXISTS', ARGV[5] .. 'held', conv) == 1 then
+    -- Held: parked out of every list until resumed (resume puts it back in ready).
+    redis.call('LREM', KEYS[1], '0', conv)
+    redis.call('HSET', conv_key, 'state', 'held', 'since', now)
+    return {'held', conv}
   end
   local msg = ARGV[5] .. 'msg:' .. head
 
@@ -100,6 +109,14 @@ end
 
 local claimed = {}
 local conv = redis.call('LINDEX', KEYS[1], '0')
+if redis.call('EXISTS', ARGV[5] .. 'paused') == 1 then
+  -- Drainers are paused: what the BLMOVE moved goes back to the front of ready, unstarted.
+  if conv and redis.call('HGET', ARGV[5] .. 'conv:' .. conv, 'state') ~= 'running' then
+    redis.call('LMOVE', KEYS[1], KEYS[3], 'LEFT', 'RIGHT')
+    redis.call('HINCRBY', KEYS[2], 'paused_takes', '1')
+  end
+  return {{'paused'}}
+end
 local first = conv and claim(conv, ARGV[3], true)
 if not first then
   -- the BLMOVE moved nothing: the head is a turn already under way, or there is none

@@ -6,8 +6,9 @@
 -- counters' writes are then paid once per batch, not per message. The messages are enqueued
 -- in order, each as if alone (two of one conversation queue in that order).
 --
--- KEYS[1] ready   KEYS[2] stats
--- and for message m (from 0), at k = 2 + 5m:
+-- KEYS[1] ready   KEYS[2] stats   KEYS[3] oldest (conversations with work, by the enqueue
+-- time of their oldest unfinished message)
+-- and for message m (from 0), at k = 3 + 5m:
 --   KEYS[k+1] msg:<id>, the hash of the new message   KEYS[k+2] q:<conversation>
 --   KEYS[k+3] conv:<conversation>
 --   KEYS[k+4] dedup:<conversation>:<client-message-id> (only read and written when the
@@ -55,6 +56,9 @@ local function enqueue(k, a, last_field)
     return {'full', depth}
   end
 
+  if depth == 0 then
+    redis.call('ZADD', KEYS[3], now, conversation)
+  end
   redis.call('HSET', msg, 'status', 'queued', 'enqueued_at', now, 'attempts', '0',
     unpack(ARGV, a + 5, last_field))
   if deduplicated then
@@ -90,7 +94,7 @@ local a = 5
 for m = 1, tonumber(ARGV[4]) do
   -- the record's 5 fixed values, then its h field, value pairs
   local last_field = a + 4 + 2 * tonumber(ARGV[a + 4])
-  results[m] = enqueue(2 + 5 * (m - 1), a, last_field)
+  results[m] = enqueue(3 + 5 * (m - 1), a, last_field)
   a = last_field + 1
 end
 

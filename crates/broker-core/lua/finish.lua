@@ -8,7 +8,8 @@
 -- alone.
 --
 -- KEYS[1] processing:<drainer>   KEYS[2] ready   KEYS[3] stats   KEYS[4] dead
--- and for turn t (from 0), at k = 4 + 4t:
+-- KEYS[5] oldest (a conversation's score becomes its new head's enqueue time, or it leaves)
+-- and for turn t (from 0), at k = 5 + 4t:
 --   KEYS[k+1] conv:<conversation>   KEYS[k+2] q:<conversation>   KEYS[k+3] msg:<id>
 --   KEYS[k+4] events:<id>, also the channel its readers are notified on
 -- ARGV[1] now (ms)   ARGV[2] result ttl (s)   ARGV[3] dead-list cap   ARGV[4] stream cap
@@ -24,7 +25,9 @@
 --   without frames of several turns for one channel go in one message, see below),
 --   n dead-list entries, f worker frames not yet recorded (they go before the terminal
 --   frame), h fields for the message hash, then the n entries, the f type, data pairs and the
---   h field, value pairs
+--   h field, value pairs. A field named `+<counter>` is not written to the message: its value
+--   is added to that stats counter (the drainer's histogram buckets and failure codes). A
+--   failed message keeps its `body`, so that it can be redriven.
 -- Returns, per turn in order, the number of messages still queued in its conversation, or
 -- -1 when its lease was stale.
 --
@@ -65,16 +68,26 @@ local function finish(k, a)
     return -1
   end
 
-  redis.call('HSET', msg, 'status', status, 'outcome', outcome, 'finished_at', now,
-    unpack(ARGV, fields, last_field))
+  local set = {'status', status, 'outcome', outcome, 'finished_at', now}
   for i = fields, last_field, 2 do
-    if ARGV[i] == 'callback' then
-      -- 'delivered' or 'failed'
-      local counter = 'callbacks_' .. ARGV[i + 1] .. '_total'
-      counts[counter] = (counts[counter] or 0) + 1
+    local name = ARGV[i]
+    if name:sub(1, 1) == '+' then
+      local counter = name:sub(2)
+      counts[counter] = (counts[counter] or 0) + tonumber(ARGV[i + 1])
+    else
+      set[#set + 1] = name
+      set[#set + 1] = ARGV[i + 1]
+      if name == 'callback' then
+        -- 'delivered' or 'failed'
+        local counter = 'callbacks_' .. ARGV[i + 1] .. '_total'
+        counts[counter] = (counts[counter] or 0) + 1
+      end
     end
   end
-  redis.call('HDEL', msg, 'body')
+  redis.call('HSET', msg, unpack(set))
+  if status ~= 'failed' then
+    redis.call('HDEL', msg, 'body')
+  end
   redis.call('EXPIRE', msg, ARGV[2])
   local reply = ARGV[a + 7]
   if ARGV[a + 5] ~= '' then
@@ -122,6 +135,13 @@ local function finish(k, a)
 
   local left = redis.call('LLEN', q)
   if left > 0 then
+    local next_id = redis.call('LINDEX', q, '0')
+    local next_msg = msg:sub(1, #msg - #message_id) .. next_id
+    redis.call('ZADD', KEYS[5], redis.call('HGET', next_msg, 'enqueued_at') or now, conversation)
+  else
+    redis.call('ZREM', KEYS[5], conversation)
+  end
+  if left > 0 then
     -- more work: back of the line, so a long queue does not hold back the others
     redis.call('HSET', conv, 'state', 'ready', 'since', now)
     redis.call('HDEL', conv, 'message_id', 'drainer', 'lease')
@@ -136,7 +156,7 @@ end
 local results = {}
 local a = 7
 for t = 1, tonumber(ARGV[6]) do
-  results[t] = finish(4 * t, a)
+  results[t] = finish(1 + 4 * t, a)
   -- the next record starts after this one's 11 fixed values and n + 2f + 2h more
   a = a + 11 + tonumber(ARGV[a + 8]) + 2 * tonumber(ARGV[a + 9]) + 2 * tonumber(ARGV[a + 10])
 end

@@ -33,6 +33,7 @@ pub const ENV_NAMES: &[&str] = &[
     "PORT",
     "BROKER_API_KEY",
     "BROKER_API_KEYS",
+    "BROKER_ADMIN_KEYS",
     "BROKER_INSECURE_NO_AUTH",
     "BROKER_DEFAULT_ORG",
     "BROKER_SYNC_TIMEOUT_SECS",
@@ -90,6 +91,7 @@ struct Raw {
     port: Option<u64>,
     broker_api_key: String,
     broker_api_keys: String,
+    broker_admin_keys: String,
     broker_insecure_no_auth: bool,
     broker_default_org: String,
     broker_sync_timeout_secs: u64,
@@ -145,6 +147,7 @@ impl Default for Raw {
             port: None,
             broker_api_key: String::new(),
             broker_api_keys: String::new(),
+            broker_admin_keys: String::new(),
             broker_insecure_no_auth: false,
             broker_default_org: "unfoldingWord".into(),
             broker_sync_timeout_secs: 300,
@@ -217,6 +220,8 @@ pub struct RedisSettings {
 #[derive(Clone)]
 pub struct ApiSettings {
     pub keys: Vec<ApiKey>,
+    /// `BROKER_ADMIN_KEYS`: the keys of `/admin/v1/` and the console; none turns them off.
+    pub admin_keys: Vec<ApiKey>,
     pub insecure_no_auth: bool,
     pub default_org: String,
     pub sync_timeout: Duration,
@@ -598,17 +603,36 @@ impl Raw {
                 key: self.broker_api_key.clone().into(),
             });
         }
-        for (i, entry) in comma_entries(&self.broker_api_keys) {
-            match entry.split_once('=') {
-                Some((name, key)) if !name.trim().is_empty() && !key.trim().is_empty() => keys
-                    .push(ApiKey {
-                        name: name.trim().to_owned(),
-                        key: key.trim().to_owned().into(),
-                    }),
-                _ => p.push(format!(
-                    "BROKER_API_KEYS: entry {} must look like name=key",
-                    i + 1
-                )),
+        let mut admin_keys = Vec::new();
+        for (setting, value, into) in [
+            ("BROKER_API_KEYS", &self.broker_api_keys, &mut keys),
+            (
+                "BROKER_ADMIN_KEYS",
+                &self.broker_admin_keys,
+                &mut admin_keys,
+            ),
+        ] {
+            for (i, entry) in comma_entries(value) {
+                match entry.split_once('=') {
+                    Some((name, key)) if !name.trim().is_empty() && !key.trim().is_empty() => into
+                        .push(ApiKey {
+                            name: name.trim().to_owned(),
+                            key: key.trim().to_owned().into(),
+                        }),
+                    _ => p.push(format!(
+                        "{setting}: entry {} must look like name=key",
+                        i + 1
+                    )),
+                }
+            }
+        }
+        {
+            use secrecy::ExposeSecret;
+            if admin_keys.iter().any(|a| {
+                keys.iter()
+                    .any(|k| k.key.expose_secret() == a.key.expose_secret())
+            }) {
+                p.push("BROKER_ADMIN_KEYS: an admin key must not also be a client key".into());
             }
         }
 
@@ -648,6 +672,7 @@ impl Raw {
             port,
             api: ApiSettings {
                 keys,
+                admin_keys,
                 insecure_no_auth: self.broker_insecure_no_auth,
                 default_org: self.broker_default_org,
                 sync_timeout: secs(self.broker_sync_timeout_secs),

@@ -57,6 +57,22 @@ impl Keys {
         [self.base.as_str(), ":ready"].concat()
     }
 
+    /// Conversations with queued or running work, scored by the enqueue time (ms) of their
+    /// oldest unfinished message: the admin API's ranking, without a `SCAN`.
+    pub fn oldest(&self) -> String {
+        [self.base.as_str(), ":oldest"].concat()
+    }
+
+    /// Held conversations (hash: conversation → who held it, and when): they start nothing.
+    pub fn held(&self) -> String {
+        [self.base.as_str(), ":held"].concat()
+    }
+
+    /// Set while drainers are paused (its value says who paused them, and when).
+    pub fn paused(&self) -> String {
+        [self.base.as_str(), ":paused"].concat()
+    }
+
     /// Conversations one drainer has claimed.
     pub fn processing(&self, drainer: &str) -> String {
         [self.base.as_str(), ":processing:", drainer].concat()

@@ -10,6 +10,7 @@ pub mod config;
 pub mod http_client;
 pub mod keys;
 pub mod local_redis;
+pub mod metrics;
 pub mod queue;
 pub mod redis_conn;
 pub mod replies;

@@ -24,9 +24,9 @@ macro_rules! read {
         loop {
             #[allow(unused_mut)]
             let mut $conn = $queue.conn().await?;
-            let result: Result<_, QueueError> = async { Ok($body) }.await;
+            let result: Result<_, $crate::queue::QueueError> = async { Ok($body) }.await;
             match result {
-                Err(QueueError::Redis(e)) if !retried && retry_read(&e) => {
+                Err($crate::queue::QueueError::Redis(e)) if !retried && $crate::queue::retry_read(&e) => {
                     retried = true;
                     tracing::debug!(error = %e, "a read on a broken connection: once more");
                 }
@@ -143,6 +143,10 @@ pub enum Claim {
     Turn(Box<Claimed>),
     /// Nothing was queued; the stray entry was removed from the processing list.
     Empty,
+    /// The conversation is held: parked out of every list until resumed.
+    Held,
+    /// Drainers are paused: nothing was started, what was taken went back to ready.
+    Paused,
 }
 
 /// A conversation [`Queue::take_ready`] took, what its claim found, and the lease it runs
@@ -334,6 +338,9 @@ impl QueueStatus {
     }
 }
 
+mod admin;
+pub use admin::*;
+
 /// Broker state in Redis: the shared connection, the key layout and the scripts. A clone shares
 /// them: the batchers clone it for every batch.
 #[derive(Clone)]
@@ -418,8 +425,11 @@ impl Queue {
         max_depth: u64,
         dedup_ttl: Duration,
     ) -> Result<Vec<Enqueued>, QueueError> {
-        let mut invocation = Call::new(&self.scripts.enqueue, 2 + 5 * messages.len());
-        invocation.key(self.keys.ready()).key(self.keys.stats());
+        let mut invocation = Call::new(&self.scripts.enqueue, 3 + 5 * messages.len());
+        invocation
+            .key(self.keys.ready())
+            .key(self.keys.stats())
+            .key(self.keys.oldest());
         for message in messages {
             let NewMessage {
                 request,
@@ -640,12 +650,13 @@ impl Queue {
         turns: &[T],
         retention: &Retention,
     ) -> Result<Vec<Finished>, QueueError> {
-        let mut invocation = Call::new(&self.scripts.finish, 4 + 4 * turns.len());
+        let mut invocation = Call::new(&self.scripts.finish, 5 + 4 * turns.len());
         invocation
             .key(self.keys.processing(drainer))
             .key(self.keys.ready())
             .key(self.keys.stats())
-            .key(self.keys.dead());
+            .key(self.keys.dead())
+            .key(self.keys.oldest());
         for turn in turns {
             let turn = turn.borrow();
             invocation
@@ -874,13 +885,14 @@ impl Queue {
             return Ok(Cancelled::Absent);
         };
         let conv = Conversation::from_key(conversation);
-        let reply: Vec<Value> = Call::new(&self.scripts.cancel, 6)
+        let reply: Vec<Value> = Call::new(&self.scripts.cancel, 7)
             .key(self.keys.message(message_id))
             .key(self.keys.queue(&conv))
             .key(self.keys.conversation(&conv))
             .key(self.keys.ready())
             .key(self.keys.stats())
             .key(self.keys.events(message_id))
+            .key(self.keys.oldest())
             .arg(message_id)
             .arg(conv.as_str())
             .arg(now_ms())
@@ -1063,7 +1075,7 @@ impl Queue {
 
 /// Whether a failed read may be tried once more: its connection broke (Redis restarted, a
 /// proxy dropped it), which says nothing about the next one. A timeout is not retried.
-fn retry_read(e: &redis::RedisError) -> bool {
+pub(crate) fn retry_read(e: &redis::RedisError) -> bool {
     crate::redis_conn::may_break(e) && !e.is_timeout()
 }
 
@@ -1113,10 +1125,17 @@ fn parse_claim(entry: &Value, now: u64) -> Result<(Conversation, Claim), QueueEr
             .map_err(|_| QueueError::Protocol("claim returned a turn that is not UTF-8".into()))?,
         Value::Array(empty) => {
             return match (empty.first().map(as_string).transpose()?, empty.get(1)) {
-                (Some(kind), Some(conversation)) if kind == "empty" => Ok((
+                (Some(kind), Some(conversation)) if kind == "empty" || kind == "held" => Ok((
                     Conversation::from_key(as_string(conversation)?),
-                    Claim::Empty,
+                    if kind == "held" {
+                        Claim::Held
+                    } else {
+                        Claim::Empty
+                    },
                 )),
+                (Some(kind), None) if kind == "paused" => {
+                    Ok((Conversation::from_key(String::new()), Claim::Paused))
+                }
                 _ => Err(QueueError::Protocol(format!("claim returned {entry:?}"))),
             };
         }
@@ -1159,7 +1178,7 @@ fn parse_claim(entry: &Value, now: u64) -> Result<(Conversation, Claim), QueueEr
     Ok((conversation, claim))
 }
 
-fn as_string(v: &Value) -> Result<String, QueueError> {
+pub(crate) fn as_string(v: &Value) -> Result<String, QueueError> {
     match v {
         // Checked first as UTF-8, which is much faster than the lossy walk it falls back to.
         Value::BulkString(b) => Ok(match std::str::from_utf8(b) {
@@ -1174,7 +1193,7 @@ fn as_string(v: &Value) -> Result<String, QueueError> {
     }
 }
 
-fn as_u64(v: &Value) -> Result<u64, QueueError> {
+pub(crate) fn as_u64(v: &Value) -> Result<u64, QueueError> {
     match v {
         Value::Int(n) => {
             u64::try_from(*n).map_err(|_| QueueError::Protocol(format!("negative number {n}")))

@@ -22,6 +22,8 @@ pub struct Scripts {
     pub cancel: Script,
     pub event: Script,
     pub progress: Script,
+    pub redrive: Script,
+    pub resume: Script,
 }
 
 impl Scripts {
@@ -44,6 +46,8 @@ impl Scripts {
                 include_str!("../lua/event.lua")
             )),
             progress: Script::new(include_str!("../lua/progress.lua")),
+            redrive: Script::new(include_str!("../lua/redrive.lua")),
+            resume: Script::new(include_str!("../lua/resume.lua")),
         }
     }
 }

@@ -93,6 +93,8 @@ fn apply_claim(
             assert!(queued.is_empty(), "{context}");
             *hold = Hold::Free;
         }
+        // The model holds no conversation and never pauses the drainers.
+        Claim::Held | Claim::Paused => panic!("{context}: {claim:?}"),
     }
 }
 

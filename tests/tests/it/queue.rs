@@ -106,7 +106,7 @@ async fn take_and_claim(f: &mut Fixture, lease: &str) -> Option<(Conversation, C
 async fn claim(f: &Fixture, drainer: &str, conv: &Conversation, lease: &str) -> Claimed {
     match f.queue.claim(drainer, conv, lease).await.unwrap() {
         Claim::Turn(c) => *c,
-        Claim::Empty => panic!("nothing to claim"),
+        other => panic!("nothing to claim: {other:?}"),
     }
 }
 
@@ -369,7 +369,7 @@ async fn a_take_with_room_starts_the_longest_waiting_conversations_under_their_o
                 c.message_id.clone(),
                 t.lease.clone(),
             ),
-            Claim::Empty => panic!("{} has a message", t.conversation),
+            other => panic!("{} has a message: {other:?}", t.conversation),
         })
         .collect();
     let expected: Vec<(&str, String, String)> = vec![
