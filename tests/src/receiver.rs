@@ -82,9 +82,15 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(behaviour: Behaviour) -> Self {
+        Self::start_at(0, behaviour).await
+    }
+
+    /// A receiver on a given loopback port (0: any free one), for one that comes back up
+    /// where another was.
+    pub async fn start_at(port: u16, behaviour: Behaviour) -> Self {
         use hyper::service::service_fn;
         use std::sync::{Arc, Mutex};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind receiver");
         let port = listener.local_addr().expect("receiver addr").port();

@@ -4,6 +4,7 @@
 // Test code panics on purpose: a failed step fails the test.
 #![allow(clippy::unwrap_used)]
 
+mod admin;
 mod api;
 mod callbacks;
 mod delivery_load;
