@@ -7,6 +7,7 @@
 mod admin;
 mod api;
 mod callbacks;
+mod console;
 mod delivery_load;
 mod delivery_recovery;
 mod docs;
