@@ -12,12 +12,17 @@ pub struct Process {
 
 impl Process {
     pub fn start(name: &'static str, env: &[(&str, &str)]) -> Self {
+        Self::start_logging(name, env, Stdio::null())
+    }
+
+    /// [`Process::start`] with its standard output (its log lines) sent to `stdout`.
+    pub fn start_logging(name: &'static str, env: &[(&str, &str)], stdout: Stdio) -> Self {
         let path = binary(name);
         let mut cmd = Command::new(&path);
         cmd.env_clear()
             .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::inherit());
         let child = cmd
             .spawn()

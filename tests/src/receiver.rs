@@ -51,6 +51,7 @@ pub struct Received {
     pub signature: String,
     /// The worker's callback header (`X-Engine-Token`), empty when absent.
     pub engine_token: String,
+    pub traceparent: String,
     pub body: Bytes,
     pub answered: u16,
     pub at: Instant,
@@ -119,6 +120,7 @@ impl Receiver {
                                 header("webhook-signature"),
                                 header("x-engine-token"),
                             );
+                            let traceparent = header("traceparent");
                             let body = req
                                 .into_body()
                                 .collect()
@@ -138,6 +140,7 @@ impl Receiver {
                                 timestamp,
                                 signature,
                                 engine_token,
+                                traceparent,
                                 body,
                                 answered,
                                 at: Instant::now(),

@@ -366,6 +366,7 @@ async fn redeliver(
             payload.as_bytes(),
             Extra {
                 engine_token: token.as_deref(),
+                traceparent: None,
             },
             retries,
             tokio::time::sleep(REDRIVE_BUDGET),

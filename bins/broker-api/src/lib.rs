@@ -346,6 +346,7 @@ async fn log_request(
         path = req.path(),
         key = tracing::field::Empty,
         conversation = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     );
     async move {
         let started = std::time::Instant::now();

@@ -159,6 +159,21 @@ async fn accept(
     if let Some(front) = &mut request.front {
         front.key = req.extensions().get::<KeyName>().map(|k| k.0.clone());
     }
+    // A W3C trace context goes along with the message (an invalid one is ignored, as the
+    // specification asks).
+    request.traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|t| broker_proto::valid_traceparent(t))
+        .map(str::to_owned);
+    if let Some(trace_id) = request
+        .traceparent
+        .as_deref()
+        .and_then(|t| t.split('-').nth(1))
+    {
+        tracing::Span::current().record("trace_id", trace_id);
+    }
     let mode = if route.is_worker_route() {
         match route {
             Route::ChatStream => Mode::Stream,

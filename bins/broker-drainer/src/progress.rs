@@ -137,6 +137,7 @@ impl Poster<'_> {
                 body.as_bytes(),
                 Extra {
                     engine_token: self.token.as_deref(),
+                    traceparent: crate::turn::traceparent(self.claimed),
                 },
                 Retries::Worker { unsure: !progress },
                 crate::flag_set(&mut hard_stop),

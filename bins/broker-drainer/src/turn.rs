@@ -26,10 +26,13 @@ pub(crate) async fn run(
     lease: String,
     permit: OwnedSemaphorePermit,
 ) {
+    // The client's trace id, when it sent a `traceparent`: on every line of the turn.
+    let trace_id = claimed.traceparent.split('-').nth(1).unwrap_or_default();
     let span = tracing::info_span!(
         "turn",
         conversation = conversation.as_str(),
-        message_id = claimed.message_id.as_str()
+        message_id = claimed.message_id.as_str(),
+        trace_id = (!trace_id.is_empty()).then_some(trace_id),
     );
     run_inner(&shared, &conversation, claimed, &lease)
         .instrument(span)
@@ -130,7 +133,10 @@ async fn run_worker(
                     let _ = frames_tx.send(shared.rewritten(data, frame));
                 }
             };
-            let result = shared.worker.run_turn(&claimed.body, &mut on_frame).await;
+            let result = shared
+                .worker
+                .run_turn(&claimed.body, traceparent(claimed), &mut on_frame)
+                .await;
             drop(on_frame);
             result
         };
@@ -147,7 +153,10 @@ async fn run_worker(
         return (result, Unrecorded::default(), Some(poster.posted));
     }
     if !records_events(claimed) {
-        let result = shared.worker.run_turn(&claimed.body, &mut |_, _| {}).await;
+        let result = shared
+            .worker
+            .run_turn(&claimed.body, traceparent(claimed), &mut |_, _| {})
+            .await;
         return (result, Unrecorded::default(), None);
     }
     let (frames_tx, frames_rx) = mpsc::unbounded_channel();
@@ -163,7 +172,10 @@ async fn run_worker(
             };
             let _ = frames_tx.send((kind.to_owned(), shared.rewritten(data, frame)));
         };
-        let result = shared.worker.run_turn(&claimed.body, &mut on_frame).await;
+        let result = shared
+            .worker
+            .run_turn(&claimed.body, traceparent(claimed), &mut on_frame)
+            .await;
         drop(on_frame);
         result
     };
@@ -250,6 +262,11 @@ async fn record_frames(
         }
     }
     left
+}
+
+/// The client's W3C `traceparent` (checked by the API), if it sent one.
+pub(crate) fn traceparent(claimed: &Claimed) -> Option<&str> {
+    Some(claimed.traceparent.as_str()).filter(|t| !t.is_empty())
 }
 
 /// Does this message keep its frames in its events (stream and async messages)?
@@ -484,12 +501,18 @@ async fn finish(
         let payload = callback_payload(claimed, conversation, &outcome);
         let mut hard_stop = shared.hard_stop.clone();
         let started = std::time::Instant::now();
+        let extra = broker_core::callback::Extra {
+            engine_token: None,
+            traceparent: traceparent(claimed),
+        };
         let delivery = shared
             .callbacks
-            .deliver(
+            .deliver_with(
                 &claimed.callback_url,
                 &message_id,
                 &payload,
+                extra,
+                broker_core::callback::Retries::Broker,
                 crate::flag_set(&mut hard_stop),
             )
             .await;
@@ -632,6 +655,7 @@ mod tests {
                 callback_url: "https://example.org/cb".into(),
                 front: String::new(),
                 progress: String::new(),
+                traceparent: String::new(),
             };
             let conversation = Conversation::from_key(format!("user:org:{text}"));
             let optional = (i % 3 != 0).then(|| text.clone());

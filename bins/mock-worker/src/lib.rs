@@ -124,6 +124,8 @@ pub struct Stats {
     per_text: HashMap<String, u64>,
     /// The last request body received, per conversation, as sent.
     last_body: HashMap<String, Bytes>,
+    /// The last `traceparent` header received, per conversation.
+    pub traceparent: HashMap<String, String>,
 }
 
 impl Stats {
@@ -563,6 +565,13 @@ fn accept(
                 &conversation,
                 Bytes::copy_from_slice(body),
             );
+            if let Some(t) = req
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+            {
+                put(&mut s.traceparent, &conversation, t.to_owned());
+            }
             if directives.times.is_none() {
                 return 1;
             }

@@ -28,9 +28,10 @@
 --         the turn started, as one string: conversation, head id, attempts, enqueued_at,
 --          reply, mode, user_id, client_message_id, callback_url, front (the worker's
 --          route it came in on, JSON), progress (the text its progress callbacks covered
---          in an earlier run) and body joined by NUL bytes, body last. No field can hold a
+--          in an earlier run), traceparent (the client's W3C trace context) and body
+--          joined by NUL bytes, body last. No field can hold a
 --          NUL (the API refuses control characters in what it stores, and JSON escapes
---          them), and the reader splits off eleven fields, so even one could only end up in
+--          them), and the reader splits off twelve fields, so even one could only end up in
 --          the body. One string instead of ten values: the
 --          drainer's Redis client pays for each value of a reply.
 --       | {'empty', conversation}   nothing queued: the stray entry was removed
@@ -84,13 +85,13 @@ local function claim(conv, lease, taken)
   redis.call('HSET', conv_key, 'state', 'running', 'message_id', head, 'drainer', ARGV[2],
     'since', now, 'lease', lease)
   local m = redis.call('HMGET', msg, 'body', 'enqueued_at', 'reply', 'mode', 'user_id',
-    'client_message_id', 'callback_url', 'attempts', 'front', 'progress')
+    'client_message_id', 'callback_url', 'attempts', 'front', 'progress', 'traceparent')
   -- A computed number, formatted once by Lua when passed to redis.call, as the deltas are.
   local attempts = (tonumber(m[8]) or 0) + 1
   redis.call('HSET', msg, 'attempts', attempts, 'status', 'running', 'started_at', now,
     'drainer', ARGV[2])
   return table.concat({conv, head, attempts, m[2] or '0', m[3] or '', m[4] or '',
-    m[5] or '', m[6] or '', m[7] or '', m[9] or '', m[10] or '', m[1] or ''}, '\0')
+    m[5] or '', m[6] or '', m[7] or '', m[9] or '', m[10] or '', m[11] or '', m[1] or ''}, '\0')
 end
 
 -- Writes the counters' changes; passes `result` through.

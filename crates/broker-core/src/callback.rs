@@ -318,6 +318,8 @@ pub enum Retries {
 pub struct Extra<'a> {
     /// `X-Engine-Token`: the key the submitting client authenticated with.
     pub engine_token: Option<&'a str>,
+    /// The client's W3C `traceparent`, passed on.
+    pub traceparent: Option<&'a str>,
 }
 
 /// The most of a receiver's answer body read (and dropped) so its connection can be reused.
@@ -441,6 +443,9 @@ impl Sender {
                 return Delivery::failed(0, "the engine token is not a valid header value")
             }
         };
+        let traceparent = extra
+            .traceparent
+            .and_then(|t| HeaderValue::from_str(t).ok());
         let request = Request {
             client,
             uri,
@@ -448,6 +453,7 @@ impl Sender {
             body: Bytes::copy_from_slice(body),
             signer,
             engine_token,
+            traceparent,
         };
         let deadline = Instant::now() + self.budget;
         let mut attempts = 0u32;
@@ -511,6 +517,7 @@ struct Request<'a> {
     body: Bytes,
     signer: &'a Signer,
     engine_token: Option<HeaderValue>,
+    traceparent: Option<HeaderValue>,
 }
 
 /// Every callback's `User-Agent`.
@@ -530,6 +537,10 @@ impl Request<'_> {
             .header("webhook-signature", signature);
         let request = match &self.engine_token {
             Some(token) => request.header("x-engine-token", token.clone()),
+            None => request,
+        };
+        let request = match &self.traceparent {
+            Some(traceparent) => request.header("traceparent", traceparent.clone()),
             None => request,
         }
         .body(Full::new(self.body.clone()));

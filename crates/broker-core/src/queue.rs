@@ -135,6 +135,8 @@ pub struct Claimed {
     /// The text the progress callbacks of an earlier run of this turn covered (empty when
     /// none was posted).
     pub progress: String,
+    /// The client's W3C `traceparent`, empty when it sent none.
+    pub traceparent: String,
 }
 
 /// What claim found.
@@ -464,7 +466,8 @@ impl Queue {
                 + usize::from(reply.is_some())
                 + usize::from(request.client_message_id.is_some())
                 + usize::from(request.callback_url.is_some())
-                + usize::from(front.is_some());
+                + usize::from(front.is_some())
+                + usize::from(request.traceparent.is_some());
             invocation
                 .arg(message_id)
                 .arg(request.conversation.as_str())
@@ -494,6 +497,9 @@ impl Queue {
             }
             if let Some(front) = &front {
                 invocation.arg("front").arg(front);
+            }
+            if let Some(traceparent) = &request.traceparent {
+                invocation.arg("traceparent").arg(traceparent);
             }
         }
         let mut conn = self.conn().await?;
@@ -1141,13 +1147,13 @@ fn parse_claim(entry: &Value, now: u64) -> Result<(Conversation, Claim), QueueEr
         }
         other => return Err(QueueError::Protocol(format!("claim returned {other:?}"))),
     };
-    // Eleven fields, then the body, which takes the rest (see `claim.lua`). The separators are
+    // Twelve fields, then the body, which takes the rest (see `claim.lua`). The separators are
     // found with `memchr`; a NUL is one byte, so each piece is a `str` of its own.
     let mut rest = turn;
     let mut fields = 0;
     let mut next = || {
         fields += 1;
-        if fields == 12 {
+        if fields == 13 {
             return std::mem::take(&mut rest);
         }
         match memchr::memchr(0, rest.as_bytes()) {
@@ -1173,6 +1179,7 @@ fn parse_claim(entry: &Value, now: u64) -> Result<(Conversation, Claim), QueueEr
         callback_url: next().to_owned(),
         front: next().to_owned(),
         progress: next().to_owned(),
+        traceparent: next().to_owned(),
         body: next().to_owned(),
     }));
     Ok((conversation, claim))

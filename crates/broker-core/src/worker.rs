@@ -106,15 +106,17 @@ impl WorkerClient {
     }
 
     /// Runs one turn to its end. `on_frame` sees every frame the worker sends, in order: its
-    /// data as sent and how it parsed (the events a stream client would see).
+    /// data as sent and how it parsed (the events a stream client would see). `traceparent`
+    /// (the client's W3C trace context, checked) goes to the worker as it came.
     pub async fn run_turn(
         &self,
         body: &str,
+        traceparent: Option<&str>,
         on_frame: &mut (dyn FnMut(&str, &Frame) + Send),
     ) -> TurnResult {
         let mut failures = 0u32;
         loop {
-            match self.open(body.as_bytes()).await {
+            match self.open(body.as_bytes(), traceparent).await {
                 Opened::Stream(response) => return self.read_stream(response, on_frame).await,
                 Opened::Rejected(failure) => return TurnResult::Failed(failure),
                 Opened::Busy(wait) => {
@@ -178,12 +180,15 @@ impl WorkerClient {
         }
     }
 
-    async fn open(&self, body: &[u8]) -> Opened {
+    async fn open(&self, body: &[u8], traceparent: Option<&str>) -> Opened {
         let mut request = Request::post(self.uri.clone())
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "text/event-stream");
         if let Some(authorization) = &self.authorization {
             request = request.header(AUTHORIZATION, authorization.clone());
+        }
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
         }
         let Ok(request) = request.body(Full::new(Bytes::copy_from_slice(body))) else {
             return Opened::Rejected(Failure::new(

@@ -17,6 +17,7 @@ pub use error::ErrorBody;
 pub use front::{Front, Route};
 pub use outcome::{Failure, Outcome};
 pub use request::{
-    validate_message, validate_request, MessageRequest, ValidationError, ValidationLimits,
+    valid_traceparent, validate_message, validate_request, MessageRequest, ValidationError,
+    ValidationLimits,
 };
 pub use sse::ChatResponse;

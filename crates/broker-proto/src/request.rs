@@ -114,6 +114,27 @@ pub struct MessageRequest {
     /// The worker's route it came in on, and what that route keeps (`None` on the broker's
     /// own route).
     pub front: Option<Front>,
+    /// The client's W3C `traceparent` header, when it sent a valid one: passed to the worker
+    /// and on callbacks, and in the logs of the message.
+    pub traceparent: Option<String>,
+}
+
+/// Whether `value` is a W3C `traceparent` (version 00: `00-<32 hex>-<16 hex>-<2 hex>`, ids
+/// not all zero).
+pub fn valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1].bytes().any(|b| b != b'0')
+        && parts[2].bytes().any(|b| b != b'0')
 }
 
 /// Every problem found in a request, each naming its field.
@@ -732,6 +753,7 @@ pub fn validate_request(
             key: None,
             callback: callback_front,
         }),
+        traceparent: None,
     })
 }
 

@@ -542,3 +542,73 @@ async fn metrics_parse_and_the_histograms_move_as_turns_run() {
     assert_eq!(sample(&after, "broker_drainers_paused", &[]), Some(0.0));
     assert!(sample(&after, "broker_oldest_message_age_seconds", &[]).is_some());
 }
+
+#[tokio::test]
+async fn a_clients_traceparent_reaches_the_worker_the_callback_and_every_log_line_of_its_turn() {
+    const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let receiver = Receiver::start(Behaviour::Accept).await;
+    let allow = format!("127.0.0.1:{}", receiver.port);
+    let mock = TestMock::start(Duration::from_millis(5));
+    let redis = TestRedis::start().await;
+    let pairs = [("BROKER_CALLBACK_ALLOWLIST", allow.as_str())];
+    let api =
+        broker_tests::TestApi::start(broker_tests::settings(redis.url(), &mock.url, &pairs)).await;
+    // A real drainer whose JSON log lines go to a file.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut env = broker_tests::test_env(redis.url(), &mock.url, &pairs);
+    env.retain(|(k, _)| k != "LOG_LEVEL");
+    env.push(("LOG_LEVEL".into(), "info".into()));
+    env.push(("LOG_FORMAT".into(), "json".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut drainer = broker_tests::Process::start_logging(
+        "broker-drainer",
+        &env,
+        std::process::Stdio::from(log.reopen().unwrap()),
+    );
+    let http = Http::new();
+    let mut b = body("tia", "traced");
+    b["callback_url"] = json!(receiver.url);
+    let a = http
+        .post_message(&api.base, &b, &[("traceparent", TRACE)])
+        .await
+        .unwrap();
+    let id = a.body["message_id"].as_str().unwrap().to_owned();
+    let got = eventually("the callback", LIMIT, || async {
+        receiver.accepted().into_iter().next()
+    })
+    .await;
+    assert_eq!(got.traceparent, TRACE);
+    let stats = mock.state.stats();
+    assert_eq!(stats.traceparent["user:unfoldingWord:tia"], TRACE);
+    // A malformed one is dropped, not passed on.
+    let a = http
+        .post_message(
+            &api.base,
+            &body("ugo", "untraced"),
+            &[("traceparent", "00-zz-1-01")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200);
+    assert!(!mock
+        .state
+        .stats()
+        .traceparent
+        .contains_key("user:unfoldingWord:ugo"));
+    // Flushed at exit: every line of the turn carries the trace id.
+    drainer.terminate(LIMIT);
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l.to_string().contains(&id))
+        .collect();
+    assert!(lines.len() >= 2, "{text}");
+    for line in &lines {
+        assert!(
+            line.to_string()
+                .contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+            "{line}"
+        );
+    }
+}
