@@ -46,6 +46,13 @@ async fn main() -> anyhow::Result<()> {
             "localhost,127.0.0.1,[::1]".into(),
         );
     }
+    // An admin key for the console, unless one is configured.
+    let admin_key = if is_set(&pairs, "BROKER_ADMIN_KEYS") {
+        None
+    } else {
+        set(&mut pairs, "BROKER_ADMIN_KEYS", "dev=dev-admin-key".into());
+        Some("dev-admin-key")
+    };
     let api_key = if is_set(&pairs, "BROKER_API_KEY") || is_set(&pairs, "BROKER_API_KEYS") {
         None
     } else {
@@ -64,6 +71,9 @@ async fn main() -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    // The mock worker stops last, once the drainer's running turns have finished.
+    let (mock_stop_tx, mock_stop_rx) = watch::channel(false);
+    let mut mock_task = None;
     if !is_set(&pairs, "WORKER_BASE_URL") {
         let mock = mock_worker::MockWorker::build(mock_worker::MockSettings {
             port: free_port()?,
@@ -74,12 +84,12 @@ async fn main() -> anyhow::Result<()> {
             "WORKER_BASE_URL",
             format!("http://127.0.0.1:{}", mock.port()),
         );
-        let stop = wait(stop_rx.clone());
-        tasks.spawn(async move {
+        let stop = wait(mock_stop_rx);
+        mock_task = Some(tokio::spawn(async move {
             mock.run_until_stopped(stop)
                 .await
                 .map_err(anyhow::Error::from)
-        });
+        }));
     }
 
     let api_port = pairs
@@ -139,16 +149,34 @@ async fn main() -> anyhow::Result<()> {
         "  curl -sN http://127.0.0.1:{port}/api/v1/chat/stream -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n    -d '{{\"user_id\":\"alice\",\"client_id\":\"web\",\"message\":\"As the worker streams it\"}}'"
     );
     println!("  curl -s http://127.0.0.1:{port}/health");
-    println!("stop with Ctrl-C");
+    println!(
+        "console: http://127.0.0.1:{port}/console  (admin key: {})",
+        admin_key.unwrap_or("<your BROKER_ADMIN_KEYS key>")
+    );
+    println!("stop with Ctrl-C (running turns finish first; a second Ctrl-C stops at once)");
     println!();
 
     let signal = broker_core::shutdown::signal().await;
     tracing::info!(signal, "stopping");
+    // A second signal while the turns finish: stop at once (they run again after a restart).
+    let again = broker_core::shutdown::signal();
+    tokio::spawn(async move {
+        let signal = again.await;
+        eprintln!("broker-local: {signal} again: stopping at once");
+        std::process::exit(130);
+    });
     let _ = stop_tx.send(true);
     while let Some(done) = tasks.join_next().await {
         if let Ok(Err(e)) = done {
             tracing::warn!(error = %e, "a component stopped with an error");
         }
+    }
+    let _ = mock_stop_tx.send(true);
+    if let Some(Ok(Err(e))) = match mock_task {
+        Some(task) => Some(task.await),
+        None => None,
+    } {
+        tracing::warn!(error = %e, "the mock worker stopped with an error");
     }
     Ok(())
 }
