@@ -104,6 +104,26 @@ impl Target {
     }
 }
 
+impl Target {
+    /// `GET <path>` on the API with the admin key `key`: the status and the whole answer.
+    pub async fn admin_get(&self, path: &str, key: &str) -> Result<(u16, Vec<u8>), String> {
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {key}\r\n\r\n",
+            self.authority
+        );
+        let mut response = self
+            .client
+            .request(head.as_bytes(), b"")
+            .await
+            .map_err(|e| format!("{e}"))?;
+        let bytes = response
+            .collect(64 << 20)
+            .await
+            .map_err(|e| format!("body: {e}"))?;
+        Ok((response.status, bytes))
+    }
+}
+
 /// The text of message `i` of conversation `c` in run `run`; the mock answers `echo: <text>`.
 pub fn text(run: &str, c: usize, i: usize) -> String {
     format!("{run} c{c} m{i}")

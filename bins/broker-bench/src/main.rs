@@ -32,8 +32,10 @@ scenarios (default: sync callback stream light turns commands):
                              running all 10,000 turns: peak RSS of broker-api and drainer
   backlog                    per-message cost draining 100,000 messages held by 1,000
                              conversations, then by 100,000 conversations
-  all                        every scenario above (against a running broker: all but wide
-                             and backlog, which need a stack of their own)
+  admin                      the admin listing of 1,000 waiting conversations among 1,000
+                             idle ones, then among 100,000
+  all                        every scenario above (against a running broker: all but wide,
+                             backlog and admin, which need a stack of their own)
 
 options:
   --conversations U   (200)      --messages M  (50)     --worker-ms N  (0)
@@ -97,7 +99,7 @@ impl Options {
 
 /// The scenarios a running broker can serve: `wide` and `backlog` start stacks with their
 /// own settings and stop and start the drainers.
-const OWN_STACK_ONLY: [&str; 2] = ["wide", "backlog"];
+const OWN_STACK_ONLY: [&str; 3] = ["wide", "backlog", "admin"];
 
 fn parse_args() -> anyhow::Result<Options> {
     let mut o = Options {
@@ -193,7 +195,7 @@ fn parse_args() -> anyhow::Result<Options> {
                 o.receiver = addr;
             }
             "sync" | "callback" | "stream" | "light" | "turns" | "commands" | "sweep" | "wide"
-            | "backlog" => o.scenarios.push(arg),
+            | "backlog" | "admin" => o.scenarios.push(arg),
             "all" => all = true,
             other => bail!("unknown argument {other:?}\n\n{USAGE}"),
         }
@@ -238,7 +240,7 @@ fn parse_args() -> anyhow::Result<Options> {
         o.scenarios.extend(
             [
                 "sync", "callback", "stream", "light", "turns", "commands", "sweep", "wide",
-                "backlog",
+                "backlog", "admin",
             ]
             .into_iter()
             .filter(|s| !running || !OWN_STACK_ONLY.contains(s))
@@ -377,6 +379,7 @@ async fn run(mut o: Options) -> anyhow::Result<bool> {
             "sweep" => sweep(&o).await?,
             "wide" => wide(&o).await?,
             "backlog" => backlog(&o).await?,
+            "admin" => admin_listing(&o).await?,
             _ => true,
         };
         all_right &= right;
@@ -691,6 +694,94 @@ async fn backlog(o: &Options) -> anyhow::Result<bool> {
         }
     }
     Ok(all_right)
+}
+
+/// What the admin listing of the 1,000 oldest waiting conversations costs among 1,000 and
+/// among 100,000 idle ones (conversations whose messages all finished): the median time of 20
+/// listings and the Redis commands they ran, with the drainers paused so that the 1,000 stay
+/// waiting. Each count runs twice, in mirrored order (A B B A), as `backlog` does.
+async fn admin_listing(o: &Options) -> anyhow::Result<bool> {
+    let waiting = 1_000;
+    let mut medians: Vec<(usize, f64)> = Vec::new();
+    for idle in [1_000, 100_000, 100_000, 1_000] {
+        let stack = Stack::start(stack_options(o, None))?;
+        let target = target(o, &stack, None)?;
+        if let Err(e) = load::preload(&target, "idle", idle, 1, 256).await {
+            bail!("admin preload: {e}");
+        }
+        wait_drained(&stack, Duration::from_secs(600)).await?;
+        let client = redis::Client::open(stack.redis_url().context("no Redis")?)?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let keys = broker_core::Keys::new("bt", "0");
+        let _: () =
+            redis::AsyncCommands::set(&mut conn, keys.paused(), "{\"by\":\"bench\"}").await?;
+        if let Err(e) = load::preload(&target, "waiting", waiting, 1, 256).await {
+            bail!("admin preload: {e}");
+        }
+        let path = format!("/admin/v1/conversations?state=waiting&limit={waiting}");
+        let commands = || async {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut conn.clone())
+                .await
+                .unwrap_or_default();
+            info.lines()
+                .filter_map(|l| {
+                    l.split("calls=")
+                        .nth(1)?
+                        .split(',')
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum::<u64>()
+        };
+        let before = commands().await;
+        let mut times = Vec::new();
+        let mut listed = 0;
+        for _ in 0..20 {
+            let started = Instant::now();
+            let (status, body) = target
+                .admin_get(&path, stack::ADMIN_KEY)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+            if status != 200 {
+                bail!("admin listing: status {status}");
+            }
+            let body: Value = serde_json::from_slice(&body)?;
+            listed = body["conversations"].as_array().map_or(0, Vec::len);
+        }
+        // The INFO call itself counts once.
+        let per_listing = commands().await.saturating_sub(before + 1) as f64 / times.len() as f64;
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        medians.push((idle, median));
+        println!(
+            "{}",
+            json!({"run": "admin", "idle_conversations": idle, "waiting_conversations": waiting,
+                   "listed": listed, "listing_ms_median": report::round(median, 2),
+                   "listing_ms_max": report::round(times[times.len() - 1], 2),
+                   "redis_commands_per_listing": report::round(per_listing, 1)})
+        );
+        if listed != waiting {
+            bail!("the listing showed {listed} of {waiting} waiting conversations");
+        }
+    }
+    let mean = |idle: usize| {
+        let runs: Vec<f64> = medians
+            .iter()
+            .filter(|(i, _)| *i == idle)
+            .map(|(_, m)| *m)
+            .collect();
+        runs.iter().sum::<f64>() / runs.len().max(1) as f64
+    };
+    println!(
+        "{}",
+        json!({"run": "admin", "cost_ratio": report::round(mean(100_000) / mean(1_000), 2),
+               "of": "listing 1,000 waiting among 100,000 idle vs among 1,000 (means of 2 runs)"})
+    );
+    Ok(true)
 }
 
 /// Polls the broker's stats until nothing is queued or running.

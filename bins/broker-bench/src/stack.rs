@@ -14,6 +14,8 @@ use crate::probe::Probe;
 
 /// The API key and callback secret the bench gives the broker.
 pub const API_KEY: &str = "bench-key";
+/// The admin key of the stacks the bench starts (`admin`).
+pub const ADMIN_KEY: &str = "bench-admin-key";
 pub const CALLBACK_SECRET: &str = "bench-callback-secret";
 
 /// What to start.
@@ -260,6 +262,7 @@ impl Stack {
         cmd.env("REDIS_URL", self.redis_url().unwrap_or_default())
             .env("HOST", "127.0.0.1")
             .env("BROKER_API_KEY", API_KEY)
+            .env("BROKER_ADMIN_KEYS", format!("bench={ADMIN_KEY}"))
             .env("WORKER_BASE_URL", &self.mock_url)
             .env("BROKER_CALLBACK_SECRET", CALLBACK_SECRET)
             .env(

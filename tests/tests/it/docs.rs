@@ -37,6 +37,9 @@ fn every_key_is_in_the_readme_table() {
         k.drainers(),
         k.dead(),
         k.stats(),
+        k.oldest(),
+        k.held(),
+        k.paused(),
         k.reply_channel("<api-instance>"),
     ] {
         assert!(
