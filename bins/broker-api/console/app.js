@@ -123,7 +123,7 @@ async function overviewView(view) {
       card("Failed", rate("failed_total"), "rate-failed"),
       card("Queue wait p50 / p95", p("queue_wait", 0.5) + " / " + p("queue_wait", 0.95)),
       card("Turn p50 / p95", p("turn", 0.5) + " / " + p("turn", 0.95)),
-      card("Oldest waiting", o.oldest_enqueued_at ? age(o.now - o.oldest_enqueued_at) : "none", "oldest"),
+      card("Oldest waiting", o.oldest_waiting_at ? age(o.now - o.oldest_waiting_at) : "none", "oldest"),
       card("Queued", o.queued, "queued"),
       card("Running", o.processing, "running"),
       card("Held conversations", o.held, "held-count"),

@@ -396,6 +396,13 @@ pub async fn overview(state: web::Data<AppState>) -> Result<HttpResponse, ApiErr
     let health = state.queue.health(state.dead_after).await?;
     let operations = state.queue.operations().await?;
     let beats = state.queue.drainer_beats().await?;
+    // The oldest waiting message, from the head of the ranking.
+    let oldest_waiting_at = state
+        .queue
+        .conversations(StateFilter::Waiting, 1)
+        .await?
+        .first()
+        .and_then(|c| c.oldest_waiting_at);
     let histograms: Vec<Value> = broker_core::metrics::read_histograms(&stats)
         .into_iter()
         .map(|(name, label, h)| {
@@ -421,5 +428,6 @@ pub async fn overview(state: web::Data<AppState>) -> Result<HttpResponse, ApiErr
         "paused": operations.paused,
         "held": operations.held,
         "oldest_enqueued_at": operations.oldest_enqueued_at,
+        "oldest_waiting_at": oldest_waiting_at,
     })))
 }

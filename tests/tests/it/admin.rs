@@ -233,6 +233,11 @@ async fn paused_drainers_start_nothing_until_resumed_and_listings_rank_the_oldes
     );
     let overview = admin(&s.http, "GET", &format!("{base}/admin/v1/overview")).await;
     assert_eq!(overview.body["paused"]["by"], "ops");
+    assert!(
+        overview.body["oldest_waiting_at"].is_u64(),
+        "{}",
+        overview.text
+    );
     let drainers = admin(&s.http, "GET", &format!("{base}/admin/v1/drainers")).await;
     assert_eq!(drainers.body["drainers"].as_array().unwrap().len(), 1);
     let resume = admin(&s.http, "POST", &format!("{base}/admin/v1/drainers/resume")).await;
