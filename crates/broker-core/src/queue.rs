@@ -1237,6 +1237,7 @@ mod tests {
                 "https://x/cb",
                 "{\"route\":\"chat\"}",
                 "so far",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
                 "{\"a\":\"\0\"}",
             ]
             .join("\0"),
@@ -1258,7 +1259,8 @@ mod tests {
                 claimed.client_message_id.as_str(),
                 claimed.callback_url.as_str(),
                 claimed.front.as_str(),
-                claimed.progress.as_str()
+                claimed.progress.as_str(),
+                claimed.traceparent.as_str()
             ],
             [
                 "bt:replies:a",
@@ -1267,7 +1269,8 @@ mod tests {
                 "cm",
                 "https://x/cb",
                 "{\"route\":\"chat\"}",
-                "so far"
+                "so far",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
             ]
         );
         // The body takes the rest, a NUL in it included.

@@ -823,6 +823,24 @@ mod tests {
     }
 
     #[test]
+    fn traceparents_are_checked_as_w3c_says() {
+        assert!(valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\nx: y",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn each_route_takes_its_own_fields() {
         let callback = json!({"user_id": "u", "client_id": "whatsapp", "message": "hi",
             "message_key": "k", "progress_callback_url": "https://gw.example/cb",
