@@ -49,6 +49,8 @@ impl From<broker_core::queue::QueueError> for ApiError {
     fn from(e: broker_core::queue::QueueError) -> Self {
         match e {
             broker_core::queue::QueueError::Protocol(text) => Self::Internal(text),
+            // Written but not acknowledged: whether it survives a failover is not known.
+            broker_core::queue::QueueError::NotReplicated(text) => Self::Uncertain(text),
             broker_core::queue::QueueError::Redis(e) if e.is_timeout() => {
                 Self::Uncertain(e.to_string())
             }

@@ -178,7 +178,8 @@ impl Application {
             }
             // On this worker's runtime: it ends with the worker.
             tokio::spawn(waiters.clone().run(client.clone(), stop_rx.clone()));
-            let queue = Queue::new(redis, keys.clone());
+            let queue = Queue::new(redis, keys.clone())
+                .waiting_for(settings.redis.wait_replicas, settings.redis.wait_timeout);
             let body = |m: &Arc<NewMessage>| m.request.worker_body.len();
             let (enqueuer, gathering) = Batcher::new(MAX_ENQUEUE, body, {
                 let queue = queue.clone();

@@ -25,6 +25,8 @@ pub const ENV_NAMES: &[&str] = &[
     "REDIS_URL",
     "REDIS_TIMEOUT_MS",
     "REDIS_CONNECT_TIMEOUT_MS",
+    "BROKER_REDIS_WAIT_REPLICAS",
+    "BROKER_REDIS_WAIT_TIMEOUT_MS",
     "BROKER_KEY_PREFIX",
     "BROKER_SHARD",
     "LOG_LEVEL",
@@ -83,6 +85,8 @@ struct Raw {
     redis_url: String,
     redis_timeout_ms: u64,
     redis_connect_timeout_ms: u64,
+    broker_redis_wait_replicas: u64,
+    broker_redis_wait_timeout_ms: u64,
     broker_key_prefix: String,
     broker_shard: String,
     log_level: String,
@@ -139,6 +143,8 @@ impl Default for Raw {
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_timeout_ms: 5_000,
             redis_connect_timeout_ms: 2_000,
+            broker_redis_wait_replicas: 0,
+            broker_redis_wait_timeout_ms: 1_000,
             broker_key_prefix: "bt".into(),
             broker_shard: "0".into(),
             log_level: "info".into(),
@@ -212,6 +218,12 @@ pub struct RedisSettings {
     pub url: SecretString,
     pub response_timeout: Duration,
     pub connect_timeout: Duration,
+    /// `BROKER_REDIS_WAIT_REPLICAS`: the API acknowledges a message only once this many
+    /// replicas have it (`WAIT`); 0 does not wait.
+    pub wait_replicas: u32,
+    /// `BROKER_REDIS_WAIT_TIMEOUT_MS`: how long `WAIT` may take before the message counts as
+    /// not acknowledged.
+    pub wait_timeout: Duration,
     pub key_prefix: String,
     pub shard: String,
 }
@@ -473,6 +485,10 @@ impl Raw {
         };
         positive("REDIS_TIMEOUT_MS", self.redis_timeout_ms);
         positive("REDIS_CONNECT_TIMEOUT_MS", self.redis_connect_timeout_ms);
+        positive(
+            "BROKER_REDIS_WAIT_TIMEOUT_MS",
+            self.broker_redis_wait_timeout_ms,
+        );
         positive("BROKER_SYNC_TIMEOUT_SECS", self.broker_sync_timeout_secs);
         positive(
             "BROKER_WAITER_RECHECK_SECS",
@@ -663,6 +679,8 @@ impl Raw {
                 url: self.redis_url.into(),
                 response_timeout: ms(self.redis_timeout_ms),
                 connect_timeout: ms(self.redis_connect_timeout_ms),
+                wait_replicas: u32::try_from(self.broker_redis_wait_replicas).unwrap_or(u32::MAX),
+                wait_timeout: ms(self.broker_redis_wait_timeout_ms),
                 key_prefix: self.broker_key_prefix,
                 shard: self.broker_shard,
             },

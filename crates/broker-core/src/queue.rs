@@ -42,6 +42,9 @@ pub enum QueueError {
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from a script: {0}")]
     Protocol(String),
+    /// Written, but not confirmed by the replicas `BROKER_REDIS_WAIT_REPLICAS` asks for.
+    #[error("not replicated: {0}")]
+    NotReplicated(String),
     /// A failure, as each request of a failed batch gets it.
     #[error("redis unavailable: {0}")]
     Unavailable(String),
@@ -54,6 +57,7 @@ impl QueueError {
             Self::Redis(e) => Self::Redis(e.clone()),
             Self::Protocol(text) => Self::Protocol(text.clone()),
             Self::Unavailable(text) => Self::Unavailable(text.clone()),
+            Self::NotReplicated(text) => Self::NotReplicated(text.clone()),
         }
     }
 
@@ -350,6 +354,8 @@ pub struct Queue {
     redis: Shared,
     keys: Arc<Keys>,
     scripts: Arc<Scripts>,
+    /// Replicas an enqueue waits for (`WAIT`), and for how long; none by default.
+    wait: Option<(u32, Duration)>,
 }
 
 const RECORD_FIELDS: [&str; 13] = [
@@ -374,7 +380,15 @@ impl Queue {
             redis,
             keys: Arc::new(keys),
             scripts: Arc::new(Scripts::new()),
+            wait: None,
         }
+    }
+
+    /// The same queue, whose enqueues are acknowledged only once `replicas` replicas confirm
+    /// them within `timeout` (`WAIT`); 0 replicas does not wait.
+    pub fn waiting_for(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait = (replicas > 0).then_some((replicas, timeout));
+        self
     }
 
     pub fn keys(&self) -> &Keys {
@@ -504,6 +518,20 @@ impl Queue {
         }
         let mut conn = self.conn().await?;
         let replies: Vec<Value> = invocation.invoke(&mut conn).await?;
+        if let Some((replicas, timeout)) = self.wait {
+            // `WAIT` on the connection that wrote: it covers every write sent on it before.
+            let confirmed: u64 = redis::cmd("WAIT")
+                .arg(replicas)
+                .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))
+                .query_async(&mut conn)
+                .await?;
+            if confirmed < u64::from(replicas) {
+                return Err(QueueError::NotReplicated(format!(
+                    "{confirmed} of {replicas} replica(s) confirmed within {} ms",
+                    timeout.as_millis()
+                )));
+            }
+        }
         if replies.len() != messages.len() {
             return Err(QueueError::Protocol(format!(
                 "enqueue of {} messages returned {} results",

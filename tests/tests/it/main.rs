@@ -12,6 +12,7 @@ mod delivery_load;
 mod delivery_recovery;
 mod docs;
 mod e2e;
+mod failover;
 mod front;
 mod hostile;
 mod mock;
