@@ -17,6 +17,7 @@ use serde_json::Value;
 pub const API_KEY: &str = "test-key";
 
 mod components;
+pub mod fuzz;
 mod http;
 mod process;
 mod receiver;

@@ -1114,7 +1114,7 @@ pub(crate) fn retry_read(e: &redis::RedisError) -> bool {
 }
 
 /// One message's answer from the enqueue script (see `lua/enqueue.lua`).
-fn parse_enqueued(reply: &Value) -> Result<Enqueued, QueueError> {
+pub fn parse_enqueued(reply: &Value) -> Result<Enqueued, QueueError> {
     let items = match reply {
         Value::Int(_) => {
             return Ok(Enqueued::Accepted {
@@ -1153,7 +1153,9 @@ fn parse_enqueued(reply: &Value) -> Result<Enqueued, QueueError> {
 
 /// Reads one entry of the claim script's reply (see `lua/claim.lua`); `now` is when the claim
 /// was sent.
-fn parse_claim(entry: &Value, now: u64) -> Result<(Conversation, Claim), QueueError> {
+/// Reads one entry of the claim script's reply (a turn, or `{kind, conversation}`); public for
+/// the fuzz targets.
+pub fn parse_claim(entry: &Value, now: u64) -> Result<(Conversation, Claim), QueueError> {
     let turn = match entry {
         Value::BulkString(turn) => std::str::from_utf8(turn)
             .map_err(|_| QueueError::Protocol("claim returned a turn that is not UTF-8".into()))?,

@@ -14,6 +14,7 @@ mod docs;
 mod e2e;
 mod failover;
 mod front;
+mod fuzz;
 mod hostile;
 mod mock;
 mod model;
