@@ -10,8 +10,11 @@ use broker_proto::front::{Progress, ProgressMode, Rewrite};
 use broker_proto::sse::{ChatResponse, Frame, FrameParser};
 use broker_proto::{valid_traceparent, validate_request, Front, Outcome, Route, ValidationLimits};
 
+/// A fuzz target: arbitrary bytes in, nothing out.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its corpus folder (`fuzz/corpus/<name>`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("request", request),
     ("sse", sse),
     ("url", url),
