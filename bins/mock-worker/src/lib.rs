@@ -285,6 +285,10 @@ struct Directives {
     gap: Option<Duration>,
     /// The answer carries a `voice_audio_url` on the mock's origin (`voice`).
     voice: bool,
+    /// A hostile worker: keepalives every 50 ms and never a terminal frame (`forever`).
+    forever: bool,
+    /// A hostile worker: one progress frame of this many bytes, then the answer (`bigframe=N`).
+    bigframe: Option<u64>,
 }
 
 impl Directives {
@@ -317,6 +321,8 @@ fn directives(text: &str) -> Directives {
                 "progress" => d.progress = n,
                 "gap" => d.gap = n.map(Duration::from_millis),
                 "voice" => d.voice = true,
+                "forever" => d.forever = true,
+                "bigframe" => d.bigframe = n,
                 _ => {}
             }
         }
@@ -661,6 +667,9 @@ async fn chat_stream(req: HttpRequest, body: Bytes, state: web::Data<MockState>)
     };
     let guard = InFlight::start(&state.stats, &accepted.conversation, &accepted.text);
     let length = turn_length(&state.settings, &accepted.directives);
+    if accepted.directives.forever || accepted.directives.bigframe.is_some() {
+        return hostile(&accepted, guard);
+    }
     if accepted.directives.scripted() {
         let origin = format!("http://{}", req.connection_info().host());
         let turn = script::Turn::new(&accepted, &origin, length);
@@ -686,6 +695,49 @@ async fn chat_stream(req: HttpRequest, body: Bytes, state: web::Data<MockState>)
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
+        .streaming(stream)
+}
+
+/// A worker that never ends its turn (keepalives forever), or sends one frame of `bigframe`
+/// bytes, in 64 KiB pieces, before its answer.
+fn hostile(accepted: &Accepted, guard: InFlight) -> HttpResponse {
+    const PIECE: usize = 64 * 1024;
+    struct State {
+        forever: bool,
+        step: u64,
+        left: usize,
+        answer: Bytes,
+        guard: Option<InFlight>,
+    }
+    let state = State {
+        forever: accepted.directives.forever,
+        step: 0,
+        left: usize::try_from(accepted.directives.bigframe.unwrap_or(0)).unwrap_or(0),
+        answer: complete_frame(&accepted.text),
+        guard: Some(guard),
+    };
+    let stream = futures_util::stream::unfold(state, |mut s| async move {
+        s.step += 1;
+        let bytes = if s.forever {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Bytes::from_static(KEEPALIVE_FRAME.as_bytes())
+        } else if s.step == 1 {
+            Bytes::from_static(b"data: {\"type\":\"progress\",\"text\":\"")
+        } else if s.left > 0 {
+            let n = s.left.min(PIECE);
+            s.left -= n;
+            Bytes::from(vec![b'x'; n])
+        } else {
+            let guard = s.guard.take()?;
+            guard.finish(true);
+            let mut end = b"\"}\n\n".to_vec();
+            end.extend_from_slice(&s.answer);
+            Bytes::from(end)
+        };
+        Some((Ok::<_, actix_web::Error>(bytes), s))
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
         .streaming(stream)
 }
 

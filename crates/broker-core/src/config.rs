@@ -63,6 +63,8 @@ pub const ENV_NAMES: &[&str] = &[
     "WORKER_API_KEY",
     "WORKER_CONNECT_TIMEOUT_MS",
     "WORKER_IDLE_TIMEOUT_SECS",
+    "WORKER_MAX_TURN_SECS",
+    "WORKER_MAX_FRAME_BYTES",
     "WORKER_MAX_ATTEMPTS",
     "WORKER_RETRY_BASE_MS",
     "WORKER_RETRY_MAX_MS",
@@ -123,6 +125,8 @@ struct Raw {
     worker_api_key: String,
     worker_connect_timeout_ms: u64,
     worker_idle_timeout_secs: u64,
+    worker_max_turn_secs: u64,
+    worker_max_frame_bytes: u64,
     worker_max_attempts: u64,
     worker_retry_base_ms: u64,
     worker_retry_max_ms: u64,
@@ -181,6 +185,8 @@ impl Default for Raw {
             worker_api_key: String::new(),
             worker_connect_timeout_ms: 5_000,
             worker_idle_timeout_secs: 120,
+            worker_max_turn_secs: 1_800,
+            worker_max_frame_bytes: 32 * 1024 * 1024,
             worker_max_attempts: 3,
             worker_retry_base_ms: 500,
             worker_retry_max_ms: 10_000,
@@ -353,6 +359,10 @@ pub struct WorkerSettings {
     pub api_key: SecretString,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// `WORKER_MAX_TURN_SECS`: the longest a turn's stream may last, keepalives or not.
+    pub max_turn: Duration,
+    /// `WORKER_MAX_FRAME_BYTES`: the largest frame the worker may send.
+    pub max_frame_bytes: usize,
     pub max_attempts: u32,
     pub retry_base: Duration,
     pub retry_max: Duration,
@@ -514,6 +524,8 @@ impl Raw {
         );
         positive("WORKER_CONNECT_TIMEOUT_MS", self.worker_connect_timeout_ms);
         positive("WORKER_IDLE_TIMEOUT_SECS", self.worker_idle_timeout_secs);
+        positive("WORKER_MAX_TURN_SECS", self.worker_max_turn_secs);
+        positive("WORKER_MAX_FRAME_BYTES", self.worker_max_frame_bytes);
         positive("WORKER_MAX_ATTEMPTS", self.worker_max_attempts);
         positive("DRAINER_CONCURRENCY", self.drainer_concurrency);
         positive("DRAINER_HEARTBEAT_MS", self.drainer_heartbeat_ms);
@@ -714,6 +726,8 @@ impl Raw {
                 api_key: self.worker_api_key.into(),
                 connect_timeout: ms(self.worker_connect_timeout_ms),
                 idle_timeout: secs(self.worker_idle_timeout_secs),
+                max_turn: secs(self.worker_max_turn_secs),
+                max_frame_bytes: to_usize(self.worker_max_frame_bytes),
                 max_attempts: to_u32(self.worker_max_attempts),
                 retry_base: ms(self.worker_retry_base_ms),
                 retry_max: ms(self.worker_retry_max_ms),

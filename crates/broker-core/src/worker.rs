@@ -260,8 +260,21 @@ impl WorkerClient {
     ) -> TurnResult {
         let mut parser = FrameParser::new();
         let idle = self.settings.idle_timeout;
+        let end = tokio::time::Instant::now() + self.settings.max_turn;
         loop {
-            let next = match tokio::time::timeout(idle, response.frame()).await {
+            let wait = idle.min(end.saturating_duration_since(tokio::time::Instant::now()));
+            let next = match tokio::time::timeout(wait, response.frame()).await {
+                Err(_) if tokio::time::Instant::now() >= end => {
+                    return fail(
+                        504,
+                        "worker timeout",
+                        "TURN_TOO_LONG",
+                        format!(
+                            "the turn did not end within {} s (WORKER_MAX_TURN_SECS)",
+                            self.settings.max_turn.as_secs()
+                        ),
+                    );
+                }
                 Err(_) => {
                     return fail(
                         504,
@@ -294,6 +307,17 @@ impl WorkerClient {
                     Ok(data) => parser.feed(&data),
                     Err(_) => continue, // trailers
                 },
+            }
+            if parser.pending() > self.settings.max_frame_bytes {
+                return fail(
+                    502,
+                    "invalid worker response",
+                    "FRAME_TOO_LARGE",
+                    format!(
+                        "the worker sent a frame of more than {} bytes (WORKER_MAX_FRAME_BYTES)",
+                        self.settings.max_frame_bytes
+                    ),
+                );
             }
             while let Some(data) = parser.next_frame() {
                 let frame = Frame::parse(&data);

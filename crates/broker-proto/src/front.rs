@@ -148,6 +148,7 @@ pub fn user_sentence(code: &str) -> &'static str {
             "The assistant cannot be reached right now. Please try again in a few minutes."
         }
         "TIMEOUT" => "The assistant stopped answering before it finished. Please try again.",
+        "TURN_TOO_LONG" => "The assistant took too long to answer. Please try again.",
         "WORKER_DISCONNECTED" => {
             "The connection to the assistant was lost before it finished. Please try again."
         }

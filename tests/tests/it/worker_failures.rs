@@ -125,6 +125,35 @@ async fn a_silent_worker_times_out() {
 }
 
 #[tokio::test]
+async fn a_worker_that_never_ends_its_turn_is_cut_at_the_turn_limit() {
+    // Keepalives every 50 ms: never silent, never done.
+    let c = case(&[("WORKER_MAX_TURN_SECS", "1")]).await;
+    let (status, body) = send(&c, "u", "endless [mock:forever]").await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["code"], "TURN_TOO_LONG");
+    // The conversation goes on.
+    let (status, body) = send(&c, "u", "next").await;
+    assert_eq!(
+        (status, body["responses"].clone()),
+        (200, json!(["echo: next"]))
+    );
+}
+
+#[tokio::test]
+async fn a_frame_larger_than_the_limit_fails_the_turn_and_a_large_one_within_it_passes() {
+    let c = case(&[("WORKER_MAX_FRAME_BYTES", "1000000")]).await;
+    let (status, body) = send(&c, "u", "huge [mock:bigframe=3000000]").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["code"], "FRAME_TOO_LARGE");
+    let (status, body) = send(&c, "u", "large [mock:bigframe=500000]").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["responses"],
+        json!(["echo: large [mock:bigframe=500000]"])
+    );
+}
+
+#[tokio::test]
 async fn an_error_event_or_an_invalid_complete_fails_the_turn_with_502() {
     let c = case(&[]).await;
     let (status, body) = send(&c, "u", "oops [mock:error]").await;
