@@ -17,6 +17,7 @@ use serde_json::Value;
 pub const API_KEY: &str = "test-key";
 
 mod components;
+mod faulty;
 pub mod fuzz;
 mod http;
 mod process;
@@ -26,6 +27,7 @@ mod sse;
 mod tls;
 
 pub use components::*;
+pub use faulty::*;
 pub use http::*;
 pub use process::*;
 pub use receiver::*;

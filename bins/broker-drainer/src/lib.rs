@@ -511,6 +511,22 @@ async fn pause(failures: u32, stop: &watch::Receiver<bool>) {
 }
 
 /// Resolves once a stop flag is set (or its sender is gone).
+/// Resolves once this drainer has gone without a successful heartbeat for three quarters of
+/// the dead-after limit: others may soon judge it dead and take its conversations over, so
+/// its turns must stop first (the lease keeps a stale drainer from storing anything, but not
+/// from running a turn at the worker).
+pub(crate) async fn fenced(shared: &Shared) {
+    let limit = shared.settings.drainer.dead_after.as_millis() as u64 * 3 / 4;
+    let every = (shared.settings.drainer.heartbeat / 2).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(every).await;
+        let last = shared.last_heartbeat.load(Ordering::SeqCst);
+        if last > 0 && now_ms().saturating_sub(last) > limit {
+            return;
+        }
+    }
+}
+
 pub(crate) async fn flag_set(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
 }

@@ -69,6 +69,13 @@ async fn run_inner(shared: &Shared, conversation: &Conversation, claimed: Claime
         let mut hard_stop = shared.hard_stop.clone();
         tokio::select! {
             outcome = run_worker(shared, conversation, &claimed, lease, front.as_ref()) => outcome,
+            () = crate::fenced(shared) => {
+                // Cut off from Redis for so long that another drainer may soon take this
+                // conversation over: stop the turn here (its stream to the worker closes), so
+                // that it never runs beside its successor. It runs again after the reap.
+                tracing::warn!("no heartbeat for too long: this turn stops here and will run again");
+                return;
+            }
             () = crate::flag_set(&mut hard_stop) => {
                 // Grace period over: give the conversation back, keeping its place.
                 match shared.queue.release(&id, conversation, Some(lease)).await {

@@ -18,6 +18,7 @@ mod fuzz;
 mod hostile;
 mod mock;
 mod model;
+mod network;
 mod queue;
 mod recovery;
 mod stream;

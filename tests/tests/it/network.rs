@@ -1,0 +1,122 @@
+//! Network faults between the broker's processes (docs/reliability.md), through a
+//! fault-injecting TCP proxy on loopback: latency on every leg, and a drainer cut off from
+//! Redis (packets dropped silently, no reset) for longer than the dead-after limit.
+
+use std::time::Duration;
+
+use broker_tests::{
+    assert_fifo, eventually, settings, wait_finished, FaultyProxy, Http, TestApi, TestDrainer,
+    TestMock, TestRedis,
+};
+use serde_json::json;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn authority(url: &str) -> String {
+    url.split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+async fn post_async(http: &Http, base: &str, user: &str, text: &str) -> String {
+    let body = json!({"user_id": user, "client_id": "web", "message": text});
+    let a = http
+        .post_message(base, &body, &[("prefer", "respond-async")])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 202, "{}", a.text);
+    a.body["message_id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn latency_on_every_leg_loses_nothing_and_keeps_order() {
+    let redis = TestRedis::start().await;
+    let mock = TestMock::start(Duration::from_millis(5));
+    let api_redis = FaultyProxy::start(&authority(redis.url())).await;
+    let drainer_redis = FaultyProxy::start(&authority(redis.url())).await;
+    let worker = FaultyProxy::start(&authority(&mock.url)).await;
+    for p in [&api_redis, &drainer_redis, &worker] {
+        p.delay(30);
+    }
+    let api = TestApi::start(settings(&api_redis.redis_url(), &mock.url, &[])).await;
+    let worker_url = format!("http://127.0.0.1:{}", worker.port);
+    let _drainer = TestDrainer::start(settings(&drainer_redis.redis_url(), &worker_url, &[])).await;
+    let http = Http::new();
+    let mut sent = Vec::new();
+    for conv in 0..8 {
+        let texts: Vec<String> = (0..4).map(|i| format!("c{conv} m{i}")).collect();
+        let mut ids = Vec::new();
+        for t in &texts {
+            ids.push(post_async(&http, &api.base, &format!("lat{conv}"), t).await);
+        }
+        sent.push((conv, ids, texts));
+    }
+    for (_, ids, texts) in &sent {
+        for (id, text) in ids.iter().zip(texts) {
+            let done = wait_finished(&http, &api.base, id, LIMIT).await;
+            assert_eq!(
+                done["result"]["responses"],
+                json!([format!("echo: {text}")])
+            );
+        }
+    }
+    mock.assert_one_in_flight();
+    let stats = mock.state.stats();
+    for (conv, _, texts) in &sent {
+        let key = format!("user:unfoldingWord:lat{conv}");
+        assert_fifo(&key, &stats.started[&key], texts);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drainer_cut_off_from_redis_stops_its_turn_before_its_successor_runs_it() {
+    let redis = TestRedis::start().await;
+    let mock = TestMock::start(Duration::from_millis(5));
+    let proxy = FaultyProxy::start(&authority(redis.url())).await;
+    let fast = [("REDIS_TIMEOUT_MS", "300")];
+    let api = TestApi::start(settings(redis.url(), &mock.url, &fast)).await;
+    // Drainer A reaches Redis through the proxy; it takes the turn.
+    let _a = TestDrainer::start(settings(&proxy.redis_url(), &mock.url, &fast)).await;
+    let http = Http::new();
+    // Frames every 100 ms for 4 s: a stream the worker keeps writing to.
+    let text = "long [mock:progress=40,gap=100]";
+    let id = post_async(&http, &api.base, "net", text).await;
+    let conv = "user:unfoldingWord:net";
+    eventually("the turn running on A", LIMIT, || async {
+        mock.state
+            .stats()
+            .started
+            .get(conv)
+            .map(|s| s.len() == 1)
+            .unwrap_or(false)
+            .then_some(())
+    })
+    .await;
+    // Drainer B, reaching Redis directly; then A is cut off (no reset, packets dropped).
+    let _b = TestDrainer::start(settings(redis.url(), &mock.url, &fast)).await;
+    proxy.partition();
+    // B reaps A and runs the turn again. A still reaches the worker, but stops its turn
+    // before that: never two turns of the conversation at once.
+    let done = wait_finished(&http, &api.base, &id, LIMIT).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["result"]["responses"],
+        json!([format!("echo: {text}")])
+    );
+    mock.assert_one_in_flight();
+    assert_eq!(
+        mock.state.stats().started[conv],
+        [text, text],
+        "it ran again on B"
+    );
+    // Healed, A stores nothing (its lease is gone) and takes part again.
+    proxy.heal();
+    let next = post_async(&http, &api.base, "net", "after").await;
+    assert_eq!(
+        wait_finished(&http, &api.base, &next, LIMIT).await["status"],
+        "completed"
+    );
+    mock.assert_one_in_flight();
+}
