@@ -34,8 +34,12 @@ scenarios (default: sync callback stream light turns commands):
                              conversations, then by 100,000 conversations
   admin                      the admin listing of 1,000 waiting conversations among 1,000
                              idle ones, then among 100,000
-  all                        every scenario above (against a running broker: all but wide,
-                             backlog and admin, which need a stack of their own)
+  soak                       --minutes N (30) at --rate R msg/s (40): sync, stream and
+                             callback messages, the worker failing 2% of its requests, a
+                             drainer restarted every 3 minutes; RSS, Redis memory and keys
+                             every 30 s; lost, duplicated and reordered turns at the end
+  all                        every scenario above but soak (against a running broker: all
+                             but wide, backlog and admin, which need a stack of their own)
 
 options:
   --conversations U   (200)      --messages M  (50)     --worker-ms N  (0)
@@ -74,6 +78,10 @@ struct Options {
     backlog: Vec<usize>,
     backlog_messages: usize,
     backlog_rounds: usize,
+    /// How long `soak` runs, in minutes.
+    soak_minutes: u64,
+    /// Messages per second `soak` offers.
+    soak_rate: f64,
     scenarios: Vec<String>,
     /// Messages per conversation of `light` and `turns`: 500, or `--messages` when given.
     light_messages: usize,
@@ -99,7 +107,7 @@ impl Options {
 
 /// The scenarios a running broker can serve: `wide` and `backlog` start stacks with their
 /// own settings and stop and start the drainers.
-const OWN_STACK_ONLY: [&str; 3] = ["wide", "backlog", "admin"];
+const OWN_STACK_ONLY: [&str; 4] = ["wide", "backlog", "admin", "soak"];
 
 fn parse_args() -> anyhow::Result<Options> {
     let mut o = Options {
@@ -117,6 +125,8 @@ fn parse_args() -> anyhow::Result<Options> {
         backlog: vec![1000, 100_000],
         backlog_messages: 100_000,
         backlog_rounds: 2,
+        soak_minutes: 30,
+        soak_rate: 40.0,
         scenarios: Vec::new(),
         light_messages: 500,
         running: None,
@@ -174,6 +184,8 @@ fn parse_args() -> anyhow::Result<Options> {
             "--backlog" => o.backlog = list(&arg, &value(&arg)?)?,
             "--backlog-messages" => o.backlog_messages = number(&arg, &value(&arg)?)?,
             "--backlog-rounds" => o.backlog_rounds = number(&arg, &value(&arg)?)?,
+            "--minutes" => o.soak_minutes = number::<u64>(&arg, &value(&arg)?)?,
+            "--rate" => o.soak_rate = number::<f64>(&arg, &value(&arg)?)?,
             "--api" => api = Some(url(&arg, &value(&arg)?, &["http", "https"])?),
             "--mock" => mock = Some(url(&arg, &value(&arg)?, &["http", "https"])?),
             "--redis" => redis = Some(url(&arg, &value(&arg)?, &["redis", "rediss"])?),
@@ -195,7 +207,7 @@ fn parse_args() -> anyhow::Result<Options> {
                 o.receiver = addr;
             }
             "sync" | "callback" | "stream" | "light" | "turns" | "commands" | "sweep" | "wide"
-            | "backlog" | "admin" => o.scenarios.push(arg),
+            | "backlog" | "admin" | "soak" => o.scenarios.push(arg),
             "all" => all = true,
             other => bail!("unknown argument {other:?}\n\n{USAGE}"),
         }
@@ -380,6 +392,7 @@ async fn run(mut o: Options) -> anyhow::Result<bool> {
             "wide" => wide(&o).await?,
             "backlog" => backlog(&o).await?,
             "admin" => admin_listing(&o).await?,
+            "soak" => soak(&o).await?,
             _ => true,
         };
         all_right &= right;
@@ -395,6 +408,7 @@ fn stack_options(o: &Options, callback_port: Option<u16>) -> StackOptions {
         fsync: o.fsync.clone(),
         callback_port,
         defer_drainers: false,
+        chaos: false,
     }
 }
 
@@ -782,6 +796,126 @@ async fn admin_listing(o: &Options) -> anyhow::Result<bool> {
                "of": "listing 1,000 waiting among 100,000 idle vs among 1,000 (means of 2 runs)"})
     );
     Ok(true)
+}
+
+/// A long run at a steady rate (`./dev bench soak --minutes N`): 200 conversations, each
+/// sending one message at a time in turn by sync, stream and callback, every answer checked;
+/// the mock worker refuses 2% of its requests (503, 429) and one of two drainers is stopped
+/// (SIGTERM) and started again every 3 minutes. Every 30 s a line with the processes' RSS and
+/// Redis' memory and key count; at the end the counts.
+async fn soak(o: &Options) -> anyhow::Result<bool> {
+    let conversations = 200usize;
+    let minutes = o.soak_minutes.max(1);
+    let receiver = receiver_for(o, Mode::Callback).await?;
+    let options = StackOptions {
+        drainers: 2,
+        chaos: true,
+        ..stack_options(o, receiver.as_ref().map(Receiver::port))
+    };
+    let mut stack = Stack::start(options)?;
+    let target = std::sync::Arc::new(target(o, &stack, receiver)?);
+    let run = o.tagged("soak");
+    let end = Instant::now() + Duration::from_secs(minutes * 60);
+    // Each conversation sends every `interval`, one message at a time.
+    let interval = Duration::from_secs_f64(conversations as f64 / o.soak_rate.max(0.1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..conversations {
+        let (target, run) = (target.clone(), run.clone());
+        tasks.spawn(async move {
+            let mut sent = 0usize;
+            let mut failed = Vec::new();
+            // Spread over the first interval.
+            tokio::time::sleep(interval.mul_f64(c as f64 / conversations as f64)).await;
+            while Instant::now() < end {
+                let started = Instant::now();
+                let mode = [Mode::Sync, Mode::Stream, Mode::Callback][(c + sent) % 3];
+                if let Err(e) = load::send_one(&target, mode, &run, c, sent).await {
+                    failed.push(format!("c{c} m{sent} ({}): {e}", mode.name()));
+                }
+                sent += 1;
+                tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
+            }
+            (c, sent, failed)
+        });
+    }
+    let started = Instant::now();
+    let mut next_sample = started;
+    let mut next_restart = started + Duration::from_secs(180);
+    let mut restarts = 0;
+    while Instant::now() < end {
+        if Instant::now() >= next_sample {
+            let (memory, keys) = stack.redis_memory()?;
+            let rss: std::collections::BTreeMap<String, f64> = stack
+                .procs
+                .iter()
+                .map(|p| (p.name.clone(), stack::rss_mib(p.pid())))
+                .collect();
+            println!(
+                "{}",
+                json!({"run": "soak", "minute": report::round(started.elapsed().as_secs_f64() / 60.0, 1),
+                       "rss_mib": rss, "redis_used_bytes": memory, "redis_keys": keys.values().sum::<u64>(),
+                       "restarts": restarts})
+            );
+            next_sample += Duration::from_secs(30);
+        }
+        if Instant::now() >= next_restart {
+            stack.restart_drainer(0)?;
+            restarts += 1;
+            next_restart += Duration::from_secs(180);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut sent = vec![0usize; conversations];
+    let mut failed = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (c, n, f) = done?;
+        sent[c] = n;
+        failed.extend(f);
+    }
+    wait_drained(&stack, Duration::from_secs(120)).await?;
+    let stats = load::mock_stats(stack.mock_url())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let (mut duplicated, mut reordered, mut missing) = (0usize, 0usize, 0usize);
+    for (c, n) in sent.iter().enumerate() {
+        let want: Vec<String> = (0..*n).map(|i| load::text(&run, c, i)).collect();
+        let key = stats["started"]
+            .as_object()
+            .and_then(|m| {
+                m.iter()
+                    .find(|(k, _)| k.rsplit(':').next() == Some(&load::user(&run, c)))
+            })
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let got: Vec<String> = key
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut deduped = got.clone();
+        deduped.dedup();
+        duplicated += got.len() - deduped.len();
+        missing += want.iter().filter(|w| !deduped.contains(w)).count();
+        let order: Vec<&String> = deduped.iter().filter(|g| want.contains(g)).collect();
+        if order.iter().zip(want.iter()).any(|(g, w)| *g != w) {
+            reordered += 1;
+        }
+    }
+    let total: usize = sent.iter().sum();
+    let violations = stats["violations"].as_array().map_or(0, Vec::len);
+    println!(
+        "{}",
+        json!({"run": "soak", "minutes": minutes, "rate_per_s": o.soak_rate, "accepted": total,
+               "answered_wrong_or_not": failed.len(), "lost_turns": missing,
+               "duplicated_turns": duplicated, "reordered_conversations": reordered,
+               "concurrency_violations": violations, "drainer_restarts": restarts,
+               "first_failures": failed.iter().take(5).collect::<Vec<_>>()})
+    );
+    Ok(failed.is_empty() && missing == 0 && reordered == 0 && violations == 0)
 }
 
 /// Polls the broker's stats until nothing is queued or running.

@@ -30,6 +30,8 @@ pub struct StackOptions {
     pub callback_port: Option<u16>,
     /// Start the drainers later, with [`Stack::start_drainers`].
     pub defer_drainers: bool,
+    /// The mock worker refuses 2% of its requests with a 503 and 2% with a busy 429.
+    pub chaos: bool,
 }
 
 /// A broker the bench did not start (`--api` and its options): it drives load at it and
@@ -118,6 +120,10 @@ impl Stack {
             mock.env("MOCK_HOST", "127.0.0.1")
                 .env("MOCK_PORT", port.to_string())
                 .env("MOCK_LATENCY_MS", stack.options.worker_ms.to_string());
+            if stack.options.chaos {
+                mock.env("MOCK_RATE_5XX", "0.02")
+                    .env("MOCK_RATE_429", "0.02");
+            }
             mock
         })?;
         stack.mock_url = format!("http://127.0.0.1:{mock_port}");
@@ -185,9 +191,29 @@ impl Stack {
         }
     }
 
+    /// Stops drainer `i` gracefully (SIGTERM: its running turns finish) and starts it again.
+    pub fn restart_drainer(&mut self, i: usize) -> anyhow::Result<()> {
+        let name = format!("drainer{i}");
+        if let Some(at) = self.procs.iter().position(|p| p.name == name) {
+            let mut proc = self.procs.remove(at);
+            let _ = Command::new("kill")
+                .args(["-TERM", &proc.pid().to_string()])
+                .status();
+            let _ = proc.child.wait();
+        }
+        self.start_drainer(i)
+    }
+
     /// Starts the drainer processes.
     pub fn start_drainers(&mut self) -> anyhow::Result<()> {
         for i in 0..self.options.drainers {
+            self.start_drainer(i)?;
+        }
+        Ok(())
+    }
+
+    fn start_drainer(&mut self, i: usize) -> anyhow::Result<()> {
+        {
             self.start_serving(&format!("drainer{i}"), |stack, port| {
                 let mut cmd = Command::new(stack.bin_dir.join("broker-drainer"));
                 stack
@@ -600,12 +626,22 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// Peak resident set size in MiB, from `VmHWM` in `/proc/<pid>/status`.
+/// A process's resident memory now, MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
 fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+/// A memory figure of `/proc/<pid>/status` (given in kB), MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
