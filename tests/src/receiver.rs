@@ -41,6 +41,8 @@ pub enum Behaviour {
     FailFirst(u16, u32),
     /// This status, always.
     Always(u16),
+    /// 200, but only after this many milliseconds (a slow receiver).
+    Slow(u64),
 }
 
 /// One request a receiver got.
@@ -127,6 +129,9 @@ impl Receiver {
                                 .await
                                 .map(|b| b.to_bytes())
                                 .unwrap_or_default();
+                            if let Behaviour::Slow(ms) = behaviour {
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
                             let mut log = log.lock().expect("receiver log");
                             let tries = log.iter().filter(|r| r.webhook_id == webhook_id).count();
                             let answered = match behaviour {
@@ -134,6 +139,7 @@ impl Receiver {
                                 Behaviour::FailFirst(status, n) if (tries as u32) < n => status,
                                 Behaviour::FailFirst(..) => 200,
                                 Behaviour::Always(status) => status,
+                                Behaviour::Slow(_) => 200,
                             };
                             log.push(Received {
                                 webhook_id,

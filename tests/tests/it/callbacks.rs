@@ -225,6 +225,38 @@ async fn a_receiver_that_never_succeeds_lands_in_the_dead_list_and_the_conversat
 }
 
 #[tokio::test]
+async fn a_receiver_slower_than_the_attempt_timeout_is_given_up_and_the_conversation_goes_on() {
+    // It answers after 2 s; each attempt may take 300 ms, all of them 1 s.
+    let receiver = Receiver::start(Behaviour::Slow(2_000)).await;
+    let s = setup(
+        &receiver,
+        &[
+            ("BROKER_CALLBACK_TIMEOUT_MS", "300"),
+            ("BROKER_CALLBACK_BUDGET_MS", "1000"),
+        ],
+    )
+    .await;
+    let (slow, _) = post(&s.http, &s.api.base, &body("sly", "first", &receiver.url)).await;
+    let (next, _) = post(&s.http, &s.api.base, &body("sly", "second", &receiver.url)).await;
+    for id in [&slow, &next] {
+        let record = eventually("the callback given up", LIMIT, || async {
+            let r = wait_finished(&s.http, &s.api.base, id, LIMIT).await;
+            (r["callback"]["status"] == "failed").then_some(r)
+        })
+        .await;
+        assert_eq!(record["status"], "completed");
+    }
+    let dead = s.dead_list().await;
+    assert!(
+        dead.iter().any(|d| d["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no answer within 300 ms")),
+        "{dead:?}"
+    );
+}
+
+#[tokio::test]
 async fn callback_urls_are_guarded_unless_allow_listed() {
     let receiver = Receiver::start(Behaviour::Accept).await;
     let redis = TestRedis::start().await;
