@@ -538,3 +538,51 @@ async fn frames_announced_after_a_gap_are_read_from_the_stream_instead() {
     let data: Vec<&str> = rest.iter().map(|f| f.data.as_str()).collect();
     assert_eq!(data, mock_frames("gap [mock:sleep=800]"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_that_never_read_hold_nothing_up() {
+    use tokio::io::AsyncWriteExt;
+    let s = setup(&[("BROKER_SSE_KEEPALIVE_MS", "100")]).await;
+    // A message with a 1 MB frame, and 100 clients reading its stream that never read.
+    let text = "big [mock:bigframe=1000000]";
+    let id = post_async(&s.http, &s.api.base, &body("nora", text)).await;
+    let addr = s.api.base.trim_start_matches("http://").to_owned();
+    let request = format!(
+        "GET /api/v1/stream?message_id={id} HTTP/1.1\r\nhost: {addr}\r\nx-api-key: {}\r\n\r\n",
+        broker_tests::API_KEY
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(request.as_bytes()).await.unwrap();
+        stalled.push(c);
+    }
+    // The turn ends, a client that reads gets all of it, other requests are served.
+    assert_eq!(
+        wait_finished(&s.http, &s.api.base, &id, LIMIT).await["status"],
+        "completed"
+    );
+    let mut sse = Sse::attach(&s.api.base, &id, None).await;
+    let frames = without_keepalives(&sse.read_to_end(LIMIT).await);
+    assert_eq!(frames.last().unwrap().kind(), "complete");
+    assert!(frames.iter().any(|f| f.data.len() > 1_000_000));
+    let other = post_async(&s.http, &s.api.base, &body("otto", "meanwhile")).await;
+    assert_eq!(
+        wait_finished(&s.http, &s.api.base, &other, LIMIT).await["status"],
+        "completed"
+    );
+    // Gone, they leave no reader behind.
+    drop(stalled);
+    eventually("no readers left", LIMIT, || async {
+        let m = s
+            .http
+            .send("GET", &format!("{}/metrics", s.api.base), &[], None)
+            .await
+            .unwrap();
+        m.text
+            .lines()
+            .any(|l| l == "broker_sse_readers 0")
+            .then_some(())
+    })
+    .await;
+}
