@@ -759,6 +759,7 @@ mod tests {
                 fsync: "everysec".into(),
                 callback_port: None,
                 defer_drainers: true,
+                chaos: false,
             },
             bin_dir: PathBuf::new(),
             procs: Vec::new(),
