@@ -9,6 +9,14 @@
 //! The `redis` crate gives async connections a 500 ms response timeout by default. The shared
 //! connection gets the configured timeout instead; a connection that runs `BLMOVE` gets none
 //! (its caller bounds the wait itself), and so does pub/sub.
+//!
+//! A command that times out leaves the shared connection suspect: on a half-open connection
+//! (packets dropped silently, no reset) the replies of the lost commands never come, and the
+//! multiplexed connection would wait for them before every later reply. `ConnectionManager`
+//! reopens only on errors that say the connection is gone, so after a timeout the shared
+//! connection is replaced with a fresh one.
+
+use std::sync::{Arc, RwLock};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError};
@@ -21,8 +29,83 @@ use crate::config::RedisSettings;
 #[error("redis setup: {0}")]
 pub struct SetupError(String);
 
-/// The shared command connection. Cheap to clone: clones share it.
-pub type Shared = ConnectionManager;
+/// The shared command connection: a `ConnectionManager`, replaced after a command timed out.
+/// Cheap to clone: clones share it.
+#[derive(Clone)]
+pub struct Shared {
+    /// The connection, and how many times it was replaced.
+    current: Arc<RwLock<(u64, ConnectionManager)>>,
+    client: Client,
+    config: ConnectionManagerConfig,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared")
+    }
+}
+
+impl Shared {
+    fn manager(&self) -> (u64, ConnectionManager) {
+        match self.current.read() {
+            Ok(m) => m.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// After a timeout on connection `generation`: a fresh one for the commands from now on,
+    /// unless another caller replaced it already.
+    fn replace(&self, generation: u64) {
+        let Ok(mut current) = self.current.write() else {
+            return;
+        };
+        if current.0 != generation {
+            return;
+        }
+        if let Ok(fresh) =
+            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+        {
+            tracing::warn!("a redis command timed out: the shared connection is replaced");
+            *current = (generation + 1, fresh);
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for Shared {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let (generation, mut used) = self.manager();
+            let result = used.req_packed_command(cmd).await;
+            if matches!(&result, Err(e) if e.is_timeout()) {
+                self.replace(generation);
+            }
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            let (generation, mut used) = self.manager();
+            let result = used.req_packed_commands(pipeline, offset, count).await;
+            if matches!(&result, Err(e) if e.is_timeout()) {
+                self.replace(generation);
+            }
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.manager().1.get_db()
+    }
+}
 
 /// The shared command connection, opened on first use (Redis may be down at start) on the
 /// runtime this is called on, which it must not outlive.
@@ -38,7 +121,13 @@ pub fn shared_with(client: Client, settings: &RedisSettings) -> Result<Shared, S
         // One try per command: the caller decides what a failure means (retry a read, answer
         // 503), and the next command opens a new connection.
         .set_number_of_retries(0);
-    ConnectionManager::new_lazy_with_config(client, config).map_err(|e| SetupError(e.to_string()))
+    let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+        .map_err(|e| SetupError(e.to_string()))?;
+    Ok(Shared {
+        current: Arc::new(RwLock::new((0, manager))),
+        client,
+        config,
+    })
 }
 
 /// Could this failure have left the connection unusable? (A server error reply could not.)

@@ -120,3 +120,71 @@ async fn a_drainer_cut_off_from_redis_stops_its_turn_before_its_successor_runs_i
     );
     mock.assert_one_in_flight();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_cut_off_from_redis_refuses_with_503_and_recovers_when_healed() {
+    let redis = TestRedis::start().await;
+    let mock = TestMock::start(Duration::from_millis(5));
+    let proxy = FaultyProxy::start(&authority(redis.url())).await;
+    let fast = [("REDIS_TIMEOUT_MS", "300")];
+    let api = TestApi::start(settings(&proxy.redis_url(), &mock.url, &fast)).await;
+    let _drainer = TestDrainer::start(settings(redis.url(), &mock.url, &fast)).await;
+    let http = Http::new();
+    let before = post_async(&http, &api.base, "amy", "before").await;
+    proxy.partition();
+    let body = json!({"user_id": "amy", "client_id": "web", "message": "during"});
+    let refused = http.post_message(&api.base, &body, &[]).await.unwrap();
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert_eq!(
+        refused.body["code"], "REDIS_TIMEOUT",
+        "may or may not be queued: said so"
+    );
+    proxy.heal();
+    // Healed: the broken connection is replaced, and every acknowledged message is answered.
+    let after = eventually("the API back", LIMIT, || async {
+        let body = json!({"user_id": "amy", "client_id": "web", "message": "after"});
+        let a = http
+            .post_message(&api.base, &body, &[("prefer", "respond-async")])
+            .await
+            .ok()?;
+        (a.status == 202).then(|| a.body["message_id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    for id in [&before, &after] {
+        assert_eq!(
+            wait_finished(&http, &api.base, id, LIMIT).await["status"],
+            "completed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_cut_off_mid_turn_fails_it_at_the_idle_timeout_and_the_conversation_goes_on() {
+    let redis = TestRedis::start().await;
+    let mock = TestMock::start(Duration::from_millis(5));
+    let worker = FaultyProxy::start(&authority(&mock.url)).await;
+    let pairs = [("WORKER_IDLE_TIMEOUT_SECS", "1")];
+    let api = TestApi::start(settings(redis.url(), &mock.url, &pairs)).await;
+    let worker_url = format!("http://127.0.0.1:{}", worker.port);
+    let _drainer = TestDrainer::start(settings(redis.url(), &worker_url, &pairs)).await;
+    let http = Http::new();
+    let cut = post_async(&http, &api.base, "wes", "long [mock:progress=50,gap=100]").await;
+    eventually("the turn running", LIMIT, || async {
+        mock.state
+            .stats()
+            .started
+            .contains_key("user:unfoldingWord:wes")
+            .then_some(())
+    })
+    .await;
+    worker.partition();
+    let done = wait_finished(&http, &api.base, &cut, LIMIT).await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["error"]["code"], "TIMEOUT", "{done}");
+    worker.heal();
+    let next = post_async(&http, &api.base, "wes", "next").await;
+    assert_eq!(
+        wait_finished(&http, &api.base, &next, LIMIT).await["status"],
+        "completed"
+    );
+}
