@@ -409,6 +409,7 @@ fn stack_options(o: &Options, callback_port: Option<u16>) -> StackOptions {
         callback_port,
         defer_drainers: false,
         chaos: false,
+        result_ttl_secs: None,
     }
 }
 
@@ -807,9 +808,11 @@ async fn soak(o: &Options) -> anyhow::Result<bool> {
     let conversations = 200usize;
     let minutes = o.soak_minutes.max(1);
     let receiver = receiver_for(o, Mode::Callback).await?;
+    // Finished records expire after 2 minutes: memory and keys level off within the run.
     let options = StackOptions {
         drainers: 2,
         chaos: true,
+        result_ttl_secs: Some(120),
         ..stack_options(o, receiver.as_ref().map(Receiver::port))
     };
     let mut stack = Stack::start(options)?;
@@ -844,7 +847,8 @@ async fn soak(o: &Options) -> anyhow::Result<bool> {
     let mut restarts = 0;
     while Instant::now() < end {
         if Instant::now() >= next_sample {
-            let (memory, keys) = stack.redis_memory()?;
+            let (memory, _) = stack.redis_memory()?;
+            let keys = stack.redis_keys()?;
             let rss: std::collections::BTreeMap<String, f64> = stack
                 .procs
                 .iter()
@@ -853,7 +857,7 @@ async fn soak(o: &Options) -> anyhow::Result<bool> {
             println!(
                 "{}",
                 json!({"run": "soak", "minute": report::round(started.elapsed().as_secs_f64() / 60.0, 1),
-                       "rss_mib": rss, "redis_used_bytes": memory, "redis_keys": keys.values().sum::<u64>(),
+                       "rss_mib": rss, "redis_used_bytes": memory, "redis_keys": keys,
                        "restarts": restarts})
             );
             next_sample += Duration::from_secs(30);

@@ -32,6 +32,9 @@ pub struct StackOptions {
     pub defer_drainers: bool,
     /// The mock worker refuses 2% of its requests with a 503 and 2% with a busy 429.
     pub chaos: bool,
+    /// `BROKER_RESULT_TTL_SECS` and `BROKER_DEDUP_TTL_SECS` when set: a soak shows memory
+    /// levelling off once finished records expire.
+    pub result_ttl_secs: Option<u64>,
 }
 
 /// A broker the bench did not start (`--api` and its options): it drives load at it and
@@ -298,6 +301,12 @@ impl Stack {
                     None => "127.0.0.1".into(),
                 },
             )
+            .envs(self.options.result_ttl_secs.iter().flat_map(|ttl| {
+                [
+                    ("BROKER_RESULT_TTL_SECS", ttl.to_string()),
+                    ("BROKER_DEDUP_TTL_SECS", ttl.to_string()),
+                ]
+            }))
             // 10,000 sync requests waiting at once must not time out while they wait.
             .env("BROKER_SYNC_TIMEOUT_SECS", "120")
             .env("BROKER_MAX_QUEUE_DEPTH", "100000")
@@ -453,6 +462,12 @@ impl Stack {
 
     /// What Redis holds now: `used_memory` in bytes, and `MEMORY USAGE` of one key of each
     /// kind the broker keeps per queued message (the first `SCAN` finds for each pattern).
+    /// The number of keys in the broker's Redis (`DBSIZE`).
+    pub fn redis_keys(&self) -> anyhow::Result<u64> {
+        let mut c = self.redis()?.context("the broker's Redis is not known")?;
+        Ok(redis::cmd("DBSIZE").query(&mut c)?)
+    }
+
     pub fn redis_memory(&self) -> anyhow::Result<(u64, BTreeMap<&'static str, u64>)> {
         let mut c = self.redis()?.context("the broker's Redis is not known")?;
         let info: String = redis::cmd("INFO").arg("memory").query(&mut c)?;
@@ -760,6 +775,7 @@ mod tests {
                 callback_port: None,
                 defer_drainers: true,
                 chaos: false,
+                result_ttl_secs: None,
             },
             bin_dir: PathBuf::new(),
             procs: Vec::new(),
