@@ -568,6 +568,19 @@ pub async fn preload(
     Ok(())
 }
 
+/// The texts of a conversation's started turns, as the mock's record lists them.
+pub fn texts_of(started: &Value) -> Vec<String> {
+    started
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Checks, from the mock worker's record, that each conversation's turns started exactly once,
 /// in send order, and that no conversation ever had two turns at once. Returns the problems.
 pub async fn check_order(
@@ -598,16 +611,7 @@ pub async fn check_order(
         .unwrap_or_default();
     for c in 0..conversations {
         let want: Vec<String> = (0..messages).map(|i| text(run, c, i)).collect();
-        let got: Vec<String> = started
-            .get(&user(run, c))
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let got = started.get(&user(run, c)).map(texts_of).unwrap_or_default();
         if got != want {
             problems.push(format!(
                 "conversation {c}: turns started {} times, not in send order once each",

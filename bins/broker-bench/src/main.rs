@@ -891,15 +891,7 @@ async fn soak(o: &Options) -> anyhow::Result<bool> {
             })
             .map(|(_, v)| v.clone())
             .unwrap_or_default();
-        let got: Vec<String> = key
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let got = load::texts_of(&key);
         let mut deduped = got.clone();
         deduped.dedup();
         duplicated += got.len() - deduped.len();
