@@ -416,3 +416,50 @@ async fn a_drainer_killed_while_delivering_leaves_the_callback_to_another_with_t
     // The turn ran again (at-least-once); the receiver can tell by the webhook-id.
     assert_eq!(mock.state.stats().requests, 2);
 }
+
+#[tokio::test]
+async fn a_receiver_that_trickles_its_answer_is_bounded_by_the_attempt_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Reads the request, then answers one byte every 50 ms, for ever.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 64 * 1024];
+                let _ = socket.read(&mut buffer).await;
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n"
+                    .iter()
+                    .chain(std::iter::repeat(&b'x'));
+                for byte in answer {
+                    if socket.write_all(&[*byte]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            });
+        }
+    });
+    let allow = format!("127.0.0.1:{port}");
+    let s = Stack::start(
+        Duration::from_millis(20),
+        &[
+            ("BROKER_CALLBACK_ALLOWLIST", allow.as_str()),
+            ("BROKER_CALLBACK_TIMEOUT_MS", "500"),
+            ("BROKER_CALLBACK_BUDGET_MS", "1500"),
+        ],
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let (first, _) = post(&s.http, &s.api.base, &body("tom", "first", &url)).await;
+    let (second, _) = post(&s.http, &s.api.base, &body("tom", "second", &url)).await;
+    for id in [&first, &second] {
+        let record = eventually("the callback given up", LIMIT, || async {
+            let r = wait_finished(&s.http, &s.api.base, id, LIMIT).await;
+            (r["callback"]["status"] == "failed").then_some(r)
+        })
+        .await;
+        assert_eq!(record["status"], "completed");
+    }
+    server.abort();
+}
