@@ -325,13 +325,19 @@ impl Stack {
         // ports and a core. The kernel stops each of them when the thread that started it
         // ends, and these are all started from the main thread (the runtime is
         // current-thread).
+        // A bench killed between fork and that prctl has already gone: the child sees it
+        // adopted by another parent and does not start.
+        let parent = std::process::id();
         // SAFETY: the closure runs in the child between fork and exec and only calls
-        // prctl(2), which is async-signal-safe; its result is checked, nothing is allocated.
+        // prctl(2) and getppid(2), which are async-signal-safe; nothing is allocated.
         #[allow(unsafe_code)]
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            std::os::unix::process::CommandExt::pre_exec(cmd, move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });
