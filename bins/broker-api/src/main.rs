@@ -7,6 +7,16 @@ async fn main() -> anyhow::Result<()> {
     let stop = broker_core::shutdown::signal();
     let settings = Settings::load_or_exit("broker-api");
     let logs = broker_core::telemetry::init(&settings.log_level, settings.log_format);
+    let open_files = broker_core::limits::raise_open_files();
+    let wanted = settings.api.max_connections as u64 * settings.api.workers as u64;
+    if open_files < wanted {
+        tracing::warn!(
+            open_files,
+            wanted,
+            "the open-files limit is below BROKER_MAX_CONNECTIONS x the API's workers: \
+             connections beyond it wait in the listen backlog"
+        );
+    }
     let app = match broker_api::Application::build(settings).await {
         Ok(app) => app,
         Err(e) if e.is::<broker_api::NoKeys>() => {

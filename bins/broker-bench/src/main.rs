@@ -330,7 +330,8 @@ fn main() {
             std::process::exit(64);
         }
     };
-    stack::raise_fd_limit();
+    // 10,000 connections at once need 10,000 descriptors on each side; children inherit it.
+    broker_core::limits::raise_open_files();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -687,23 +687,6 @@ fn command_stat(info: &str, figure: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// Raises this process's open-file limit to its hard limit (children inherit it): 10,000
-/// connections at once need 10,000 descriptors on each side.
-pub fn raise_fd_limit() {
-    #[allow(unsafe_code)]
-    // SAFETY: getrlimit/setrlimit get a valid pointer to a local struct.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
 /// The machine, for the report.
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

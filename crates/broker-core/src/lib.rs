@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod http_client;
 pub mod keys;
+pub mod limits;
 pub mod local_redis;
 pub mod metrics;
 pub mod queue;
