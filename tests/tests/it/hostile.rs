@@ -1,6 +1,7 @@
 //! The real `broker-api` binary against hostile HTTP clients on raw sockets: bodies sent
 //! without a key are never read, malformed framing is refused, HTTP/1.0 gets no chunked
-//! answer, and the API's memory stays flat through it all.
+//! answer, a client opening thousands of streams is held to the connection limit, and the
+//! API's memory stays flat through it all.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -63,6 +64,26 @@ impl Api {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
+    }
+
+    /// Its open file descriptors.
+    fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
+    }
+
+    /// A figure of its `/metrics`, if it answers within 10 s.
+    async fn metric(&self, name: &str) -> Option<u64> {
+        let mut io = self.connect().await;
+        io.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_all(&mut io, Duration::from_secs(10)).await;
+        answer
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     async fn connect(&self) -> TcpStream {
@@ -329,4 +350,94 @@ async fn http10_clients_get_no_chunked_answer() {
     let answer = read_all(&mut io, Duration::from_secs(10)).await;
     assert!(!answer.contains("100 Continue"), "{answer}");
     assert_eq!(status_of(&answer), 400, "{answer}");
+}
+
+/// A keyed client opening 3,000 streams at once, each a message of its own conversation: the
+/// API serves at most `BROKER_MAX_CONNECTIONS` connections per worker thread; the others wait
+/// in the listen backlog, unanswered, holding nothing of the API's. When the client goes,
+/// every descriptor and reader is given back, and every message that was queued stays queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_opening_thousands_of_streams_is_held_to_the_connection_limit() {
+    const LIMIT: usize = 1000;
+    const STREAMS: usize = 3000;
+    broker_core::limits::raise_open_files();
+    let redis = TestRedis::start().await;
+    // A gone reader is noticed at the next keepalive it is sent.
+    let api = Api::start(
+        &redis,
+        &[
+            ("BROKER_MAX_CONNECTIONS", &LIMIT.to_string()),
+            ("BROKER_SSE_KEEPALIVE_MS", "500"),
+        ],
+    );
+    let (files_before, rss_before) = (api.open_files(), api.rss_kib());
+    let opened = futures_util::future::join_all((0..STREAMS).map(|i| {
+        let api = &api;
+        async move {
+            let mut io = api.connect().await;
+            let body = format!(r#"{{"user_id":"many{i}","client_id":"c","message":"hi"}}"#);
+            io.write_all(
+                format!(
+                    "POST /api/v1/message HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\r\n\
+                     Accept: text/event-stream\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+            // The head of its answer, if it comes within 5 s.
+            let mut head = [0u8; 12];
+            let answered = tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut head))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if answered {
+                assert_eq!(&head, b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
+            }
+            (io, answered)
+        }
+    }))
+    .await;
+    let answered = opened.iter().filter(|(_, a)| *a).count();
+    let (files, rss) = (api.open_files(), api.rss_kib());
+    eprintln!(
+        "{STREAMS} streams opened: {answered} answered; the API held {} more descriptors and \
+         {} KiB more memory",
+        files - files_before,
+        rss.saturating_sub(rss_before)
+    );
+    assert_eq!(
+        answered, LIMIT,
+        "one worker thread serves BROKER_MAX_CONNECTIONS"
+    );
+    assert!(
+        files <= files_before + LIMIT + 16,
+        "{files_before} -> {files}"
+    );
+    assert!(
+        rss < rss_before + 64 * 1024,
+        "{rss_before} KiB -> {rss} KiB"
+    );
+    drop(opened);
+    // The client gone: its connections, then the requests it left in the backlog, are done
+    // with; nothing stays held, and what was enqueued is still queued (no drainer runs).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let files = api.open_files();
+        let readers = api.metric("broker_sse_readers").await;
+        if files <= files_before + 16 && readers == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still held: {files} descriptors (from {files_before}), {readers:?} readers"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let enqueued = api.metric("broker_messages_enqueued_total").await.unwrap();
+    let queued = api.metric("broker_messages_queued").await.unwrap();
+    assert!(enqueued >= LIMIT as u64, "{enqueued} enqueued");
+    eprintln!("the client gone: {enqueued} messages enqueued, {queued} still queued");
+    assert_eq!(queued, enqueued, "every message enqueued is still queued");
 }
