@@ -188,3 +188,144 @@ async fn a_worker_cut_off_mid_turn_fails_it_at_the_idle_timeout_and_the_conversa
         "completed"
     );
 }
+
+/// Packet loss, leg by leg and then on all three at once: in a network namespace of the
+/// test's own, nftables drops 10% of the packets each way between the API and Redis, a
+/// drainer and Redis, a drainer and the worker. TCP retransmits; every accepted message is
+/// answered once, in order, one turn at a time.
+#[test]
+fn packet_loss_on_each_leg_loses_nothing_and_keeps_order() {
+    broker_tests::isolated(|ns| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(packet_loss(ns));
+    });
+}
+
+/// Sends a message as a careful client does: a 503 (the queue store did not answer, the
+/// message may or may not be queued) is retried with the same `client_message_id`. Returns
+/// the answer and how many 503s came first.
+async fn send_retrying(
+    http: &Http,
+    base: &str,
+    user: &str,
+    text: &str,
+    asynchronous: bool,
+) -> (broker_tests::Answer, usize) {
+    let body = json!({"user_id": user, "client_id": "web", "message": text,
+                      "client_message_id": text});
+    let prefer: &[(&str, &str)] = if asynchronous {
+        &[("prefer", "respond-async")]
+    } else {
+        &[]
+    };
+    let mut refused = 0;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let a = http.post_message(base, &body, prefer).await.unwrap();
+        if a.status != 503 {
+            assert_eq!(a.status, if asynchronous { 202 } else { 200 }, "{}", a.text);
+            return (a, refused);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still 503: {}",
+            a.text
+        );
+        refused += 1;
+    }
+}
+
+async fn packet_loss(ns: &broker_tests::Netns) {
+    const PERCENT: u8 = 20;
+    let redis = TestRedis::start().await;
+    let mock = TestMock::start(Duration::from_millis(5));
+    // Pass-through proxies give each leg to Redis a port of its own to drop packets on.
+    let api_redis = FaultyProxy::start(&authority(redis.url())).await;
+    let drainer_redis = FaultyProxy::start(&authority(redis.url())).await;
+    let api = TestApi::start(settings(&api_redis.redis_url(), &mock.url, &[])).await;
+    let _drainer = TestDrainer::start(settings(&drainer_redis.redis_url(), &mock.url, &[])).await;
+    let worker_port: u16 = mock.url.rsplit(':').next().unwrap().parse().unwrap();
+    let legs = [
+        ("API to Redis", vec![api_redis.port]),
+        ("drainer to Redis", vec![drainer_redis.port]),
+        ("drainer to worker", vec![worker_port]),
+        (
+            "all three",
+            vec![api_redis.port, drainer_redis.port, worker_port],
+        ),
+    ];
+    let http = Http::new();
+    let mut sent: Vec<(String, Vec<String>)> = Vec::new();
+    for (phase, (leg, ports)) in legs.iter().enumerate() {
+        ns.lose(ports, PERCENT);
+        let (mut accepted, mut answered, mut refused) = (0usize, 0usize, 0usize);
+        // Six conversations of four asynchronous messages, and two of sync requests (their
+        // answers come back over the API's Redis subscription), all at once.
+        let asynchronous = futures_util::future::join_all((0..6).map(|c| {
+            let (http, base) = (&http, &api.base);
+            async move {
+                let user = format!("loss{phase}a{c}");
+                let texts: Vec<String> = (0..4).map(|i| format!("p{phase} a{c} m{i}")).collect();
+                let (mut ids, mut refused) = (Vec::new(), 0);
+                for t in &texts {
+                    let (a, r) = send_retrying(http, base, &user, t, true).await;
+                    ids.push(a.body["message_id"].as_str().unwrap().to_owned());
+                    refused += r;
+                }
+                let mut answered = 0;
+                for (id, t) in ids.iter().zip(&texts) {
+                    let done = wait_finished(http, base, id, LIMIT).await;
+                    assert_eq!(done["result"]["responses"], json!([format!("echo: {t}")]));
+                    answered += 1;
+                }
+                (user, texts, answered, refused)
+            }
+        }));
+        let synchronous = futures_util::future::join_all((0..2).map(|c| {
+            let (http, base) = (&http, &api.base);
+            async move {
+                let user = format!("loss{phase}s{c}");
+                let texts: Vec<String> = (0..3).map(|i| format!("p{phase} s{c} m{i}")).collect();
+                let (mut answered, mut refused) = (0, 0);
+                for t in &texts {
+                    let (a, r) = send_retrying(http, base, &user, t, false).await;
+                    assert_eq!(a.status, 200, "{leg}: {}", a.text);
+                    assert_eq!(a.body["responses"], json!([format!("echo: {t}")]));
+                    answered += 1;
+                    refused += r;
+                }
+                (user, texts, answered, refused)
+            }
+        }));
+        let (a, s) = tokio::join!(asynchronous, synchronous);
+        for (user, texts, n, r) in a.into_iter().chain(s) {
+            accepted += texts.len();
+            answered += n;
+            refused += r;
+            sent.push((format!("user:unfoldingWord:{user}"), texts));
+        }
+        let dropped = ns.dropped();
+        ns.heal();
+        assert!(dropped > 0, "{leg}: no packet was dropped");
+        let stats = mock.state.stats();
+        let duplicated: usize = sent
+            .iter()
+            .filter(|(key, _)| key.starts_with(&format!("user:unfoldingWord:loss{phase}")))
+            .map(|(key, texts)| stats.started[key].len() - texts.len())
+            .sum();
+        eprintln!(
+            "{leg}: {PERCENT}% loss, {dropped} packets dropped; {accepted} accepted \
+             ({refused} 503s retried), {answered} answered, {} lost, {duplicated} turns run twice",
+            accepted - answered
+        );
+    }
+    mock.assert_one_in_flight();
+    let stats = mock.state.stats();
+    for (key, texts) in &sent {
+        assert_fifo(key, &stats.started[key], texts);
+    }
+}
