@@ -154,6 +154,16 @@ async fn a_frame_larger_than_the_limit_fails_the_turn_and_a_large_one_within_it_
 }
 
 #[tokio::test]
+async fn a_100_mb_frame_is_cut_at_the_default_limit() {
+    let c = case(&[]).await;
+    let (status, body) = send(&c, "u", "huge [mock:bigframe=100000000]").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["code"], "FRAME_TOO_LARGE");
+    let (status, _) = send(&c, "u", "next").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
 async fn an_error_event_or_an_invalid_complete_fails_the_turn_with_502() {
     let c = case(&[]).await;
     let (status, body) = send(&c, "u", "oops [mock:error]").await;
