@@ -225,6 +225,24 @@ async fn a_receiver_that_never_succeeds_lands_in_the_dead_list_and_the_conversat
 }
 
 #[tokio::test]
+async fn a_receiver_answering_after_9_s_gets_its_callback_once_with_the_default_settings() {
+    let receiver = Receiver::start(Behaviour::Slow(9_000)).await;
+    let s = setup(&receiver, &[]).await;
+    let (id, _) = post(&s.http, &s.api.base, &body("sue", "patient", &receiver.url)).await;
+    let record = eventually("the callback delivered", LIMIT, || async {
+        let r = wait_finished(&s.http, &s.api.base, &id, LIMIT).await;
+        (r["callback"]["status"] != "pending").then_some(r)
+    })
+    .await;
+    assert_eq!(
+        record["callback"],
+        json!({"status": "delivered", "attempts": 1}),
+        "within BROKER_CALLBACK_TIMEOUT_MS (10 s): one attempt, not cut and sent again"
+    );
+    assert_eq!(receiver.received().len(), 1);
+}
+
+#[tokio::test]
 async fn a_receiver_slower_than_the_attempt_timeout_is_given_up_and_the_conversation_goes_on() {
     // It answers after 2 s; each attempt may take 300 ms, all of them 1 s.
     let receiver = Receiver::start(Behaviour::Slow(2_000)).await;
