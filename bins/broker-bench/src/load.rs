@@ -141,20 +141,24 @@ pub async fn send_one(
     c: usize,
     i: usize,
 ) -> Result<Duration, String> {
-    let text = text(run, c, i);
+    send(target, mode, &user(run, c), &text(run, c, i)).await
+}
+
+/// Sends `text` as `user` and waits for its result; returns the time from send to result.
+pub async fn send(target: &Target, mode: Mode, user: &str, text: &str) -> Result<Duration, String> {
     let expected = format!("echo: {text}");
     // Written directly, not built as a `Value`: the load generator shares the two cores
     // with the broker, and a `Value` per request and per answer was half its work.
     let mut body = String::with_capacity(128);
     body.push_str("{\"user_id\":");
-    push_string(&mut body, &user(run, c));
+    push_string(&mut body, user);
     body.push_str(",\"client_id\":\"bench\",\"message\":");
-    push_string(&mut body, &text);
+    push_string(&mut body, text);
     let pending = match (mode, &target.receiver) {
         (Mode::Callback, Some(r)) => {
             body.push_str(",\"callback_url\":");
             push_string(&mut body, &r.url());
-            Some(r.expect(&text))
+            Some(r.expect(text))
         }
         (Mode::Callback, None) => return Err("callback mode needs the receiver".into()),
         _ => None,
@@ -179,14 +183,14 @@ pub async fn send_one(
                     String::from_utf8_lossy(&bytes)
                 ));
             }
-            check_answer(&text, &expected, &bytes)?;
+            check_answer(text, &expected, &bytes)?;
             Ok(done - start)
         }
         Mode::Stream => {
             if status != 200 {
                 return Err(format!("{text}: status {status}"));
             }
-            check_stream(&text, &expected, &bytes)?;
+            check_stream(text, &expected, &bytes)?;
             Ok(done - start)
         }
         Mode::Callback => {

@@ -34,10 +34,11 @@ scenarios (default: sync callback stream light turns commands):
                              conversations, then by 100,000 conversations
   admin                      the admin listing of 1,000 waiting conversations among 1,000
                              idle ones, then among 100,000
-  soak                       --minutes N (30) at --rate R msg/s (40): sync, stream and
-                             callback messages, the worker failing 2% of its requests, a
-                             drainer restarted every 3 minutes; RSS, Redis memory and keys
-                             every 30 s; lost, duplicated and reordered turns at the end
+  soak                       --minutes N (30) at --rate R msg/s (40): sync, stream (20
+                             frames) and callback messages, the worker failing 2% of its
+                             requests, a drainer restarted every 3 minutes; RSS, Redis
+                             memory and keys every 30 s; lost, duplicated and reordered
+                             turns at the end
   all                        every scenario above but soak (against a running broker: all
                              but wide, backlog and admin, which need a stack of their own)
 
@@ -801,7 +802,8 @@ async fn admin_listing(o: &Options) -> anyhow::Result<bool> {
 }
 
 /// A long run at a steady rate (`./dev bench soak --minutes N`): 200 conversations, each
-/// sending one message at a time in turn by sync, stream and callback, every answer checked;
+/// sending one message at a time in turn by sync, stream (20 progress frames) and callback,
+/// every answer checked;
 /// the mock worker refuses 2% of its requests (503, 429) and one of two drainers is stopped
 /// (SIGTERM) and started again every 3 minutes. Every 30 s a line with the processes' RSS and
 /// Redis' memory and key count; at the end the counts.
@@ -832,8 +834,8 @@ async fn soak(o: &Options) -> anyhow::Result<bool> {
             tokio::time::sleep(interval.mul_f64(c as f64 / conversations as f64)).await;
             while Instant::now() < end {
                 let started = Instant::now();
-                let mode = [Mode::Sync, Mode::Stream, Mode::Callback][(c + sent) % 3];
-                if let Err(e) = load::send_one(&target, mode, &run, c, sent).await {
+                let (mode, text) = soak_message(&run, c, sent);
+                if let Err(e) = load::send(&target, mode, &load::user(&run, c), &text).await {
                     failed.push((sent, format!("c{c} m{sent} ({}): {e}", mode.name())));
                 }
                 sent += 1;
@@ -894,7 +896,7 @@ async fn soak(o: &Options) -> anyhow::Result<bool> {
     for (c, n) in sent.iter().enumerate() {
         let want: Vec<String> = (0..*n)
             .filter(|i| !refused[c].contains(i))
-            .map(|i| load::text(&run, c, i))
+            .map(|i| soak_message(&run, c, i).1)
             .collect();
         let key = stats["started"]
             .as_object()
@@ -926,6 +928,18 @@ async fn soak(o: &Options) -> anyhow::Result<bool> {
                "first_failures": failed.iter().take(5).collect::<Vec<_>>()})
     );
     Ok(failed.is_empty() && missing == 0 && reordered == 0 && violations == 0)
+}
+
+/// How message `i` of conversation `c` of a soak is sent, and its text: sync, stream and
+/// callback in turn; a streamed turn sends 20 progress frames 10 ms apart before its answer.
+fn soak_message(run: &str, c: usize, i: usize) -> (Mode, String) {
+    let mode = [Mode::Sync, Mode::Stream, Mode::Callback][(c + i) % 3];
+    let text = load::text(run, c, i);
+    if mode == Mode::Stream {
+        (mode, format!("{text} [mock:progress=20,gap=10]"))
+    } else {
+        (mode, text)
+    }
 }
 
 /// Polls the broker's stats until nothing is queued or running.
